@@ -1,0 +1,37 @@
+# Metering gateway — every target installs what it needs into .venv/ first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+HOST   ?= 127.0.0.1
+PORT   ?= 8080
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test lint bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP) ## build .venv/ with the gateway and its test tools
+
+run: $(STAMP) ## start the gateway on embedded Redis, with the demo provider emulator
+	$(BIN)/gateway serve --host $(HOST) --port $(PORT) --with-emulator
+
+test: $(STAMP) ## run the whole test suite (starts its own redis-server)
+	$(BIN)/pytest -q
+
+lint: $(STAMP) ## ruff and strict mypy
+	$(BIN)/ruff check gateway tests bench
+	$(BIN)/mypy
+
+bench: $(STAMP) ## measure gateway overhead against the emulator and a bare pass-through proxy
+	$(BIN)/python bench/bench.py
+
+clean: ## remove the virtualenv and runtime data
+	rm -rf $(VENV) var/

@@ -1,0 +1,121 @@
+"""The admin HTTP API: accounts, keys, credit grants and plan changes (JSON, admin key required)."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from aiohttp import web
+
+from gateway.errors import BadRequest, Unauthorized
+from gateway.money import credits_number, credits_to_micro
+from gateway.state import GATEWAY, Gateway
+from gateway.store import Store, account_view, key_view, parse_expiry
+
+
+def _check_admin(request: web.Request) -> tuple[Gateway, Store]:
+    gw = request.app[GATEWAY]
+    expected = gw.settings.admin_key.reveal()
+    if not expected:
+        raise Unauthorized("The admin API is disabled: set GATEWAY_ADMIN_KEY.")
+    auth = request.headers.get("Authorization", "")
+    given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("X-Admin-Key", "")
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise Unauthorized("Invalid admin key.")
+    assert gw.store is not None
+    return gw, gw.store
+
+
+async def _json(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    return body
+
+
+def _string(body: dict[str, Any], name: str, *, required: bool = True, default: str = "") -> str:
+    value = body.get(name, None if required else default)
+    if value is None and required:
+        raise BadRequest(f"'{name}' is required.", param=name)
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise BadRequest(f"'{name}' must be a non-empty string.", param=name)
+    return value
+
+
+async def create_account(request: web.Request) -> web.Response:
+    gw, store = _check_admin(request)
+    body = await _json(request)
+    name = _string(body, "name")
+    plan = _string(body, "plan", required=False, default=gw.config.default_plan)
+    account_id = await store.create_account(gw.config, name, plan)
+    return web.json_response(account_view(account_id, await store.account_raw(account_id), gw.config), status=201)
+
+
+async def get_account(request: web.Request) -> web.Response:
+    gw, store = _check_admin(request)
+    account_id = request.match_info["account_id"]
+    return web.json_response(account_view(account_id, await store.account_raw(account_id), gw.config))
+
+
+async def create_key(request: web.Request) -> web.Response:
+    _gw, store = _check_admin(request)
+    body = await _json(request)
+    label = _string(body, "label", required=False)
+    scopes = body.get("scopes") or []
+    if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+        raise BadRequest("'scopes' must be a list of strings.", param="scopes")
+    new = await store.create_key(request.match_info["account_id"], label, parse_expiry(body.get("expires_at")),
+                                 tuple(scopes))
+    view = key_view(new.id, new.account_id, {"prefix": new.prefix, "label": new.label, "status": "active",
+                                             "expires_ms": str(new.expires_ms), "scopes": ",".join(scopes)})
+    return web.json_response({**view, "key": new.key}, status=201)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    _gw, store = _check_admin(request)
+    return web.json_response({"data": await store.list_keys(request.match_info["account_id"])})
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    _gw, store = _check_admin(request)
+    return web.json_response(await store.revoke_key(request.match_info["key_id"]))
+
+
+async def grant_credits(request: web.Request) -> web.Response:
+    _gw, store = _check_admin(request)
+    body = await _json(request)
+    if "credits" not in body:
+        raise BadRequest("'credits' is required.", param="credits")
+    try:
+        micro = credits_to_micro(body["credits"])
+    except ValueError as exc:
+        raise BadRequest(f"Invalid 'credits': {exc}.", param="credits") from None
+    note = body.get("note", "")
+    available = await store.grant(request.match_info["account_id"], micro, str(note))
+    return web.json_response({"account_id": request.match_info["account_id"],
+                              "granted": credits_number(micro), "credits_remaining": credits_number(available)})
+
+
+async def set_plan(request: web.Request) -> web.Response:
+    gw, store = _check_admin(request)
+    body = await _json(request)
+    account_id = request.match_info["account_id"]
+    await store.set_plan(gw.config, account_id, _string(body, "plan"))
+    return web.json_response(account_view(account_id, await store.account_raw(account_id), gw.config))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/admin/accounts", create_account)
+    app.router.add_get("/admin/accounts/{account_id}", get_account)
+    app.router.add_post("/admin/accounts/{account_id}/keys", create_key)
+    app.router.add_get("/admin/accounts/{account_id}/keys", list_keys)
+    app.router.add_delete("/admin/keys/{key_id}", revoke_key)
+    app.router.add_post("/admin/accounts/{account_id}/credits", grant_credits)
+    app.router.add_put("/admin/accounts/{account_id}/plan", set_plan)

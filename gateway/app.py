@@ -1,0 +1,233 @@
+"""`create_app(settings)`: builds the whole gateway; nothing happens at import time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import redis.asyncio as aioredis
+from aiohttp import web
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from gateway import admin
+from gateway.auth import Authenticator
+from gateway.config import Config, load_config
+from gateway.dialects import all_dialects
+from gateway.dialects.base import Dialect
+from gateway.embedded import EmbeddedRedis
+from gateway.errors import GatewayError, NotFound, StoreUnavailable
+from gateway.keys import KeySchema
+from gateway.metering import Meter
+from gateway.metrics import Metrics
+from gateway.proxy import make_handler
+from gateway.scripts import REDIS_DOWN, ScriptRunner, load_scripts
+from gateway.settings import Settings
+from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway
+from gateway.store import Store, account_view
+
+log = logging.getLogger("gateway")
+EMBEDDED = web.AppKey("embedded_redis", EmbeddedRedis)
+
+
+def connect_redis(url: str, timeout: float) -> Any:
+    """A Redis client that fails fast (no retries, short timeouts): the gateway fails closed."""
+    return aioredis.from_url(
+        url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0,
+        max_connections=512,
+    )
+
+
+def _dialect_of(request: web.Request, gw: Gateway) -> Dialect:
+    found = request.get(REQUEST_DIALECT)
+    return found if found is not None else gw.dialects["openai"]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                           ) -> web.StreamResponse:
+    """Render every GatewayError (and aiohttp's own HTTP errors) in the caller's dialect."""
+    gw = request.app[GATEWAY]
+    try:
+        return await handler(request)
+    except GatewayError as error:
+        return _render(request, gw, error)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error = GatewayError(exc.reason if exc.status != 404 else f"No route for {request.method} {request.path}.")
+        error.status = exc.status
+        error.kind = "not_found" if exc.status == 404 else "invalid_request"
+        return _render(request, gw, error)
+    except REDIS_DOWN:
+        return _render(request, gw, StoreUnavailable("The credit store is unavailable; try again shortly."))
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return _render(request, gw, GatewayError("The gateway hit an internal error."))
+
+
+def _render(request: web.Request, gw: Gateway, error: GatewayError) -> web.Response:
+    if isinstance(error, StoreUnavailable):
+        gw.metrics.redis_errors.inc()
+    status, body = _dialect_of(request, gw).error_response(error)
+    headers = dict(error.headers)
+    headers["x-request-id"] = request.get(REQUEST_ID) or "req_none"
+    if status == 402:
+        headers["x-should-retry"] = "false"
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Connect to Redis (starting the embedded server when no URL is set) and register scripts."""
+    gw = app[GATEWAY]
+    url = gw.settings.redis_url
+    if url is None:
+        embedded = EmbeddedRedis(gw.settings.data_dir)
+        embedded.start()
+        app[EMBEDDED] = embedded
+        url = embedded.url
+    gw.redis = connect_redis(url, gw.settings.redis_timeout_seconds)
+    runner = ScriptRunner(gw.redis, load_scripts())
+    with contextlib.suppress(StoreUnavailable):
+        await runner.register_all()  # Redis may come later: EVALSHA re-registers on NOSCRIPT
+    gw.meter = Meter(runner, int(gw.settings.hold_lease_seconds * 1000), gw.settings.clock_offset_ms)
+    gw.store = Store(gw.redis, gw.schema, runner, gw.settings.clock_offset_ms)
+    gw.auth = Authenticator(gw.redis, gw.schema, gw.settings.auth_cache_seconds)
+    yield
+    if gw.pending:
+        await asyncio.gather(*gw.pending, return_exceptions=True)
+    await gw.redis.aclose()
+    if EMBEDDED in app:
+        app[EMBEDDED].stop()
+
+
+async def session_ctx(app: web.Application) -> AsyncIterator[None]:
+    """One upstream client session (connection pool) for the app's life."""
+    gw = app[GATEWAY]
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+    gw.session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+    yield
+    await gw.session.close()
+
+
+async def reaper_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Every process reaps expired holds; the script is idempotent, so no leader is needed."""
+    gw = app[GATEWAY]
+    task = asyncio.create_task(_reap_forever(gw))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def reap_once(gw: Gateway) -> int:
+    """One pass over every account with holds; returns the number of holds reaped."""
+    assert gw.meter is not None
+    reaped = 0
+    async for key in gw.redis.scan_iter(match=gw.schema.hold_expiry_pattern(), count=500):
+        account_id = gw.schema.account_id_from_hold_key(key)
+        if account_id:
+            count, _returned = await gw.meter.reap(gw.schema.for_account(account_id))
+            reaped += count
+    gw.metrics.reaped.inc(reaped)
+    return reaped
+
+
+async def _reap_forever(gw: Gateway) -> None:
+    while True:
+        await asyncio.sleep(gw.settings.reap_interval_seconds)
+        try:
+            await reap_once(gw)
+        except (StoreUnavailable, *REDIS_DOWN):
+            log.warning("reaper: Redis unavailable, will retry")
+
+
+# ---------------------------------------------------------------- key holder and operations routes
+
+
+async def _allowed_models(request: web.Request) -> list[dict[str, Any]]:
+    """The concrete models (no globs) the caller's plan allows, checked against the live key."""
+    gw = request.app[GATEWAY]
+    assert gw.auth is not None
+    principal = await gw.auth.authenticate(gw.dialects["openai"].client_key(request.headers, request.query))
+    account = await gw.auth.live_account(principal)
+    plan = gw.config.plans.get(account.get("plan", ""))
+    if plan is None:
+        return []
+    return [
+        {"id": r.pattern, "object": "model", "created": 0, "owned_by": r.upstream}
+        for r in gw.config.routes if not any(c in r.pattern for c in "*?[") and plan.allows(r.pattern)
+    ]
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """GET /v1/models in OpenAI's list shape."""
+    return web.json_response({"object": "list", "data": await _allowed_models(request)})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{model}: one model object, if the plan allows it."""
+    wanted = request.match_info["model"]
+    for model in await _allowed_models(request):
+        if model["id"] == wanted:
+            return web.json_response(model)
+    raise NotFound(f"The model '{wanted}' does not exist or is not in your plan.")
+
+
+async def credits(request: web.Request) -> web.Response:
+    """GET /gateway/credits: the key holder's balance and cycle."""
+    gw = request.app[GATEWAY]
+    assert gw.auth is not None
+    raw = (gw.dialects["openai"].client_key(request.headers, request.query)
+           or request.headers.get("x-api-key") or request.headers.get("x-goog-api-key"))
+    principal = await gw.auth.authenticate(raw)
+    account = await gw.auth.live_account(principal)
+    return web.json_response(account_view(principal.account_id, account, gw.config))
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    try:
+        await gw.redis.ping()
+    except REDIS_DOWN:
+        return web.json_response({"status": "unavailable", "redis": False, "config": True}, status=503)
+    return web.json_response({"status": "ok", "redis": True, "config": True})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[GATEWAY].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def create_app(settings: Settings, config: Config | None = None) -> web.Application:
+    """Build the gateway application. Redis, the upstream session and the reaper start with it."""
+    gw = Gateway(
+        settings=settings,
+        config=config or load_config(settings.config_dir),
+        schema=KeySchema(settings.key_prefix),
+        metrics=Metrics(),
+        dialects=all_dialects(),
+    )
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app[GATEWAY] = gw
+    app.cleanup_ctx.extend([redis_ctx, session_ctx, reaper_ctx])
+    openai = gw.dialects["openai"]
+    for prefix in ("/v1", ""):
+        app.router.add_post(f"{prefix}/chat/completions", make_handler(openai, "chat"))
+        app.router.add_get(f"{prefix}/models", list_models)
+        app.router.add_get(f"{prefix}/models/{{model}}", get_model)
+    app.router.add_get("/gateway/credits", credits)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics)
+    admin.add_routes(app)
+    return app

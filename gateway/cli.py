@@ -1,0 +1,281 @@
+"""The `gateway` command: serve, the provider emulator, and operator commands on accounts and keys.
+
+Operator commands talk to Redis directly: REDIS_URL (or --redis-url) when given, else the embedded
+server a running `gateway serve` started (its URL is in the data directory), else they start the
+embedded server themselves for the duration of the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from gateway.config import ConfigError, load_config
+from gateway.embedded import EmbeddedRedis, discover_url
+from gateway.errors import GatewayError
+from gateway.keys import KeySchema
+from gateway.money import credits_number, credits_to_micro
+from gateway.scripts import ScriptRunner, load_scripts
+from gateway.settings import Settings
+from gateway.store import Store, account_view, key_view, parse_expiry
+
+log = logging.getLogger("gateway")
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: method, path without the query string (it may hold `?key=`), status."""
+
+    def log(self, request: Any, response: Any, time: float) -> None:
+        self.logger.info('%s %s %s %.1fms %s', request.method, request.path, response.status, time * 1000,
+                         response.headers.get("x-request-id", "-"))
+
+
+# ---------------------------------------------------------------- serve
+
+
+def _serve_worker(settings: Settings, host: str, port: int, reuse_port: bool) -> None:
+    from gateway.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(message)s")
+    web.run_app(create_app(settings), host=host, port=port, reuse_port=reuse_port, access_log_class=AccessLogger,
+                print=None)
+
+
+def _emulator_worker(host: str, port: int) -> None:
+    from gateway.emulator import create_emulator_app
+
+    logging.basicConfig(level=logging.WARNING)
+    web.run_app(create_emulator_app(), host=host, port=port, print=None, access_log=None)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = Settings.from_env(config_dir=args.config_dir, redis_url=args.redis_url)
+    try:
+        load_config(settings.config_dir)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    embedded = None
+    if settings.redis_url is None:
+        embedded = EmbeddedRedis(settings.data_dir)
+        embedded.start()
+        settings = Settings.from_env(config_dir=args.config_dir, redis_url=embedded.url)
+        print(f"embedded redis-server at {embedded.url} (data in {settings.data_dir}/)", file=sys.stderr)
+    ctx = multiprocessing.get_context("spawn")
+    children = []
+    if args.with_emulator:
+        emu = ctx.Process(target=_emulator_worker, args=(args.host, args.emulator_port), daemon=True)
+        emu.start()
+        children.append(emu)
+        print(f"provider emulator on http://{args.host}:{args.emulator_port}/v1", file=sys.stderr)
+    print(f"gateway listening on http://{args.host}:{args.port} ({args.workers} worker(s))", file=sys.stderr)
+    try:
+        if args.workers <= 1:
+            _serve_worker(settings, args.host, args.port, False)
+        else:
+            workers = [ctx.Process(target=_serve_worker, args=(settings, args.host, args.port, True))
+                       for _ in range(args.workers)]
+            for worker in workers:
+                worker.start()
+            children += workers
+            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+            with contextlib.suppress(KeyboardInterrupt):
+                for worker in workers:
+                    worker.join()
+    finally:
+        for child in children:
+            if child.is_alive():
+                child.terminate()
+                child.join(10)
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    print(f"provider emulator on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    _emulator_worker(args.host, args.port)
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = Settings.from_env(config_dir=args.config_dir)
+    try:
+        config = load_config(settings.config_dir)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    summary = {"config_dir": str(settings.config_dir), "upstreams": sorted(config.upstreams),
+               "models": [r.pattern for r in config.routes], "plans": sorted(config.plans),
+               "default_plan": config.default_plan}
+    _output(args, summary, f"ok: {len(config.upstreams)} upstream(s), {len(config.routes)} model route(s), "
+                           f"{len(config.plans)} plan(s) in {settings.config_dir}")
+    return 0
+
+
+# ---------------------------------------------------------------- operator commands
+
+
+@contextlib.asynccontextmanager
+async def _store(args: argparse.Namespace) -> AsyncIterator[Store]:
+    from gateway.app import connect_redis
+
+    settings = Settings.from_env(config_dir=args.config_dir, redis_url=args.redis_url)
+    url = settings.redis_url or discover_url(settings.data_dir)
+    embedded = None
+    if url is None:
+        embedded = EmbeddedRedis(settings.data_dir)
+        embedded.start()
+        url = embedded.url
+    client = connect_redis(url, 5.0)
+    try:
+        runner = ScriptRunner(client, load_scripts())
+        yield Store(client, KeySchema(settings.key_prefix), runner)
+    finally:
+        await client.aclose()
+        if embedded is not None:
+            embedded.stop()
+
+
+def _output(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else text)
+
+
+async def _accounts_create(args: argparse.Namespace) -> None:
+    config = load_config(Settings.from_env(config_dir=args.config_dir).config_dir)
+    async with _store(args) as store:
+        account_id = await store.create_account(config, args.name, args.plan or config.default_plan)
+        view = account_view(account_id, await store.account_raw(account_id), config)
+    _output(args, view, f"created account {account_id} ({view['plan']}, {view['credits_remaining']} credits)")
+
+
+async def _accounts_show(args: argparse.Namespace) -> None:
+    config = load_config(Settings.from_env(config_dir=args.config_dir).config_dir)
+    async with _store(args) as store:
+        view = account_view(args.account_id, await store.account_raw(args.account_id), config)
+    _output(args, view, "\n".join(f"{k}: {v}" for k, v in view.items()))
+
+
+async def _keys_create(args: argparse.Namespace) -> None:
+    async with _store(args) as store:
+        new = await store.create_key(args.account, args.label or "", parse_expiry(args.expires_at))
+    view = key_view(new.id, new.account_id, {"prefix": new.prefix, "label": new.label, "status": "active",
+                                             "expires_ms": str(new.expires_ms)})
+    _output(args, {**view, "key": new.key},
+            f"created key {new.id} for {new.account_id}\n{new.key}\n(shown once: store it now)")
+
+
+async def _keys_list(args: argparse.Namespace) -> None:
+    async with _store(args) as store:
+        keys = await store.list_keys(args.account)
+    _output(args, keys, "\n".join(f"{k['id']}  {k['prefix']}…  {k['status']}  {k['label']}" for k in keys)
+            or "no keys")
+
+
+async def _keys_revoke(args: argparse.Namespace) -> None:
+    async with _store(args) as store:
+        view = await store.revoke_key(args.key_id)
+    _output(args, view, f"revoked {view['id']}")
+
+
+async def _credits_grant(args: argparse.Namespace) -> None:
+    try:
+        micro = credits_to_micro(args.credits)
+    except ValueError as exc:
+        raise GatewayError(f"invalid --credits: {exc}") from None
+    async with _store(args) as store:
+        available = await store.grant(args.account, micro, args.note or "cli grant")
+    _output(args, {"account_id": args.account, "granted": credits_number(micro),
+                   "credits_remaining": credits_number(available)},
+            f"granted {args.credits} credits to {args.account}; {credits_number(available)} available")
+
+
+def _run(coro: Callable[[argparse.Namespace], Coroutine[Any, Any, None]]) -> Callable[[argparse.Namespace], int]:
+    def runner(args: argparse.Namespace) -> int:
+        try:
+            asyncio.run(coro(args))
+        except (GatewayError, ConfigError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return 0
+
+    return runner
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="Metering gateway for AI APIs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, redis: bool = True) -> argparse.ArgumentParser:
+        p.add_argument("--config-dir", type=Path, default=None, help="config directory (GATEWAY_CONFIG_DIR)")
+        if redis:
+            p.add_argument("--redis-url", default=None, help="Redis URL (REDIS_URL); default: embedded")
+        p.add_argument("--json", action="store_true", help="print JSON on stdout")
+        return p
+
+    serve = common(sub.add_parser("serve", help="run the gateway"))
+    serve.add_argument("--host", default=os.environ.get("GATEWAY_HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=int(os.environ.get("GATEWAY_PORT", 8080)))
+    serve.add_argument("--workers", type=int, default=int(os.environ.get("GATEWAY_WORKERS", 1)))
+    serve.add_argument("--with-emulator", action="store_true", help="also run the demo provider emulator")
+    serve.add_argument("--emulator-port", type=int, default=8090)
+    serve.set_defaults(func=cmd_serve)
+
+    emulator = sub.add_parser("emulator", help="run the provider emulator alone")
+    emulator.add_argument("--host", default="127.0.0.1")
+    emulator.add_argument("--port", type=int, default=8090)
+    emulator.set_defaults(func=cmd_emulator)
+
+    common(sub.add_parser("check-config", help="validate plans.yaml and providers.yaml"), redis=False
+           ).set_defaults(func=cmd_check_config)
+
+    accounts = sub.add_parser("accounts", help="manage accounts").add_subparsers(dest="action", required=True)
+    create = common(accounts.add_parser("create", help="create an account"))
+    create.add_argument("--name", required=True)
+    create.add_argument("--plan", default=None)
+    create.set_defaults(func=_run(_accounts_create))
+    show = common(accounts.add_parser("show", help="show an account's balance"))
+    show.add_argument("account_id")
+    show.set_defaults(func=_run(_accounts_show))
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
+    kcreate = common(keys.add_parser("create", help="create a key (shown once)"))
+    kcreate.add_argument("--account", required=True)
+    kcreate.add_argument("--label", default="")
+    kcreate.add_argument("--expires-at", default=None, help="ISO 8601 time")
+    kcreate.set_defaults(func=_run(_keys_create))
+    klist = common(keys.add_parser("list", help="list an account's keys"))
+    klist.add_argument("--account", required=True)
+    klist.set_defaults(func=_run(_keys_list))
+    krevoke = common(keys.add_parser("revoke", help="revoke a key at once"))
+    krevoke.add_argument("key_id")
+    krevoke.set_defaults(func=_run(_keys_revoke))
+
+    credits = sub.add_parser("credits", help="manage credits").add_subparsers(dest="action", required=True)
+    grant = common(credits.add_parser("grant", help="grant credits that never expire"))
+    grant.add_argument("--account", required=True)
+    grant.add_argument("--credits", required=True)
+    grant.add_argument("--note", default="")
+    grant.set_defaults(func=_run(_credits_grant))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))

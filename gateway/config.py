@@ -1,0 +1,349 @@
+"""providers.yaml and plans.yaml: read, interpolated, validated into frozen runtime tables.
+
+Every problem is reported as `file: path.inside.file: problem`. Prices are converted once, at
+load, into integer micro-credits per 1M tokens for every (plan, model) pair.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from gateway.money import MAX_SAFE, MICRO, usd_rate_to_micro_per_mtok
+from gateway.secret import Secret
+
+T = TypeVar("T")
+DIALECTS = ("openai",)
+AUTH_STYLES = ("bearer", "x-api-key", "x-goog-api-key", "none")
+STREAM_USAGE = ("inject", "always", "none")
+_VAR = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """A configuration problem, located by file and path."""
+
+    def __init__(self, file: str, path: str, problem: str) -> None:
+        super().__init__(f"{file}: {path or '<root>'}: {problem}")
+        self.file, self.path, self.problem = file, path, problem
+
+
+# ---------------------------------------------------------------- runtime tables
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where requests for a set of models go and how the provider key is injected."""
+
+    name: str
+    dialect: str
+    base_url: str
+    api_key: Secret
+    auth: str
+    timeout_seconds: float
+    connect_timeout_seconds: float
+    stream_usage: str
+    output_cap_field: str
+
+
+@dataclass(frozen=True, slots=True)
+class Prices:
+    """USD per 1M tokens (and per request) as written in providers.yaml."""
+
+    input: Decimal
+    cached_input: Decimal
+    cache_write: Decimal
+    output: Decimal
+    per_request: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    """A model name or glob, its upstream, its prices and its output ceiling."""
+
+    pattern: str
+    upstream: str
+    prices: Prices
+    max_output_tokens: int
+
+    def matches(self, model: str) -> bool:
+        return self.pattern == model or fnmatch.fnmatchcase(model, self.pattern)
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """Integer prices in micro-credits: per 1M tokens for tokens, per call for requests."""
+
+    input: int
+    cached_input: int
+    cache_write: int
+    output: int
+    per_request: int
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    name: str
+    monthly_credits: int  # micro-credits
+    credit_usd: Decimal
+    markup: Decimal
+    models: tuple[str, ...]
+
+    def allows(self, model: str) -> bool:
+        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    upstreams: Mapping[str, Upstream]
+    routes: tuple[ModelRoute, ...]
+    plans: Mapping[str, Plan]
+    default_plan: str
+    _rates: Mapping[tuple[str, str], Rates] = field(repr=False)
+
+    def route(self, model: str) -> ModelRoute | None:
+        """The first route naming the model exactly, else the first glob that matches."""
+        for route in self.routes:
+            if route.pattern == model:
+                return route
+        for route in self.routes:
+            if route.matches(model):
+                return route
+        return None
+
+    def rates(self, plan: str, route: ModelRoute) -> Rates:
+        return self._rates[(plan, route.pattern)]
+
+
+# ---------------------------------------------------------------- validation helpers
+
+
+class _Reader:
+    """Typed accessors that raise ConfigError naming the file and path."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+
+    def fail(self, path: str, problem: str) -> ConfigError:
+        return ConfigError(self.file, path, problem)
+
+    def mapping(self, value: Any, path: str, allowed: set[str], required: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
+        if not isinstance(value, dict):
+            raise self.fail(path, f"expected a mapping, got {type(value).__name__}")
+        for key in value:
+            if not isinstance(key, str):
+                raise self.fail(path, f"keys must be strings, got {key!r}")
+            if allowed and key not in allowed:
+                raise self.fail(_join(path, key), f"unknown key (allowed: {', '.join(sorted(allowed))})")
+        for key in sorted(required - set(value)):
+            raise self.fail(_join(path, key), "is required")
+        return value
+
+    def string(self, value: Any, path: str, choices: tuple[str, ...] = ()) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.fail(path, "expected a non-empty string")
+        if choices and value not in choices:
+            raise self.fail(path, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def decimal(self, value: Any, path: str, *, positive: bool = False) -> Decimal:
+        if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
+            raise self.fail(path, "expected a number")
+        try:
+            dec = Decimal(str(value))
+        except InvalidOperation:
+            raise self.fail(path, f"expected a number, got {value!r}") from None
+        if not dec.is_finite() or dec < 0 or (positive and dec == 0):
+            raise self.fail(path, "must be a positive number" if positive else "must be zero or more")
+        return dec
+
+    def integer(self, value: Any, path: str, minimum: int = 0) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.fail(path, f"expected a whole number of at least {minimum}")
+        if value > MAX_SAFE:
+            raise self.fail(path, "is too large")
+        return value
+
+    def string_list(self, value: Any, path: str) -> tuple[str, ...]:
+        if not isinstance(value, list) or not value:
+            raise self.fail(path, "expected a non-empty list of strings")
+        return tuple(self.string(item, f"{path}[{i}]") for i, item in enumerate(value))
+
+
+def _join(path: str, key: str | int) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def interpolate(value: Any, reader: _Reader, path: str = "", env: Mapping[str, str] | None = None) -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree."""
+    env = os.environ if env is None else env
+    if isinstance(value, dict):
+        return {k: interpolate(v, reader, _join(path, k), env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, reader, f"{path}[{i}]", env) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match["name"], match["default"]
+        if name in env and (env[name] != "" or default is None):
+            return env[name]
+        if default is not None:
+            return default
+        raise reader.fail(path, f"environment variable {name} is not set (write ${{{name}:-default}})")
+
+    return _VAR.sub(substitute, value)
+
+
+def _read_yaml(path: Path) -> tuple[_Reader, Any]:
+    reader = _Reader(str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise reader.fail("", f"cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise reader.fail(where, f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    return reader, interpolate(data, reader)
+
+
+# ---------------------------------------------------------------- providers.yaml
+
+
+def _upstream(r: _Reader, name: str, raw: Any, path: str) -> Upstream:
+    keys = {"dialect", "base_url", "api_key", "auth", "timeout_seconds", "connect_timeout_seconds",
+            "stream_usage", "output_cap_field"}
+    m = r.mapping(raw, path, keys, {"dialect", "base_url"})
+    base_url = r.string(m["base_url"], _join(path, "base_url"))
+    if not base_url.startswith(("http://", "https://")):
+        raise r.fail(_join(path, "base_url"), f"must start with http:// or https://, got {base_url!r}")
+    api_key = m.get("api_key", "")
+    if not isinstance(api_key, str):
+        raise r.fail(_join(path, "api_key"), "expected a string (use ${ENV_VAR})")
+    return Upstream(
+        name=name,
+        dialect=r.string(m["dialect"], _join(path, "dialect"), DIALECTS),
+        base_url=base_url.rstrip("/"),
+        api_key=Secret(api_key),
+        auth=r.string(m.get("auth", "bearer"), _join(path, "auth"), AUTH_STYLES),
+        timeout_seconds=float(r.decimal(m.get("timeout_seconds", 600), _join(path, "timeout_seconds"),
+                                        positive=True)),
+        connect_timeout_seconds=float(r.decimal(m.get("connect_timeout_seconds", 10),
+                                                _join(path, "connect_timeout_seconds"), positive=True)),
+        stream_usage=r.string(m.get("stream_usage", "inject"), _join(path, "stream_usage"), STREAM_USAGE),
+        output_cap_field=r.string(m.get("output_cap_field", "max_completion_tokens"),
+                                  _join(path, "output_cap_field"), ("max_completion_tokens", "max_tokens")),
+    )
+
+
+def _route(r: _Reader, pattern: str, raw: Any, path: str, upstreams: Mapping[str, Upstream]) -> ModelRoute:
+    keys = {"upstream", "input", "cached_input", "cache_write", "output", "per_request", "max_output_tokens"}
+    m = r.mapping(raw, path, keys, {"upstream", "max_output_tokens"})
+    upstream = r.string(m["upstream"], _join(path, "upstream"))
+    if upstream not in upstreams:
+        raise r.fail(_join(path, "upstream"), f"unknown upstream {upstream!r} (defined: {', '.join(upstreams)})")
+    price_in = r.decimal(m.get("input", 0), _join(path, "input"))
+    prices = Prices(
+        input=price_in,
+        cached_input=r.decimal(m.get("cached_input", price_in), _join(path, "cached_input")),
+        cache_write=r.decimal(m.get("cache_write", price_in), _join(path, "cache_write")),
+        output=r.decimal(m.get("output", 0), _join(path, "output")),
+        per_request=r.decimal(m.get("per_request", 0), _join(path, "per_request")),
+    )
+    ceiling = r.integer(m["max_output_tokens"], _join(path, "max_output_tokens"), minimum=1)
+    return ModelRoute(pattern, upstream, prices, ceiling)
+
+
+def load_providers(path: Path) -> tuple[dict[str, Upstream], tuple[ModelRoute, ...]]:
+    r, data = _read_yaml(path)
+    top = r.mapping(data, "", {"upstreams", "models"}, {"upstreams", "models"})
+    raw_up = r.mapping(top["upstreams"], "upstreams", set())
+    if not raw_up:
+        raise r.fail("upstreams", "define at least one upstream")
+    upstreams = {name: _upstream(r, name, raw, _join("upstreams", name)) for name, raw in raw_up.items()}
+    raw_models = r.mapping(top["models"], "models", set())
+    routes = tuple(_route(r, name, raw, _join("models", name), upstreams) for name, raw in raw_models.items())
+    return upstreams, routes
+
+
+# ---------------------------------------------------------------- plans.yaml
+
+
+def _plan(r: _Reader, name: str, raw: Any, path: str) -> Plan:
+    m = r.mapping(raw, path, {"monthly_credits", "credit_usd", "markup", "models"},
+                  {"monthly_credits", "credit_usd", "models"})
+    monthly = r.decimal(m["monthly_credits"], _join(path, "monthly_credits")) * MICRO
+    if monthly != monthly.to_integral_value():
+        raise r.fail(_join(path, "monthly_credits"), "at most 6 decimal places")
+    if monthly > MAX_SAFE:
+        raise r.fail(_join(path, "monthly_credits"), "is too large")
+    return Plan(
+        name=name,
+        monthly_credits=int(monthly),
+        credit_usd=r.decimal(m["credit_usd"], _join(path, "credit_usd"), positive=True),
+        markup=r.decimal(m.get("markup", 1), _join(path, "markup"), positive=True),
+        models=r.string_list(m["models"], _join(path, "models")),
+    )
+
+
+def load_plans(path: Path) -> tuple[dict[str, Plan], str]:
+    r, data = _read_yaml(path)
+    top = r.mapping(data, "", {"plans", "default_plan"}, {"plans", "default_plan"})
+    raw = r.mapping(top["plans"], "plans", set())
+    if not raw:
+        raise r.fail("plans", "define at least one plan")
+    plans = {name: _plan(r, name, value, _join("plans", name)) for name, value in raw.items()}
+    default = r.string(top["default_plan"], "default_plan")
+    if default not in plans:
+        raise r.fail("default_plan", f"unknown plan {default!r}")
+    return plans, default
+
+
+# ---------------------------------------------------------------- both files
+
+
+def _compile_rates(
+    plans: Mapping[str, Plan], routes: tuple[ModelRoute, ...], fail: Callable[[str, str], ConfigError]
+) -> dict[tuple[str, str], Rates]:
+    rates: dict[tuple[str, str], Rates] = {}
+    for plan in plans.values():
+        for route in routes:
+            p = route.prices
+
+            def conv(usd: Decimal, plan: Plan = plan) -> int:
+                return usd_rate_to_micro_per_mtok(usd, plan.credit_usd, plan.markup)
+
+            compiled = Rates(conv(p.input), conv(p.cached_input), conv(p.cache_write), conv(p.output),
+                             # per_request is USD per call: same conversion, then per call not per 1M
+                             conv(p.per_request))
+            worst = compiled.output * route.max_output_tokens // MICRO
+            if worst > MAX_SAFE // 4:
+                raise fail(f"models.{route.pattern}", f"worst-case cost under plan {plan.name!r} is too large")
+            rates[(plan.name, route.pattern)] = compiled
+    return rates
+
+
+def load_config(config_dir: Path | str) -> Config:
+    """Load and validate both files of a config directory."""
+    folder = Path(config_dir)
+    providers_file = folder / "providers.yaml"
+    upstreams, routes = load_providers(providers_file)
+    plans, default = load_plans(folder / "plans.yaml")
+    plans_reader = _Reader(str(folder / "plans.yaml"))
+    for plan in plans.values():
+        for i, pattern in enumerate(plan.models):
+            if not any(fnmatch.fnmatchcase(route.pattern, pattern) or route.matches(pattern) for route in routes):
+                raise plans_reader.fail(f"plans.{plan.name}.models[{i}]",
+                                        f"{pattern!r} matches no model in {providers_file}")
+    rates = _compile_rates(plans, routes, lambda path, problem: ConfigError(str(providers_file), path, problem))
+    return Config(upstreams, routes, plans, default, rates)

@@ -1,0 +1,110 @@
+"""The interface every wire dialect implements, and the values passed across it.
+
+A dialect knows one provider family's wire format: where the client's key is, how the provider
+key is injected, how a request is parsed and its output cap lowered, where usage sits in a
+response or a stream, and how an error looks. The proxy knows nothing of any of these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gateway.config import Upstream
+from gateway.errors import GatewayError
+from gateway.usage import Usage
+
+#: Request headers never forwarded upstream: credentials, hop-by-hop, and ones aiohttp sets itself.
+DROP_REQUEST_HEADERS = frozenset({
+    "authorization", "x-api-key", "x-goog-api-key", "api-key", "openai-organization", "openai-project",
+    "host", "content-length", "connection", "keep-alive", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "transfer-encoding", "upgrade", "accept-encoding", "cookie", "x-admin-key",
+})
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRequest:
+    """What the gateway needs to know about a request body, in dialect-neutral terms."""
+
+    endpoint: str
+    model: str
+    stream: bool
+    body: dict[str, Any]
+    cap_field: str | None  # the output-cap field the client used (None: not given)
+    output_cap: int | None  # the cap per choice the client asked for
+    choices: int
+    prompt_tokens_bound: int  # an upper bound on prompt tokens (text); see gotchas in the README
+    prompt_tokens_estimate: int  # a typical-case estimate, used only when usage never arrives
+
+
+class StreamMeter(Protocol):
+    """Watches a streamed answer: returns the bytes to forward and collects usage."""
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+    @property
+    def usage(self) -> Usage | None: ...
+
+    def estimated_output_tokens(self) -> int: ...
+
+
+class Dialect(Protocol):
+    """One wire format. Adding a provider family means one module implementing this."""
+
+    name: str
+
+    def client_key(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+        """The gateway key as this dialect's SDKs send it (None when absent)."""
+        ...
+
+    def parse_request(self, endpoint: str, raw: bytes, max_choices: int) -> ParsedRequest:
+        """Validate and parse a request body; raise BadRequest with a clear message."""
+        ...
+
+    def upstream_body(self, req: ParsedRequest, upstream: Upstream, lowered_cap: int | None) -> tuple[bytes | None, bool]:
+        """The body to send upstream (None: forward the client's bytes unchanged), and whether
+        the stream carries usage the client did not ask for (to be hidden from it)."""
+        ...
+
+    def upstream_headers(self, upstream: Upstream, incoming: Mapping[str, str]) -> dict[str, str]:
+        """Forwarded headers without the client's credentials, with the provider key injected."""
+        ...
+
+    def usage_from_body(self, endpoint: str, body: bytes) -> Usage | None:
+        """Usage from a whole (non-streamed) response body."""
+        ...
+
+    def stream_meter(self, endpoint: str, hide_usage: bool) -> StreamMeter:
+        """A fresh meter for one streamed answer."""
+        ...
+
+    def error_response(self, error: GatewayError) -> tuple[int, bytes]:
+        """Status and JSON body of a gateway error in this dialect's shape."""
+        ...
+
+    def stream_error_event(self, message: str) -> bytes:
+        """An in-stream error event the dialect's SDKs raise on (status already 200)."""
+        ...
+
+
+def forward_headers(incoming: Mapping[str, str]) -> dict[str, str]:
+    """Copy request headers minus credentials and hop-by-hop ones."""
+    out = {name: value for name, value in incoming.items() if name.lower() not in DROP_REQUEST_HEADERS}
+    out["Accept-Encoding"] = "identity"  # parse plain bytes; forward them unchanged
+    return out
+
+
+def inject_provider_key(headers: dict[str, str], upstream: Upstream) -> dict[str, str]:
+    """Add the provider key from config in the upstream's auth style."""
+    key = upstream.api_key.reveal()
+    if key:
+        if upstream.auth == "bearer":
+            headers["Authorization"] = f"Bearer {key}"
+        elif upstream.auth == "x-api-key":
+            headers["x-api-key"] = key
+        elif upstream.auth == "x-goog-api-key":
+            headers["x-goog-api-key"] = key
+    return headers

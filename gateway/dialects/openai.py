@@ -1,0 +1,229 @@
+"""The OpenAI wire dialect (and OpenAI-compatible upstreams): chat completions."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from gateway.config import Upstream
+from gateway.dialects.base import ParsedRequest, forward_headers, inject_provider_key
+from gateway.errors import BadRequest, GatewayError
+from gateway.money import ceil_div
+from gateway.sse import SSEDecoder, SSEEvent
+from gateway.usage import Usage
+
+#: Tokens reserved per image or audio part: their tokens cannot be bounded from the body's bytes.
+#: The overdraft this allows is bounded by (actual media tokens - allowance) x input rate.
+MEDIA_PART_TOKENS = 2_000
+_MEDIA = re.compile(rb'"(?:image_url|input_audio|input_image|file)"')
+_TEMPLATE_TOKENS = 16  # reply primer and role markers beyond what the JSON bytes already cover
+_CAP_FIELDS = ("max_completion_tokens", "max_tokens")
+
+_ERROR_TYPES: dict[str, tuple[str, str | None]] = {
+    "invalid_request": ("invalid_request_error", None),
+    "authentication": ("invalid_request_error", "invalid_api_key"),
+    "insufficient_credits": ("insufficient_quota", "insufficient_credits"),
+    "permission": ("invalid_request_error", "model_not_allowed"),
+    "not_found": ("invalid_request_error", "model_not_found"),
+    "too_large": ("invalid_request_error", "request_too_large"),
+    "rate_limit": ("requests", "rate_limit_exceeded"),
+    "upstream": ("server_error", "upstream_error"),
+    "upstream_timeout": ("server_error", "upstream_timeout"),
+    "unavailable": ("server_error", "service_unavailable"),
+    "server_error": ("server_error", None),
+}
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def parse_usage(usage: Mapping[str, Any]) -> Usage:
+    """OpenAI usage (chat/completions or responses naming) to the normalised Usage.
+
+    `prompt_tokens` includes cached and cache-write tokens; `completion_tokens` includes reasoning.
+    """
+    prompt = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
+    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+    cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else None
+    written = _count(details.get("cache_write_tokens")) if isinstance(details, dict) else None
+    output = _count(usage.get("completion_tokens", usage.get("output_tokens")))
+    out_details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
+    reasoning = _count(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else None
+    uncached = None if prompt is None else max(prompt - (cached or 0) - (written or 0), 0)
+    return Usage(uncached, cached, written, output, reasoning)
+
+
+def _int_field(body: dict[str, Any], name: str, minimum: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise BadRequest(f"Invalid '{name}': expected an integer of at least {minimum}, got {value!r}.",
+                         param=name)
+    return value
+
+
+class ChatStreamMeter:
+    """Meters a chat-completions SSE stream; can hide the usage-only chunk the gateway asked for."""
+
+    def __init__(self, hide_usage: bool) -> None:
+        self._decoder = SSEDecoder()
+        self._hide = hide_usage
+        self._usage: Usage | None = None
+        self._estimate = 0
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._usage
+
+    def estimated_output_tokens(self) -> int:
+        return self._estimate
+
+    def feed(self, chunk: bytes) -> bytes:
+        events = self._decoder.feed(chunk)
+        if not self._hide:
+            for event in events:
+                self._observe(event)
+            return chunk
+        return b"".join(event.raw for event in events if not self._observe(event))
+
+    def finish(self) -> bytes:
+        rest = self._decoder.flush()
+        return rest if self._hide else b""
+
+    def _observe(self, event: SSEEvent) -> bool:
+        """Record usage and output seen in one event; True if it is a usage-only chunk."""
+        data = event.data
+        if not data or data == "[DONE]":
+            return False
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return False
+        if not isinstance(obj, dict):
+            return False
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self._usage = parse_usage(usage)
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                self._estimate += _delta_tokens(choice)
+        return isinstance(usage, dict) and choices == []
+
+
+def _delta_tokens(choice: Any) -> int:
+    """A rough token count of one streamed choice delta (used only if usage never arrives)."""
+    if not isinstance(choice, dict):
+        return 0
+    delta = choice.get("delta") or {}
+    if not isinstance(delta, dict):
+        return 0
+    size = 0
+    for key in ("content", "reasoning_content", "refusal"):
+        if isinstance(delta.get(key), str):
+            size += len(delta[key].encode())
+    for call in delta.get("tool_calls") or []:
+        if isinstance(call, dict) and isinstance(call.get("function"), dict):
+            size += len(str(call["function"].get("arguments", "")).encode())
+    return max(1, ceil_div(size, 4)) if size else 0
+
+
+class OpenAIDialect:
+    name = "openai"
+
+    def client_key(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+        auth = headers.get("Authorization")
+        if auth is None:
+            return None
+        scheme, _, token = auth.strip().partition(" ")
+        return token.strip() if scheme.lower() == "bearer" else ""
+
+    def parse_request(self, endpoint: str, raw: bytes, max_choices: int) -> ParsedRequest:
+        if not raw.strip():
+            raise BadRequest("The request body is empty; send a JSON object.")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest("We could not parse the JSON body of your request. "
+                             "Send valid JSON with Content-Type: application/json.") from None
+        if not isinstance(body, dict):
+            raise BadRequest("The request body must be a JSON object.")
+        model = body.get("model")
+        if not isinstance(model, str) or not model.strip():
+            raise BadRequest("You must provide a model parameter.", param="model")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("'messages' must be a non-empty array.", param="messages")
+        stream = body.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            raise BadRequest("'stream' must be a boolean.", param="stream")
+        if body.get("stream_options") is not None and not stream:
+            raise BadRequest("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                             param="stream_options")
+        choices = _int_field(body, "n", 1) or 1
+        if choices > max_choices:
+            raise BadRequest(f"Invalid 'n': this gateway allows at most {max_choices} choice(s) per request.",
+                             param="n")
+        cap_field, cap = None, None
+        for name in _CAP_FIELDS:
+            value = _int_field(body, name, 1)
+            if value is not None:
+                cap_field, cap = name, value
+                break
+        media = len(_MEDIA.findall(raw))
+        return ParsedRequest(
+            endpoint=endpoint,
+            model=model,
+            stream=bool(stream),
+            body=body,
+            cap_field=cap_field,
+            output_cap=cap,
+            choices=choices,
+            prompt_tokens_bound=len(raw) + _TEMPLATE_TOKENS + media * MEDIA_PART_TOKENS,
+            prompt_tokens_estimate=ceil_div(len(raw), 4) + media * MEDIA_PART_TOKENS,
+        )
+
+    def upstream_body(self, req: ParsedRequest, upstream: Upstream, lowered_cap: int | None) -> tuple[bytes | None, bool]:
+        body, changed, hide_usage = req.body, False, False
+        if lowered_cap is not None:
+            body = dict(body)
+            body[req.cap_field or upstream.output_cap_field] = lowered_cap
+            changed = True
+        if req.stream and upstream.stream_usage == "inject":
+            options = body.get("stream_options")
+            options = dict(options) if isinstance(options, dict) else {}
+            if options.get("include_usage") is not True:
+                options["include_usage"] = True
+                body = dict(body) if not changed else body
+                body["stream_options"] = options
+                changed, hide_usage = True, True
+        if not changed:
+            return None, False
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(), hide_usage
+
+    def upstream_headers(self, upstream: Upstream, incoming: Mapping[str, str]) -> dict[str, str]:
+        return inject_provider_key(forward_headers(incoming), upstream)
+
+    def usage_from_body(self, endpoint: str, body: bytes) -> Usage | None:
+        try:
+            obj = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        usage = obj.get("usage") if isinstance(obj, dict) else None
+        return parse_usage(usage) if isinstance(usage, dict) else None
+
+    def stream_meter(self, endpoint: str, hide_usage: bool) -> ChatStreamMeter:
+        return ChatStreamMeter(hide_usage)
+
+    def error_response(self, error: GatewayError) -> tuple[int, bytes]:
+        etype, code = _ERROR_TYPES.get(error.kind, ("server_error", None))
+        payload = {"error": {"message": error.message, "type": etype, "param": error.param, "code": code}}
+        return error.status, json.dumps(payload).encode()
+
+    def stream_error_event(self, message: str) -> bytes:
+        payload = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+        return b"data: " + json.dumps(payload).encode() + b"\n\n"

@@ -1,0 +1,196 @@
+"""A provider emulator speaking OpenAI's wire format, for tests, the benchmark and the demo.
+
+Token counts are deterministic: a prompt costs (words + 4) per message + 3; an answer is 12 words
+(one token each) unless told otherwise. Behaviour can be steered per request with a directive in
+the last message, e.g. `[[emu out=40 cached=5 reasoning=3 fail=midstream delay_ms=20]]`:
+
+  out=N          answer with N output tokens (capped by the request's max tokens)
+  cached=N       report N of the prompt tokens as cached
+  reasoning=N    report N reasoning tokens (inside the output tokens and the cap)
+  delay_ms=N     wait N ms between streamed chunks
+  fail=KIND      500 | 429 | 400 | 401 | hang (never answer) | cut (stream stops, connection drops)
+                 | midstream (stream ends with an in-stream error) | nousage (stream without usage)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+WORDS = ("Hello", "from", "the", "metering", "gateway", "emulator,", "answering", "with", "deterministic",
+         "tokens", "for", "you.")
+_DIRECTIVE = re.compile(r"\[\[emu ([^\]]*)\]\]")
+
+
+@dataclass
+class EmulatorState:
+    """Behaviour settings and a record of what the emulator received (for assertions)."""
+
+    expected_key: str | None = None  # when set, other keys get a 401 like the real API
+    latency_ms: float = 0.0  # before the response headers
+    chunk_delay_ms: float = 0.0
+    received: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=2000))
+    total_requests: int = 0
+
+
+EMULATOR = web.AppKey("emulator", EmulatorState)
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def prompt_tokens(messages: list[Any]) -> int:
+    """The emulator's deterministic prompt token count."""
+    return sum(len(_text_of(m.get("content")).split()) + 4 for m in messages if isinstance(m, dict)) + 3
+
+
+def _directives(messages: list[Any]) -> dict[str, str]:
+    text = _text_of(messages[-1].get("content")) if messages and isinstance(messages[-1], dict) else ""
+    match = _DIRECTIVE.search(text)
+    if not match:
+        return {}
+    return dict(item.split("=", 1) for item in match.group(1).split() if "=" in item)
+
+
+def _error(status: int, message: str, etype: str, code: str | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": etype, "param": None, "code": code}}
+    return web.json_response(body, status=status, headers={"x-request-id": f"req_emu_{time.time_ns()}"})
+
+
+@dataclass(frozen=True)
+class Answer:
+    model: str
+    prompt: int
+    cached: int
+    visible: int
+    reasoning: int
+    finish: str
+
+    @property
+    def usage(self) -> dict[str, Any]:
+        completion = self.visible + self.reasoning
+        return {
+            "prompt_tokens": self.prompt, "completion_tokens": completion, "total_tokens": self.prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": self.cached, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": self.reasoning, "audio_tokens": 0,
+                                          "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+        }
+
+    def words(self) -> list[str]:
+        return [(" " if i else "") + WORDS[i % len(WORDS)] for i in range(self.visible)]
+
+
+def plan_answer(body: dict[str, Any], directives: dict[str, str]) -> Answer:
+    messages = body.get("messages") or []
+    cap = body.get("max_completion_tokens") or body.get("max_tokens") or 4096
+    n = body.get("n") or 1
+    wanted = int(directives.get("out", len(WORDS)))
+    reasoning = min(int(directives.get("reasoning", 0)), cap)
+    visible = min(wanted, cap - reasoning)
+    prompt = prompt_tokens(messages)
+    return Answer(
+        model=str(body.get("model")), prompt=prompt, cached=min(int(directives.get("cached", 0)), prompt),
+        visible=visible * n, reasoning=reasoning * n, finish="length" if wanted + reasoning > cap else "stop",
+    )
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[EMULATOR]
+    state.total_requests += 1
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error")
+    state.received.append({"path": request.path, "headers": dict(request.headers), "body": body})
+    if state.expected_key is not None and request.headers.get("Authorization") != f"Bearer {state.expected_key}":
+        return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+    directives = _directives(body.get("messages") or [])
+    fail = directives.get("fail")
+    if state.latency_ms:
+        await asyncio.sleep(state.latency_ms / 1000)
+    if fail == "hang":
+        await asyncio.sleep(3600)
+    if fail in ("500", "429", "400", "401"):
+        status = int(fail)
+        etype = {500: "server_error", 429: "requests", 400: "invalid_request_error", 401: "invalid_request_error"}
+        return _error(status, f"Emulated upstream {status}.", etype[status])
+    answer = plan_answer(body, directives)
+    if body.get("stream"):
+        return await _stream(request, state, body, answer, directives)
+    return web.json_response({
+        "id": f"chatcmpl-emu{time.time_ns()}", "object": "chat.completion", "created": int(time.time()),
+        "model": answer.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(answer.words())},
+                     "logprobs": None, "finish_reason": answer.finish}],
+        "usage": answer.usage, "service_tier": "default", "system_fingerprint": "fp_emulator",
+    }, headers={"x-request-id": f"req_emu_{time.time_ns()}", "openai-processing-ms": "1"})
+
+
+def _chunk(answer: Answer, choices: list[dict[str, Any]], usage: Any = None, with_usage_key: bool = False) -> bytes:
+    obj: dict[str, Any] = {"id": "chatcmpl-emu", "object": "chat.completion.chunk", "created": int(time.time()),
+                           "model": answer.model, "choices": choices}
+    if with_usage_key:
+        obj["usage"] = usage
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _stream(request: web.Request, state: EmulatorState, body: dict[str, Any], answer: Answer,
+                  directives: dict[str, str]) -> web.StreamResponse:
+    fail = directives.get("fail")
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and fail != "nousage"
+    delay = float(directives.get("delay_ms", state.chunk_delay_ms)) / 1000
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "x-request-id": f"req_emu_{time.time_ns()}"})
+    await response.prepare(request)
+    frames = [_chunk(answer, [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+                     None, include_usage)]
+    frames += [_chunk(answer, [{"index": 0, "delta": {"content": w}, "finish_reason": None}], None, include_usage)
+               for w in answer.words()]
+    frames.append(_chunk(answer, [{"index": 0, "delta": {}, "finish_reason": answer.finish}], None, include_usage))
+    if include_usage:
+        frames.append(_chunk(answer, [], answer.usage, True))
+    frames.append(b"data: [DONE]\n\n")
+    if fail in ("cut", "midstream"):
+        frames = frames[: max(2, len(frames) // 2)]
+    for frame in frames:
+        await response.write(frame)
+        if delay:
+            await asyncio.sleep(delay)
+    if fail == "cut":
+        assert request.transport is not None
+        request.transport.close()  # drop the connection without ending the chunked body
+        return response
+    if fail == "midstream":
+        error = {"error": {"message": "Emulated failure mid-stream.", "type": "server_error", "param": None,
+                           "code": None}}
+        await response.write(b"data: " + json.dumps(error).encode() + b"\n\n")
+    await response.write_eof()
+    return response
+
+
+async def models(request: web.Request) -> web.Response:
+    data = [{"id": m, "object": "model", "created": 1721172741, "owned_by": "emulator"}
+            for m in ("demo-mini", "demo-large", "gpt-4o-mini")]
+    return web.json_response({"object": "list", "data": data})
+
+
+def create_emulator_app(state: EmulatorState | None = None) -> web.Application:
+    """The emulator as an aiohttp app (base URL: http://host:port/v1)."""
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[EMULATOR] = state or EmulatorState()
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    return app

@@ -1,0 +1,117 @@
+"""Gateway errors and the one mapping from Lua status codes to them.
+
+Every error carries the HTTP status and a dialect-neutral `kind`; each dialect renders it in its
+own wire shape (see `gateway.dialects`).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class GatewayError(Exception):
+    """An error the gateway answers itself, in the caller's dialect."""
+
+    status = 500
+    kind = "server_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+        self.param = param
+
+
+class BadRequest(GatewayError):
+    status = 400
+    kind = "invalid_request"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    kind = "authentication"
+
+
+class InsufficientCredits(GatewayError):
+    status = 402
+    kind = "insufficient_credits"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    kind = "permission"
+
+
+class NotFound(GatewayError):
+    status = 404
+    kind = "not_found"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    kind = "too_large"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    kind = "invalid_request"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    kind = "rate_limit"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    kind = "upstream"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    kind = "upstream_timeout"
+
+
+class StoreUnavailable(GatewayError):
+    """Redis is unreachable: fail closed."""
+
+    status = 503
+    kind = "unavailable"
+
+
+class ScriptStatus(IntEnum):
+    """Status codes returned as the first element of every Lua script's reply."""
+
+    OK = 0
+    LOWERED = 1  # reserve: held what the balance affords; the output cap must be lowered
+    ALREADY_DONE = 2  # settle/release of a hold that has already ended
+    NO_ACCOUNT = 10
+    ACCOUNT_DISABLED = 11
+    KEY_REVOKED = 12
+    KEY_EXPIRED = 13
+    PLAN_CHANGED = 14
+    DUPLICATE_REQUEST = 15
+    INSUFFICIENT = 20
+
+
+def error_for_status(status: int, *, available_micro: int = 0) -> GatewayError | None:
+    """Map a script status to the exception the caller sees; None for the non-error codes."""
+    from gateway.money import format_credits
+
+    code = ScriptStatus(status)
+    if code in (ScriptStatus.OK, ScriptStatus.LOWERED, ScriptStatus.ALREADY_DONE, ScriptStatus.PLAN_CHANGED):
+        return None
+    if code is ScriptStatus.INSUFFICIENT:
+        return InsufficientCredits(
+            f"Insufficient credits: {format_credits(available_micro)} credits available, "
+            "not enough to cover this request's prompt. Add credits to continue."
+        )
+    messages = {
+        ScriptStatus.NO_ACCOUNT: (Unauthorized, "The account for this API key no longer exists."),
+        ScriptStatus.ACCOUNT_DISABLED: (Forbidden, "This account is disabled."),
+        ScriptStatus.KEY_REVOKED: (Unauthorized, "This API key has been revoked."),
+        ScriptStatus.KEY_EXPIRED: (Unauthorized, "This API key has expired."),
+        ScriptStatus.DUPLICATE_REQUEST: (BadRequest, "Duplicate request id."),
+    }
+    cls, message = messages[code]
+    return cls(message)

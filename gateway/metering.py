@@ -1,0 +1,147 @@
+"""Reserve and settle: pure argument builders, and the Meter that runs the Lua scripts.
+
+Pure functions price a request from integer rates (`quote`, `cost_of`, `affordable_output`);
+`Meter` does the I/O: one script call to reserve, one to settle (or release).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.config import Rates
+from gateway.errors import GatewayError, ScriptStatus, error_for_status
+from gateway.keys import AccountKeys
+from gateway.money import MAX_SAFE, MICRO, ceil_div
+from gateway.scripts import ScriptRunner
+from gateway.usage import Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Quote:
+    """What a request may cost: the prompt bound, the worst case and the least useful answer."""
+
+    prompt_tokens_bound: int
+    max_output_tokens: int  # the worst case: cap (or model ceiling) times the number of choices
+    prompt_cost: int
+    full_cost: int
+    min_cost: int
+
+
+def token_cost(tokens: int, rate_per_mtok: int) -> int:
+    """Micro-credits for `tokens` at a rate in micro-credits per 1M tokens, rounded up."""
+    return ceil_div(tokens * rate_per_mtok, MICRO)
+
+
+def quote(rates: Rates, prompt_tokens_bound: int, max_output_tokens: int) -> Quote:
+    """Price the worst case of a request whose prompt has at most `prompt_tokens_bound` tokens.
+
+    The prompt is priced at the highest input rate, since the provider decides what is cached.
+    """
+    prompt_rate = max(rates.input, rates.cached_input, rates.cache_write)
+    prompt_cost = token_cost(prompt_tokens_bound, prompt_rate) + rates.per_request
+    full = prompt_cost + token_cost(max_output_tokens, rates.output)
+    minimum = prompt_cost + token_cost(1, rates.output) if max_output_tokens > 0 else prompt_cost
+    if full > MAX_SAFE:
+        raise ValueError("request cost exceeds the largest amount the store can hold")
+    return Quote(prompt_tokens_bound, max_output_tokens, prompt_cost, full, minimum)
+
+
+def affordable_output(rates: Rates, q: Quote, hold: int) -> int:
+    """The most output tokens a hold of `hold` micro-credits pays for beyond the prompt bound."""
+    budget = hold - q.prompt_cost
+    if budget <= 0:
+        return 0
+    if rates.output == 0:
+        return q.max_output_tokens
+    return min(q.max_output_tokens, budget * MICRO // rates.output)
+
+
+def cost_of(rates: Rates, usage: Usage) -> int:
+    """The exact charge for reported usage, in micro-credits (one rounding, upwards)."""
+    total = (
+        (usage.input_tokens or 0) * rates.input
+        + (usage.cached_input_tokens or 0) * rates.cached_input
+        + (usage.cache_write_tokens or 0) * rates.cache_write
+        + (usage.output_tokens or 0) * rates.output
+    )
+    return ceil_div(total, MICRO) + rates.per_request
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A granted hold."""
+
+    request_id: str
+    hold: int
+    available_after: int
+    lowered: bool
+
+
+class PlanChanged(Exception):
+    """The account's plan differs from the one the request was priced with."""
+
+    def __init__(self, plan: str) -> None:
+        super().__init__(plan)
+        self.plan = plan
+
+
+def _fields(pairs: dict[str, Any]) -> list[str]:
+    flat: list[str] = []
+    for name, value in pairs.items():
+        if value is not None:
+            flat += [name, str(value)]
+    return flat
+
+
+class Meter:
+    """Runs the reserve / settle / release / reap scripts for one gateway process."""
+
+    def __init__(self, runner: ScriptRunner, lease_ms: int, clock_offset_ms: int = 0) -> None:
+        self.runner = runner
+        self.lease_ms = lease_ms
+        self.clock_offset_ms = clock_offset_ms
+
+    async def reserve(self, keys: AccountKeys, key_id: str, request_id: str, plan: str, q: Quote) -> Reservation:
+        """Hold the worst case of a request; raises the refusal as a GatewayError."""
+        status, hold, available, actual_plan = await self.runner.run(
+            "reserve",
+            [keys.account, keys.api_key(key_id), keys.holds, keys.hold_expiry],
+            [request_id, plan, q.full_cost, q.min_cost, self.lease_ms, self.clock_offset_ms],
+        )
+        if status == ScriptStatus.PLAN_CHANGED:
+            raise PlanChanged(str(actual_plan))
+        error: GatewayError | None = error_for_status(int(status), available_micro=int(available))
+        if error is not None:
+            raise error
+        return Reservation(request_id, int(hold), int(available), status == ScriptStatus.LOWERED)
+
+    async def settle(self, keys: AccountKeys, request_id: str, cost: int, event: dict[str, Any]) -> tuple[bool, int, int]:
+        """Charge `cost`, release the rest of the hold and append one ledger event.
+
+        Returns (settled now, charged, available after). Settling twice has no effect.
+        """
+        status, charged, available = await self.runner.run(
+            "settle",
+            [keys.account, keys.holds, keys.hold_expiry, keys.ledger],
+            [request_id, cost, self.clock_offset_ms, *_fields(event)],
+        )
+        return status == ScriptStatus.OK, int(charged), int(available)
+
+    async def release(self, keys: AccountKeys, request_id: str, reason: str) -> bool:
+        """End a hold without charge; returns False when it had already ended."""
+        status, _released = await self.runner.run(
+            "release",
+            [keys.account, keys.holds, keys.hold_expiry, keys.ledger],
+            [request_id, reason, self.clock_offset_ms],
+        )
+        return bool(status == ScriptStatus.OK)
+
+    async def reap(self, keys: AccountKeys, limit: int = 100) -> tuple[int, int]:
+        """Return expired holds of one account; (holds reaped, micro-credits returned)."""
+        count, returned = await self.runner.run(
+            "reap",
+            [keys.account, keys.holds, keys.hold_expiry, keys.ledger],
+            [self.clock_offset_ms, limit],
+        )
+        return int(count), int(returned)

@@ -1,0 +1,323 @@
+"""The metered proxy: authenticate, reserve, forward (streaming untouched), settle.
+
+Every request that got a hold ends it exactly once: settled from reported usage, settled from an
+estimate (stream cut short), or released (the provider never produced output). Settlement runs in a
+task the app keeps alive, so a client that disconnects is still billed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from gateway.auth import Principal
+from gateway.config import ModelRoute, Plan, Rates, Upstream
+from gateway.dialects.base import Dialect, ParsedRequest, StreamMeter
+from gateway.errors import (
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    InsufficientCredits,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from gateway.metering import PlanChanged, Quote, Reservation, affordable_output, cost_of, quote
+from gateway.money import format_credits
+from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway
+from gateway.usage import Usage
+
+Handler = Callable[[web.Request], Coroutine[Any, Any, web.StreamResponse]]
+
+#: Upstream response headers not copied to the client: hop-by-hop, recomputed, or the operator's own.
+_DROP_RESPONSE = frozenset({
+    "connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "set-cookie",
+    "openai-organization", "openai-project", "x-request-id", "request-id", "date", "server", "trailer",
+    "upgrade",
+})
+_DROP_RESPONSE_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-", "anthropic-organization")
+
+
+def new_request_id() -> str:
+    return "req_" + uuid.uuid4().hex
+
+
+def _response_headers(upstream_headers: Any, request_id: str, available: int) -> dict[str, str]:
+    headers = {
+        name: value
+        for name, value in upstream_headers.items()
+        if name.lower() not in _DROP_RESPONSE and not name.lower().startswith(_DROP_RESPONSE_PREFIXES)
+    }
+    upstream_id = upstream_headers.get("x-request-id") or upstream_headers.get("request-id")
+    if upstream_id:
+        headers["x-upstream-request-id"] = upstream_id
+    headers["x-request-id"] = request_id
+    headers["x-credits-remaining"] = format_credits(max(available, 0))
+    return headers
+
+
+@dataclass
+class Call:
+    """One metered request in flight."""
+
+    gw: Gateway
+    dialect: Dialect
+    principal: Principal
+    parsed: ParsedRequest
+    route: ModelRoute
+    rates: Rates
+    quote: Quote
+    reservation: Reservation
+    request_id: str
+    started: float
+    overhead: float = 0.0
+    ended: bool = False
+
+
+async def read_json_body(request: web.Request) -> bytes:
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType(
+            f"Unsupported Content-Type {request.content_type!r}: send the body as application/json.")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[GATEWAY].settings.max_body_bytes
+        raise PayloadTooLarge(f"The request body is larger than this gateway's limit of {limit} bytes.") from None
+
+
+def _price(gw: Gateway, principal: Principal, parsed: ParsedRequest) -> tuple[ModelRoute, Plan, Rates, Quote]:
+    """Route the model, check the plan allows it, and quote the worst case."""
+    route = gw.config.route(parsed.model)
+    if route is None:
+        raise NotFound(f"The model '{parsed.model}' does not exist or is not served by this gateway.",
+                       param="model")
+    plan = gw.config.plans.get(principal.plan)
+    if plan is None:
+        raise Forbidden(f"Your account's plan '{principal.plan}' is not configured on this gateway.")
+    if not plan.allows(parsed.model):
+        raise Forbidden(f"Your plan '{plan.name}' does not include the model '{parsed.model}'.", param="model")
+    if parsed.output_cap is not None and parsed.output_cap > route.max_output_tokens:
+        raise BadRequest(f"{parsed.cap_field} is too large: {parsed.output_cap}. This model supports at most "
+                         f"{route.max_output_tokens} completion tokens.", param=parsed.cap_field)
+    per_choice = parsed.output_cap or route.max_output_tokens
+    rates = gw.config.rates(plan.name, route)
+    return route, plan, rates, quote(rates, parsed.prompt_tokens_bound, per_choice * parsed.choices)
+
+
+async def _reserve(gw: Gateway, principal: Principal, parsed: ParsedRequest, request_id: str
+                   ) -> tuple[Principal, ModelRoute, Rates, Quote, Reservation]:
+    assert gw.meter is not None and gw.auth is not None
+    keys = gw.schema.for_account(principal.account_id)
+    for _ in range(3):
+        route, plan, rates, q = _price(gw, principal, parsed)
+        try:
+            reservation = await gw.meter.reserve(keys, principal.key_id, request_id, plan.name, q)
+            return principal, route, rates, q, reservation
+        except PlanChanged as changed:
+            principal = gw.auth.with_plan(principal, changed.plan)
+        except GatewayError as error:
+            if error.status == 401:
+                gw.auth.forget(principal)
+            raise
+    raise GatewayError("The account's plan changed repeatedly; try again.")
+
+
+def make_handler(dialect: Dialect, endpoint: str) -> Handler:
+    """A request handler for one metered endpoint of one dialect."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        gw = request.app[GATEWAY]
+        started = time.perf_counter()
+        request_id = new_request_id()
+        request[REQUEST_ID] = request_id
+        request[REQUEST_DIALECT] = dialect
+        principal = await gw.auth.authenticate(dialect.client_key(request.headers, request.query))  # type: ignore[union-attr]
+        raw = await read_json_body(request)
+        parsed = dialect.parse_request(endpoint, raw, gw.settings.max_choices)
+        principal, route, rates, q, reservation = await _reserve(gw, principal, parsed, request_id)
+        call = Call(gw, dialect, principal, parsed, route, rates, q, reservation, request_id, started)
+        call.overhead = time.perf_counter() - started
+        gw.metrics.open_holds.inc()
+        try:
+            return await _forward(request, call, raw)
+        finally:
+            gw.metrics.open_holds.dec()
+            if not call.ended:  # a bug or a cancellation: never strand the hold
+                await _end(call, None, outcome="internal_error", http_status=500)
+
+    return handler
+
+
+def _lowered_cap(call: Call) -> int | None:
+    """The output cap per choice the hold affords, when the hold is below the worst case."""
+    if not call.reservation.lowered:
+        return None
+    per_choice = affordable_output(call.rates, call.quote, call.reservation.hold) // call.parsed.choices
+    asked = call.parsed.output_cap or call.route.max_output_tokens
+    return per_choice if per_choice < asked else None
+
+
+async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamResponse:
+    gw = call.gw
+    assert gw.session is not None
+    upstream = gw.config.upstreams[call.route.upstream]
+    lowered = _lowered_cap(call)
+    if call.reservation.lowered and lowered is not None and lowered < 1:
+        await _end(call, None, outcome="refused", http_status=402)
+        raise InsufficientCredits("Insufficient credits for even one output token per choice.")
+    if lowered is not None:
+        gw.metrics.lowered.labels(call.route.pattern).inc()
+    body, hide_usage = call.dialect.upstream_body(call.parsed, upstream, lowered)
+    headers = call.dialect.upstream_headers(upstream, request.headers)
+    url = upstream.base_url + _upstream_path(request, upstream)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout_seconds,
+                                    sock_read=upstream.timeout_seconds)
+    sent = time.perf_counter()
+    try:
+        upstream_cm = gw.session.post(url, data=body if body is not None else raw, headers=headers,
+                                      timeout=timeout, params=_forward_query(request))
+        async with upstream_cm as up:
+            gw.metrics.upstream_seconds.labels(upstream.name).observe(time.perf_counter() - sent)
+            if up.status >= 400:
+                return await _upstream_error(call, up, lowered)
+            if call.parsed.stream and up.content_type == "text/event-stream":
+                meter = call.dialect.stream_meter(call.parsed.endpoint, hide_usage)
+                return await _stream(request, call, up, meter, lowered)
+            data = await up.read()
+            usage = call.dialect.usage_from_body(call.parsed.endpoint, data)
+            available = await _end(call, usage, outcome="ok", http_status=up.status, lowered=lowered,
+                                   estimate_out=0 if usage else len(data) // 4)
+            return web.Response(body=data, status=up.status,
+                                headers=_response_headers(up.headers, call.request_id, available))
+    except (TimeoutError, aiohttp.ServerTimeoutError):
+        await _end(call, None, outcome="upstream_timeout", http_status=504)
+        raise UpstreamTimeout("The upstream provider did not answer in time.") from None
+    except aiohttp.ClientError as exc:
+        await _end(call, None, outcome="upstream_unreachable", http_status=502)
+        raise UpstreamError(f"Could not reach the upstream provider ({type(exc).__name__}).") from None
+
+
+def _upstream_path(request: web.Request, upstream: Upstream) -> str:
+    """The path below the upstream's base URL (base URLs of OpenAI-style upstreams end in /v1)."""
+    path = request.path
+    for prefix in ("/v1/",):
+        if path.startswith(prefix):
+            return "/" + path[len(prefix):]
+    return path
+
+
+def _forward_query(request: web.Request) -> dict[str, str]:
+    return {k: v for k, v in request.query.items() if k != "key"}
+
+
+async def _upstream_error(call: Call, up: aiohttp.ClientResponse, lowered: int | None) -> web.StreamResponse:
+    """The provider refused or failed before any output: no charge; its answer goes back as is,
+    except credential problems, which are the operator's and are reported as a 502."""
+    data = await up.read()
+    available = await _end(call, None, outcome=f"upstream_{up.status}", http_status=up.status)
+    if up.status in (401, 403):
+        raise UpstreamError("The upstream provider rejected the gateway's credentials.")
+    return web.Response(body=data, status=up.status,
+                        headers=_response_headers(up.headers, call.request_id, available))
+
+
+async def _stream(request: web.Request, call: Call, up: aiohttp.ClientResponse, meter: StreamMeter,
+                  lowered: int | None) -> web.StreamResponse:
+    response = web.StreamResponse(
+        status=up.status, headers=_response_headers(up.headers, call.request_id, call.reservation.available_after))
+    outcome = "ok"
+    try:
+        await response.prepare(request)
+        chunks = up.content.iter_any().__aiter__()
+        while True:
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                break
+            except (TimeoutError, aiohttp.ClientError):
+                outcome = "upstream_cut"
+                break
+            out = meter.feed(chunk)
+            if out:
+                await response.write(out)
+        tail = meter.finish()
+        if tail:
+            await response.write(tail)
+        if outcome == "upstream_cut":
+            await response.write(call.dialect.stream_error_event("The upstream connection was lost mid-stream."))
+        await response.write_eof()
+    except ConnectionResetError:  # aiohttp's ClientConnectionResetError: the client went away
+        outcome = "client_disconnected"
+    finally:
+        await _end(call, meter.usage, outcome=outcome if meter.usage else f"{outcome}_estimated",
+                   http_status=up.status, lowered=lowered, estimate_out=meter.estimated_output_tokens(),
+                   streamed=True)
+    return response
+
+
+def billable(usage: Usage | None, parsed: ParsedRequest, estimate_out: int) -> tuple[Usage, bool]:
+    """What to bill: reported usage, with any missing count filled from the estimates."""
+    if usage is not None and usage.input_tokens is not None and usage.output_tokens is not None:
+        return usage, False
+    reported = usage or Usage()
+    return Usage(
+        input_tokens=reported.input_tokens if reported.input_tokens is not None else parsed.prompt_tokens_estimate,
+        cached_input_tokens=reported.cached_input_tokens,
+        cache_write_tokens=reported.cache_write_tokens,
+        output_tokens=reported.output_tokens if reported.output_tokens is not None else estimate_out,
+        reasoning_tokens=reported.reasoning_tokens,
+    ), True
+
+
+async def _end(call: Call, usage: Usage | None, *, outcome: str, http_status: int, lowered: int | None = None,
+               estimate_out: int = 0, streamed: bool = False) -> int:
+    """End the hold exactly once, in a task that outlives the request. Returns credits available."""
+    call.ended = True
+    task = call.gw.track(asyncio.ensure_future(
+        _settle(call, usage, outcome, http_status, lowered, estimate_out, streamed)))
+    return await asyncio.shield(task)
+
+
+async def _settle(call: Call, usage: Usage | None, outcome: str, http_status: int, lowered: int | None,
+                  estimate_out: int, streamed: bool) -> int:
+    gw = call.gw
+    assert gw.meter is not None
+    keys = gw.schema.for_account(call.principal.account_id)
+    settle_started = time.perf_counter()
+    model = call.route.pattern
+    produced = usage is not None or estimate_out > 0
+    if http_status >= 400 or (not produced and outcome != "ok"):
+        await gw.meter.release(keys, call.request_id, outcome)
+        gw.metrics.requests.labels(call.dialect.name, model, str(http_status)).inc()
+        return call.reservation.available_after + call.reservation.hold
+    bill, estimated = billable(usage, call.parsed, estimate_out)
+    cost = cost_of(call.rates, bill)
+    if estimated:
+        cost = min(cost, call.reservation.hold)  # an estimate never charges more than was held
+        gw.metrics.estimated.labels(model).inc()
+    event = {
+        "key_id": call.principal.key_id, "model": call.parsed.model, "route": model,
+        "upstream": call.route.upstream, "endpoint": call.parsed.endpoint, "dialect": call.dialect.name,
+        "in": bill.input_tokens, "cached_in": bill.cached_input_tokens, "cache_write": bill.cache_write_tokens,
+        "out": bill.output_tokens, "reasoning": bill.reasoning_tokens, "status": http_status,
+        "outcome": outcome, "estimated": int(estimated), "lowered_cap": lowered, "stream": int(streamed),
+        "latency_ms": int((time.perf_counter() - call.started) * 1000),
+    }
+    _settled, charged, available = await gw.meter.settle(keys, call.request_id, cost, event)
+    gw.metrics.requests.labels(call.dialect.name, model, str(http_status)).inc()
+    gw.metrics.credits.labels(model).inc(charged / 1_000_000)
+    for kind, count in (("input", bill.input_tokens), ("cached_input", bill.cached_input_tokens),
+                        ("cache_write", bill.cache_write_tokens), ("output", bill.output_tokens)):
+        if count:
+            gw.metrics.tokens.labels(model, kind).inc(count)
+    gw.metrics.overhead_seconds.observe(call.overhead + time.perf_counter() - settle_started)
+    return available

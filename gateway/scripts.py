@@ -1,0 +1,85 @@
+"""Loads the Lua scripts in `lua/` once and runs them with EVALSHA.
+
+Each file is one atomic operation named `<operation>-<key count>.lua`. The loader registers every
+file at start; a NOSCRIPT reply (Redis restarted or flushed) re-registers the script and retries
+once. Any Redis connection failure becomes `StoreUnavailable` (the gateway fails closed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redis import exceptions as redis_errors
+
+from gateway.errors import StoreUnavailable
+
+_NAME = re.compile(r"^(?P<op>[a-z_]+)-(?P<keys>\d+)\.lua$")
+
+#: Errors that mean "Redis is not there right now" rather than a bug in a script.
+REDIS_DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+
+
+def lua_dir() -> Path:
+    """The folder holding the scripts: inside the package when installed, else the checkout's."""
+    packaged = Path(__file__).parent / "lua"
+    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "lua"
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """One Lua file: its operation name, declared key count, source and SHA-1."""
+
+    name: str
+    num_keys: int
+    source: str
+    sha: str
+
+
+def load_scripts(folder: Path | None = None) -> dict[str, Script]:
+    """Read every `*.lua` file of the folder into a name -> Script table."""
+    folder = folder or lua_dir()
+    scripts: dict[str, Script] = {}
+    for path in sorted(folder.glob("*.lua")):
+        match = _NAME.match(path.name)
+        if not match:
+            raise ValueError(f"{path}: script names must look like 'operation-<keys>.lua'")
+        source = path.read_text(encoding="utf-8")
+        sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+        scripts[match["op"]] = Script(match["op"], int(match["keys"]), source, sha)
+    return scripts
+
+
+class ScriptRunner:
+    """Runs registered scripts against one Redis client."""
+
+    def __init__(self, redis: Any, scripts: dict[str, Script]) -> None:
+        self._redis = redis
+        self.scripts = scripts
+
+    async def register_all(self) -> None:
+        """SCRIPT LOAD every script (idempotent)."""
+        try:
+            for script in self.scripts.values():
+                await self._redis.script_load(script.source)
+        except REDIS_DOWN as exc:
+            raise StoreUnavailable("The credit store is unavailable.") from exc
+
+    async def run(self, name: str, keys: Sequence[str], args: Sequence[str | int]) -> list[Any]:
+        """EVALSHA the named script; re-register and retry once after NOSCRIPT."""
+        script = self.scripts[name]
+        if len(keys) != script.num_keys:
+            raise ValueError(f"{name} takes {script.num_keys} keys, got {len(keys)}")
+        try:
+            try:
+                result = await self._redis.evalsha(script.sha, script.num_keys, *keys, *args)
+            except redis_errors.NoScriptError:
+                await self._redis.script_load(script.source)
+                result = await self._redis.evalsha(script.sha, script.num_keys, *keys, *args)
+        except REDIS_DOWN as exc:
+            raise StoreUnavailable("The credit store is unavailable.") from exc
+        return list(result)

@@ -1,0 +1,43 @@
+"""Process settings: from the command line and the environment, never from module globals."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.secret import Secret
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `create_app` needs besides the YAML configuration."""
+
+    config_dir: Path = Path("config")
+    redis_url: str | None = None  # None: start the embedded redis-server
+    data_dir: Path = Path("var")  # embedded Redis data (append-only file) and socket
+    admin_key: Secret = field(default_factory=lambda: Secret(""))
+    key_prefix: str = "gw:"
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_choices: int = 1  # largest `n` accepted; the reservation multiplies by it
+    hold_lease_seconds: float = 3600.0  # a hold not settled by then is reaped
+    reap_interval_seconds: float = 5.0
+    auth_cache_seconds: float = 30.0
+    redis_timeout_seconds: float = 0.5  # fail closed well within a second
+    clock_offset_ms: int = 0  # test-only: shifts the scripts' Redis clock; 0 in production
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        """Settings from GATEWAY_* variables and REDIS_URL; explicit overrides win when not None."""
+        env = os.environ
+        values: dict[str, object] = {
+            "config_dir": Path(env.get("GATEWAY_CONFIG_DIR", "config")),
+            "redis_url": env.get("REDIS_URL") or None,
+            "data_dir": Path(env.get("GATEWAY_DATA_DIR", "var")),
+            "admin_key": Secret(env.get("GATEWAY_ADMIN_KEY", "")),
+            "max_body_bytes": int(env.get("GATEWAY_MAX_BODY_BYTES", 10 * 1024 * 1024)),
+            "max_choices": int(env.get("GATEWAY_MAX_CHOICES", 1)),
+            "hold_lease_seconds": float(env.get("GATEWAY_HOLD_LEASE_SECONDS", 3600)),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]

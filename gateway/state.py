@@ -1,0 +1,47 @@
+"""The typed application keys: everything long-lived lives in the app, nothing at module level."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from gateway.auth import Authenticator
+from gateway.config import Config
+from gateway.dialects.base import Dialect
+from gateway.keys import KeySchema
+from gateway.metering import Meter
+from gateway.metrics import Metrics
+from gateway.settings import Settings
+from gateway.store import Store
+
+
+@dataclass
+class Gateway:
+    """The running gateway's resources, built by `create_app` and its cleanup contexts."""
+
+    settings: Settings
+    config: Config
+    schema: KeySchema
+    metrics: Metrics
+    dialects: dict[str, Dialect]
+    redis: Any = None
+    meter: Meter | None = None
+    store: Store | None = None
+    auth: Authenticator | None = None
+    session: aiohttp.ClientSession | None = None
+    pending: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        """Keep a settlement task alive until it finishes, even if its request is gone."""
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+        return task
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+REQUEST_ID = "gateway.request_id"
+REQUEST_DIALECT = "gateway.dialect"

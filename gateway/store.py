@@ -1,0 +1,231 @@
+"""Accounts, API keys and credit grants in Redis: the operations behind the admin API and CLI.
+
+Balances are only ever changed by the Lua scripts (grant, reserve, settle, release, reap); this
+module creates records and reads them back as external views in decimal credits.
+"""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.config import Config
+from gateway.errors import BadRequest, NotFound, StoreUnavailable
+from gateway.keys import KeySchema
+from gateway.money import credits_number, format_credits
+from gateway.scripts import REDIS_DOWN, ScriptRunner
+
+KEY_PREFIX = "gwk_"  # every raw gateway key starts with this, so it is recognisable in a leak scan
+LOW_CREDIT_SHARE = 0.25
+
+
+def hash_key(raw: str) -> str:
+    """SHA-256 of a raw key: the only form a key is stored in."""
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def now_ms() -> int:
+    return int(datetime.now(UTC).timestamp() * 1000)
+
+
+def add_month(moment: datetime) -> datetime:
+    """The same day next month, clamped to the month's last day (a start on the 31st)."""
+    year, month = (moment.year + 1, 1) if moment.month == 12 else (moment.year, moment.month + 1)
+    day = min(moment.day, calendar.monthrange(year, month)[1])
+    return moment.replace(year=year, month=month, day=day)
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+
+
+def parse_expiry(value: Any) -> int:
+    """An `expires_at` (ISO 8601 string or unix seconds) as unix milliseconds; 0 for never."""
+    if value is None:
+        return 0
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if value <= 0:
+            raise BadRequest("'expires_at' must be in the future.", param="expires_at")
+        return int(value * 1000)
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise BadRequest("'expires_at' must be an ISO 8601 time or unix seconds.", param="expires_at") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return int(moment.timestamp() * 1000)
+    raise BadRequest("'expires_at' must be an ISO 8601 time or unix seconds.", param="expires_at")
+
+
+@asynccontextmanager
+async def redis_guard() -> AsyncIterator[None]:
+    """Turn 'Redis is not there' into a 503, failing closed."""
+    try:
+        yield
+    except REDIS_DOWN as exc:
+        raise StoreUnavailable("The credit store is unavailable; try again shortly.") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    id: str
+    key: str  # the raw key: returned once, never stored
+    prefix: str
+    account_id: str
+    label: str
+    expires_ms: int
+
+
+class Store:
+    """Record-level operations on accounts and keys."""
+
+    def __init__(self, redis: Any, schema: KeySchema, runner: ScriptRunner, clock_offset_ms: int = 0) -> None:
+        self.redis = redis
+        self.schema = schema
+        self.runner = runner
+        self.clock_offset_ms = clock_offset_ms
+
+    async def create_account(self, config: Config, name: str, plan: str) -> str:
+        if plan not in config.plans:
+            raise BadRequest(f"Unknown plan {plan!r} (configured: {', '.join(config.plans)}).", param="plan")
+        account_id = "acct_" + secrets.token_hex(8)
+        allowance = config.plans[plan].monthly_credits
+        start = datetime.now(UTC)
+        keys = self.schema.for_account(account_id)
+        async with redis_guard():
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hset(keys.account, mapping={
+                "name": name, "plan": plan, "status": "active", "allow": allowance, "extra": 0, "held": 0,
+                "charged": 0, "granted": allowance, "cycle_used": 0, "requests": 0,
+                "created_ms": int(start.timestamp() * 1000),
+                "cycle_start_ms": int(start.timestamp() * 1000),
+                "cycle_end_ms": int(add_month(start).timestamp() * 1000),
+            })
+            pipe.sadd(self.schema.accounts, account_id)
+            await pipe.execute()
+        return account_id
+
+    async def account_raw(self, account_id: str) -> dict[str, str]:
+        async with redis_guard():
+            data: dict[str, str] = await self.redis.hgetall(self.schema.for_account(account_id).account)
+        if not data:
+            raise NotFound(f"No account {account_id!r}.")
+        return data
+
+    async def set_plan(self, config: Config, account_id: str, plan: str) -> None:
+        if plan not in config.plans:
+            raise BadRequest(f"Unknown plan {plan!r} (configured: {', '.join(config.plans)}).", param="plan")
+        await self.account_raw(account_id)
+        async with redis_guard():
+            await self.redis.hset(self.schema.for_account(account_id).account, "plan", plan)
+
+    async def grant(self, account_id: str, micro: int, note: str = "") -> int:
+        """Add non-expiring credits; returns micro-credits available afterwards."""
+        if micro <= 0:
+            raise BadRequest("'credits' must be a positive number.", param="credits")
+        keys = self.schema.for_account(account_id)
+        status, available = await self.runner.run(
+            "grant", [keys.account, keys.ledger], [micro, self.clock_offset_ms, note])
+        if status != 0:
+            raise NotFound(f"No account {account_id!r}.")
+        return int(available)
+
+    async def create_key(self, account_id: str, label: str = "", expires_ms: int = 0,
+                         scopes: tuple[str, ...] = ()) -> NewKey:
+        await self.account_raw(account_id)
+        raw = KEY_PREFIX + secrets.token_urlsafe(32)
+        key_id = "key_" + secrets.token_hex(8)
+        prefix = raw[:12]
+        keys = self.schema.for_account(account_id)
+        async with redis_guard():
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(keys.api_key(key_id), mapping={
+                "status": "active", "expires_ms": expires_ms, "label": label, "prefix": prefix,
+                "created_ms": now_ms(), "scopes": ",".join(scopes), "sha256": hash_key(raw),
+            })
+            pipe.set(self.schema.key_hash(hash_key(raw)), f"{account_id}:{key_id}")
+            pipe.set(self.schema.key_id(key_id), account_id)
+            pipe.sadd(keys.key_ids, key_id)
+            await pipe.execute()
+        return NewKey(key_id, raw, prefix, account_id, label, expires_ms)
+
+    async def list_keys(self, account_id: str) -> list[dict[str, Any]]:
+        await self.account_raw(account_id)
+        keys = self.schema.for_account(account_id)
+        async with redis_guard():
+            ids = sorted(await self.redis.smembers(keys.key_ids))
+            pipe = self.redis.pipeline(transaction=False)
+            for key_id in ids:
+                pipe.hgetall(keys.api_key(key_id))
+            records = await pipe.execute()
+        return [key_view(key_id, account_id, rec) for key_id, rec in zip(ids, records, strict=True) if rec]
+
+    async def revoke_key(self, key_id: str) -> dict[str, Any]:
+        """Revoke a key at once: the reserve script refuses it on every gateway process."""
+        async with redis_guard():
+            account_id = await self.redis.get(self.schema.key_id(key_id))
+            if not account_id:
+                raise NotFound(f"No key {key_id!r}.")
+            record_key = self.schema.for_account(account_id).api_key(key_id)
+            await self.redis.hset(record_key, "status", "revoked")
+            record = await self.redis.hgetall(record_key)
+            if record.get("sha256"):
+                await self.redis.delete(self.schema.key_hash(record["sha256"]))
+        return key_view(key_id, account_id, record)
+
+
+def key_view(key_id: str, account_id: str, rec: dict[str, str]) -> dict[str, Any]:
+    """A key record as the admin API shows it (never the hash, never the raw key)."""
+    expires_ms = int(rec.get("expires_ms") or 0)
+    return {
+        "id": key_id,
+        "account_id": account_id,
+        "prefix": rec.get("prefix", ""),
+        "label": rec.get("label", ""),
+        "status": rec.get("status", "unknown"),
+        "scopes": [s for s in rec.get("scopes", "").split(",") if s],
+        "created_at": _iso(int(rec.get("created_ms") or 0)),
+        "expires_at": _iso(expires_ms) if expires_ms else None,
+    }
+
+
+def account_view(account_id: str, rec: dict[str, str], config: Config) -> dict[str, Any]:
+    """An account's balances and cycle as external interfaces show them (decimal credits)."""
+    allow, extra, held = (int(rec.get(f) or 0) for f in ("allow", "extra", "held"))
+    available = allow + extra - held
+    plan = config.plans.get(rec.get("plan", ""))
+    limit = plan.monthly_credits if plan else 0
+    end_ms = int(rec.get("cycle_end_ms") or 0)
+    days = max(0, -(-(end_ms - now_ms()) // 86_400_000))
+    percent = 100.0 if limit == 0 else round(min(100.0, 100.0 * max(available, 0) / limit), 2)
+    warnings = []
+    if limit and available < limit * LOW_CREDIT_SHARE:
+        warnings.append(f"Low credits: {format_credits(max(available, 0))} of {format_credits(limit)} remaining.")
+    return {
+        "id": account_id,
+        "name": rec.get("name", ""),
+        "plan": rec.get("plan", ""),
+        "status": rec.get("status", ""),
+        "credits_remaining": credits_number(available),
+        "credits_limit": credits_number(limit),
+        "percent_remaining": percent,
+        "allowance_remaining": credits_number(allow),
+        "purchased_remaining": credits_number(extra),
+        "credits_held": credits_number(held),
+        "credits_used_this_cycle": credits_number(int(rec.get("cycle_used") or 0)),
+        "lifetime_credits_used": credits_number(int(rec.get("charged") or 0)),
+        "lifetime_credits_granted": credits_number(int(rec.get("granted") or 0)),
+        "requests": int(rec.get("requests") or 0),
+        "reset_date": _iso(end_ms) if end_ms else None,
+        "days_until_reset": days,
+        "warnings": warnings,
+        "created_at": _iso(int(rec.get("created_ms") or 0)),
+    }
+

@@ -1,0 +1,38 @@
+-- settle-4.lua: charge a request's actual cost, release the rest of its hold, record one event.
+-- KEYS[1] account hash   KEYS[2] holds hash   KEYS[3] hold expiry zset   KEYS[4] ledger stream
+-- ARGV[1] request id     ARGV[2] actual cost (micro-credits)   ARGV[3] clock offset (ms)
+-- ARGV[4..] ledger event fields as name, value pairs
+-- Returns {status, charged, available_after}; status 0 settled, 2 hold already ended (no effect).
+-- The charge exceeds the hold only out of credits no other hold claims, and never below zero;
+-- what could not be collected is recorded in the event as `uncollected`.
+local hold = redis.call('HGET', KEYS[2], ARGV[1])
+if not hold then return {2, 0, 0} end
+hold = tonumber(hold)
+local a = redis.call('HMGET', KEYS[1], 'allow', 'extra', 'held')
+local allow = tonumber(a[1] or '0')
+local extra = tonumber(a[2] or '0')
+local held = tonumber(a[3] or '0')
+local actual = tonumber(ARGV[2])
+local charge = actual
+if charge > hold then
+  local free = allow + extra - held
+  if free < 0 then free = 0 end
+  charge = math.min(actual, hold + free)
+end
+local from_allow = math.min(charge, allow)
+allow = allow - from_allow
+extra = extra - (charge - from_allow)
+held = held - hold
+redis.call('HSET', KEYS[1], 'allow', allow, 'extra', extra, 'held', held)
+redis.call('HINCRBY', KEYS[1], 'charged', charge)
+redis.call('HINCRBY', KEYS[1], 'cycle_used', charge)
+redis.call('HINCRBY', KEYS[1], 'requests', 1)
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3])
+local ev = {'type', 'usage', 'ts', now, 'rid', ARGV[1], 'cost', charge, 'hold', hold,
+            'uncollected', actual - charge}
+for i = 4, #ARGV do ev[#ev + 1] = ARGV[i] end
+redis.call('XADD', KEYS[4], '*', unpack(ev))
+return {0, charge, allow + extra - held}
