@@ -99,8 +99,7 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     gw.store = Store(gw.redis, gw.schema, runner, gw.settings.clock_offset_ms)
     gw.auth = Authenticator(gw.redis, gw.schema, gw.settings.auth_cache_seconds)
     yield
-    if gw.pending:
-        await asyncio.gather(*gw.pending, return_exceptions=True)
+    await gw.pending_settlements()
     await gw.redis.aclose()
     if EMBEDDED in app:
         app[EMBEDDED].stop()

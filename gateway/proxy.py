@@ -136,6 +136,10 @@ def make_handler(dialect: Dialect, endpoint: str) -> Handler:
 
     async def handler(request: web.Request) -> web.StreamResponse:
         gw = request.app[GATEWAY]
+        task = asyncio.current_task()
+        if task is not None:
+            gw.inflight.add(task)
+            task.add_done_callback(gw.inflight.discard)
         started = time.perf_counter()
         request_id = new_request_id()
         request[REQUEST_ID] = request_id
@@ -257,6 +261,9 @@ async def _stream(request: web.Request, call: Call, up: aiohttp.ClientResponse, 
         await response.write_eof()
     except ConnectionResetError:  # aiohttp's ClientConnectionResetError: the client went away
         outcome = "client_disconnected"
+    except asyncio.CancelledError:  # the server cancels handlers of lost connections when configured to
+        outcome = "client_disconnected"
+        raise
     finally:
         await _end(call, meter.usage, outcome=outcome if meter.usage else f"{outcome}_estimated",
                    http_status=up.status, lowered=lowered, estimate_out=meter.estimated_output_tokens(),

@@ -34,6 +34,7 @@ class Gateway:
     auth: Authenticator | None = None
     session: aiohttp.ClientSession | None = None
     pending: set[asyncio.Task[Any]] = field(default_factory=set)
+    inflight: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
         """Keep a settlement task alive until it finishes, even if its request is gone."""
@@ -41,7 +42,17 @@ class Gateway:
         task.add_done_callback(self.pending.discard)
         return task
 
+    async def pending_settlements(self) -> None:
+        """Wait for settlements already started (at shutdown: their requests are gone)."""
+        while self.pending:
+            await asyncio.gather(*self.pending, return_exceptions=True)
+
+    async def quiesce(self) -> None:
+        """Wait until every metered request in flight and every settlement has finished."""
+        while self.inflight or self.pending:
+            await asyncio.gather(*self.inflight, *self.pending, return_exceptions=True)
+
 
 GATEWAY = web.AppKey("gateway", Gateway)
-REQUEST_ID = "gateway.request_id"
-REQUEST_DIALECT = "gateway.dialect"
+REQUEST_ID = web.RequestKey("request_id", str)
+REQUEST_DIALECT = web.RequestKey("dialect", Dialect)

@@ -1,0 +1,211 @@
+"""Fixtures: a real redis-server (the embedded binary), the provider emulator, and the gateway.
+
+The only fake is the upstream provider (gateway.emulator), which speaks OpenAI's wire format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import redis as sync_redis
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import create_app
+from gateway.embedded import EmbeddedRedis, free_port
+from gateway.emulator import EMULATOR, EmulatorState, create_emulator_app
+from gateway.keys import KeySchema
+from gateway.money import MICRO
+from gateway.secret import Secret
+from gateway.settings import Settings
+from gateway.state import GATEWAY, Gateway
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_KEY = "test-admin-key-0123456789"
+PROVIDER_KEY = "sk-provider-secret-abcdef123456"
+
+TEST_PLANS = """
+default_plan: free
+plans:
+  free:
+    monthly_credits: 0
+    credit_usd: 1
+    models: ["demo-*", "gpt-4o-mini"]
+  pro:
+    monthly_credits: 0
+    credit_usd: 0.01
+    markup: 1.5
+    models: ["demo-*", "gpt-4o*"]
+  starter:
+    monthly_credits: 5
+    credit_usd: 1
+    models: ["demo-mini"]
+"""
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), port=free_port(), persist=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    if not redis_server.running:
+        redis_server.start()
+    client = sync_redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The shipped providers.yaml (upstream URLs from the environment) with test plans."""
+    folder = tmp_path / "config"
+    folder.mkdir()
+    shutil.copy(ROOT / "config" / "providers.yaml", folder / "providers.yaml")
+    (folder / "plans.yaml").write_text(TEST_PLANS)
+    monkeypatch.setenv("DEMO_API_KEY", PROVIDER_KEY)
+    return folder
+
+
+@pytest.fixture
+async def emulator(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[TestServer]:
+    state = EmulatorState(expected_key=PROVIDER_KEY)
+    server = TestServer(create_emulator_app(state))
+    await server.start_server()
+    monkeypatch.setenv("DEMO_BASE_URL", str(server.make_url("/v1")))
+    monkeypatch.setenv("OPENAI_BASE_URL", str(server.make_url("/v1")))
+    monkeypatch.setenv("OPENAI_API_KEY", PROVIDER_KEY)
+    yield server
+    await server.close()
+
+
+def emulator_state(server: TestServer) -> EmulatorState:
+    return server.app[EMULATOR]
+
+
+def make_settings(config_dir: Path, redis_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"config_dir": config_dir, "redis_url": redis_url, "admin_key": Secret(ADMIN_KEY),
+                              "reap_interval_seconds": 3600.0}
+    values.update(overrides)
+    return Settings(**values)
+
+
+@dataclass
+class Harness:
+    """A running gateway with helpers to create accounts and inspect Redis."""
+
+    client: TestClient[Any, Any]
+    redis: sync_redis.Redis
+    emulator: TestServer
+    sdk_clients: list[Any] = field(default_factory=list)
+
+    def sdk(self, key: str, **options: Any) -> openai.AsyncOpenAI:
+        """An async openai client pointed at the gateway (closed at teardown)."""
+        options.setdefault("max_retries", 0)
+        client = openai.AsyncOpenAI(base_url=self.base_url, api_key=key, **options)
+        self.sdk_clients.append(client)
+        return client
+
+    def sync_sdk(self, key: str, **options: Any) -> openai.OpenAI:
+        """A blocking openai client (call it through run_sync; closed at teardown)."""
+        options.setdefault("max_retries", 0)
+        client = openai.OpenAI(base_url=self.base_url, api_key=key, **options)
+        self.sdk_clients.append(client)
+        return client
+
+    async def close(self) -> None:
+        for client in self.sdk_clients:
+            if isinstance(client, openai.AsyncOpenAI):
+                await client.close()
+            else:
+                client.close()
+        self.redis.close()
+
+    @property
+    def gw(self) -> Gateway:
+        return self.client.app[GATEWAY]  # type: ignore[index]
+
+    @property
+    def base_url(self) -> str:
+        return str(self.client.make_url("/v1"))
+
+    async def account(self, credits: str | int = 0, plan: str = "free") -> tuple[str, str]:
+        """Create an account with `credits` granted and one key; returns (account id, raw key)."""
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        resp = await self.client.post("/admin/accounts", json={"name": "t", "plan": plan}, headers=headers)
+        assert resp.status == 201, await resp.text()
+        account_id = (await resp.json())["id"]
+        if credits and str(credits) != "0":
+            resp = await self.client.post(f"/admin/accounts/{account_id}/credits", json={"credits": credits},
+                                          headers=headers)
+            assert resp.status == 200, await resp.text()
+        resp = await self.client.post(f"/admin/accounts/{account_id}/keys", json={"label": "test"}, headers=headers)
+        assert resp.status == 201, await resp.text()
+        return account_id, (await resp.json())["key"]
+
+    def state(self, account_id: str) -> dict[str, int]:
+        """The account's integer balance fields, straight from Redis."""
+        keys = KeySchema().for_account(account_id)
+        raw = self.redis.hgetall(keys.account)
+        return {k.decode(): int(v) for k, v in raw.items()
+                if k.decode() in ("allow", "extra", "held", "charged", "granted", "cycle_used", "requests")}
+
+    def holds(self, account_id: str) -> dict[str, int]:
+        keys = KeySchema().for_account(account_id)
+        return {k.decode(): int(v) for k, v in self.redis.hgetall(keys.holds).items()}
+
+    def ledger(self, account_id: str) -> list[dict[str, str]]:
+        keys = KeySchema().for_account(account_id)
+        return [{k.decode(): v.decode() for k, v in fields.items()}
+                for _id, fields in self.redis.xrange(keys.ledger)]
+
+    async def assert_conserved(self, account_id: str, *others: Gateway) -> dict[str, int]:
+        """Invariant 2 at a quiescent point: granted = remaining + held + charged, and the
+        ledger's usage events sum to the charged total; no hold is left (invariant 3)."""
+        for gw in (self.gw, *others):
+            await gw.quiesce()
+        s = self.state(account_id)
+        remaining = s["allow"] + s["extra"] - s["held"]
+        assert s["granted"] == remaining + s["held"] + s["charged"], s
+        assert s["held"] == 0 and self.holds(account_id) == {}, (s, self.holds(account_id))
+        assert remaining >= 0, s
+        charged_events = sum(int(e["cost"]) for e in self.ledger(account_id) if e["type"] == "usage")
+        assert charged_events == s["charged"], (charged_events, s)
+        return s
+
+
+@pytest.fixture
+async def harness(redis_url: str, config_dir: Path, emulator: TestServer,
+                  aiohttp_client: Any) -> AsyncIterator[Harness]:
+    app = create_app(make_settings(config_dir, redis_url))
+    client = await aiohttp_client(app)
+    h = Harness(client, sync_redis.Redis.from_url(redis_url), emulator)
+    yield h
+    await h.close()
+
+
+def credits(micro: int) -> float:
+    return micro / MICRO
+
+
+async def run_sync(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a blocking SDK call off the event loop that serves the gateway."""
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+async def start_app(app: web.Application) -> TestServer:
+    server = TestServer(app)
+    await server.start_server()
+    return server
