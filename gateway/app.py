@@ -11,8 +11,9 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis import exceptions as redis_errors
 from redis.backoff import NoBackoff
-from redis.retry import Retry
+from redis.asyncio.retry import Retry
 
 from gateway import admin
 from gateway.auth import Authenticator
@@ -35,11 +36,12 @@ EMBEDDED = web.AppKey("embedded_redis", EmbeddedRedis)
 
 
 def connect_redis(url: str, timeout: float) -> Any:
-    """A Redis client that fails fast (no retries, short timeouts): the gateway fails closed."""
+    """A Redis client that fails fast: short timeouts, and a single immediate retry only on a broken
+    connection (a pooled connection left over from before a Redis restart), never on a timeout."""
     return aioredis.from_url(
         url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0,
-        max_connections=512,
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,)),
+        retry_on_timeout=False, health_check_interval=0, max_connections=512,
     )
 
 

@@ -1,0 +1,195 @@
+"""The Lua scripts: registered once, headers honest, key counts right, keys hash-tagged (invariant 4),
+NOSCRIPT and a restarted Redis handled, expired holds reaped exactly once (invariant 3)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as sync_redis
+from conftest import Harness, make_settings
+
+from gateway.app import connect_redis, create_app, reap_once
+from gateway.config import load_config
+from gateway.embedded import EmbeddedRedis, free_port
+from gateway.keys import KeySchema
+from gateway.metering import Meter, quote
+from gateway.scripts import ScriptRunner, load_scripts, lua_dir
+from gateway.store import Store
+
+SCRIPTS = sorted(lua_dir().glob("*.lua"))
+
+
+def test_every_lua_file_is_loaded_with_its_declared_key_count() -> None:
+    scripts = load_scripts()
+    assert {s.name for s in scripts.values()} == {p.stem.rsplit("-", 1)[0] for p in SCRIPTS}
+    assert {"reserve", "settle", "release", "reap", "grant"} <= set(scripts)
+    for path in SCRIPTS:
+        script = scripts[path.stem.rsplit("-", 1)[0]]
+        used = {int(n) for n in re.findall(r"KEYS\[(\d+)\]", path.read_text())}
+        assert used == set(range(1, script.num_keys + 1)), path.name
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_each_script_states_keys_argv_and_returns_and_reads_time_from_redis(path: Path) -> None:
+    text = path.read_text()
+    header = "".join(line for line in text.splitlines() if line.startswith("--"))
+    assert "KEYS[1]" in header and "ARGV[1]" in header and "Returns" in header
+    assert len(text.splitlines()) <= 60
+    # time only from Redis TIME, shifted by the (test-only) offset argument: never a caller's clock
+    if "now" in text:
+        assert "redis.call('TIME')" in text
+    assert "os.time" not in text and "os.clock" not in text
+
+
+def test_every_account_key_carries_the_account_hash_tag() -> None:
+    keys = KeySchema("gw:").for_account("acct_abc")
+    names = [keys.account, keys.holds, keys.hold_expiry, keys.ledger, keys.key_ids, keys.api_key("key_1")]
+    for name in names:
+        assert "{acct_abc}" in name
+        assert name.count("{") == 1
+
+
+async def test_scripts_only_touch_keys_of_the_calling_account(harness: Harness) -> None:
+    """Record the keys every script call receives during requests: all carry the account's tag."""
+    account, key = await harness.account(credits=1)
+    runner = harness.gw.meter.runner  # type: ignore[union-attr]
+    seen: list[tuple[str, list[str]]] = []
+    original = runner.run
+
+    async def recording(name: str, keys: list[str], args: list[Any]) -> list[Any]:
+        seen.append((name, list(keys)))
+        return await original(name, keys, args)
+
+    runner.run = recording  # type: ignore[method-assign]
+    body = {"model": "demo-mini", "messages": [{"role": "user", "content": "hi"}]}
+    for extra in ({}, {"stream": True}, {"messages": [{"role": "user", "content": "[[emu fail=500]]"}]}):
+        resp = await harness.client.post("/v1/chat/completions", json={**body, **extra},
+                                         headers={"Authorization": f"Bearer {key}"})
+        await resp.read()
+    await harness.gw.quiesce()
+    assert {name for name, _ in seen} == {"reserve", "settle", "release"}
+    for _name, keys in seen:
+        assert all(f"{{{account}}}" in k for k in keys), keys
+    # the scripts name no key of their own: everything they touch comes through KEYS
+    for path in SCRIPTS:
+        assert not re.search(r"redis\.call\('[A-Z]+', '", path.read_text()), path.name
+
+
+async def test_a_flushed_script_cache_is_reloaded_transparently(harness: Harness) -> None:
+    account, key = await harness.account(credits=1)
+    harness.redis.script_flush()
+    resp = await harness.client.post("/v1/chat/completions", json={
+        "model": "demo-mini", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"Authorization": f"Bearer {key}"})
+    assert resp.status == 200
+    assert (await harness.assert_conserved(account))["charged"] > 0
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path / "own", port=free_port(), persist=True)
+    server.start()
+    yield server
+    server.resume()
+    server.stop()
+
+
+async def test_requests_work_after_redis_restarts(own_redis: EmbeddedRedis, config_dir: Path, emulator: Any,
+                                                  aiohttp_client: Any) -> None:
+    client = await aiohttp_client(create_app(make_settings(config_dir, own_redis.url)))
+    h = Harness(client, sync_redis.Redis.from_url(own_redis.url), emulator)
+    account, key = await h.account(credits=1)
+    body = {"model": "demo-mini", "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"Authorization": f"Bearer {key}"}
+    assert (await client.post("/v1/chat/completions", json=body, headers=headers)).status == 200
+    await h.gw.quiesce()
+    own_redis.restart()  # data comes back from the append-only file
+    h.redis = sync_redis.Redis.from_url(own_redis.url)
+    h.redis.script_flush()  # Redis 6 replays SCRIPT LOAD from the AOF; make sure the cache is empty
+    assert not h.redis.script_exists(load_scripts()["reserve"].sha)[0]
+    assert (await client.post("/v1/chat/completions", json=body, headers=headers)).status == 200
+    state = await h.assert_conserved(account)
+    assert state["requests"] == 2
+    await h.close()
+
+
+async def test_reaper_returns_expired_holds_exactly_once(redis_url: str, config_dir: Path) -> None:
+    """A gateway that crashed after reserving: the reaper of any process returns the hold, once."""
+    schema = KeySchema()
+    client = connect_redis(redis_url, 1.0)
+    runner = ScriptRunner(client, load_scripts())
+    config = load_config(config_dir)
+    store = Store(client, schema, runner)
+    account = await store.create_account(config, "crash", "free")
+    await store.grant(account, 1_000_000)
+    new_key = await store.create_key(account)
+    crashed = Meter(runner, lease_ms=60_000)
+    keys = schema.for_account(account)
+    reservation = await crashed.reserve(keys, new_key.id, "req_crashed", "free", quote(
+        config.rates("free", config.route("demo-mini")), 100, 100))  # type: ignore[arg-type]
+    assert reservation.hold > 0
+    # before the lease ends nothing is reaped
+    assert await crashed.reap(keys) == (0, 0)
+    # a process whose scripts see the clock 61 s later (test-only offset) finds the lease expired
+    later = Meter(runner, lease_ms=60_000, clock_offset_ms=61_000)
+    assert await later.reap(keys) == (1, reservation.hold)
+    assert await later.reap(keys) == (0, 0)  # idempotent: a second reaper finds nothing
+    # the crashed process comes back and tries to settle: no effect, no double release
+    settled, charged, _ = await crashed.settle(keys, "req_crashed", 50, {"outcome": "late"})
+    assert (settled, charged) == (False, 0)
+    raw = await client.hgetall(keys.account)
+    assert int(raw["held"]) == 0 and int(raw["charged"]) == 0
+    ended = [f for _id, f in await client.xrange(keys.ledger) if f["type"] != "grant"]
+    assert [e["type"] for e in ended] == ["reaped"]
+    await client.aclose()
+
+
+async def test_reaper_task_scans_every_account(harness: Harness) -> None:
+    account, key = await harness.account(credits=1)
+    gw = harness.gw
+    assert gw.meter is not None
+    principal = await gw.auth.authenticate(key)  # type: ignore[union-attr]
+    q = quote(gw.config.rates("free", gw.config.route("demo-mini")), 10, 10)  # type: ignore[arg-type]
+    await gw.meter.reserve(gw.schema.for_account(account), principal.key_id, "req_lost", "free", q)
+    assert harness.holds(account)
+    gw.meter.clock_offset_ms = int(gw.settings.hold_lease_seconds * 1000) + 1000
+    assert await reap_once(gw) == 1
+    gw.meter.clock_offset_ms = 0
+    assert (await harness.assert_conserved(account))["charged"] == 0
+
+
+async def test_settling_twice_has_no_effect_the_second_time(harness: Harness) -> None:
+    account, key = await harness.account(credits=1)
+    gw = harness.gw
+    assert gw.meter is not None
+    principal = await gw.auth.authenticate(key)  # type: ignore[union-attr]
+    keys = gw.schema.for_account(account)
+    q = quote(gw.config.rates("free", gw.config.route("demo-mini")), 10, 10)  # type: ignore[arg-type]
+    await gw.meter.reserve(keys, principal.key_id, "req_twice", "free", q)
+    first = await gw.meter.settle(keys, "req_twice", 5, {"outcome": "ok"})
+    second = await gw.meter.settle(keys, "req_twice", 5, {"outcome": "ok"})
+    assert first[0] is True and first[1] == 5
+    assert second[0] is False and second[1] == 0
+    assert await gw.meter.release(keys, "req_twice", "late") is False
+    state = await harness.assert_conserved(account)
+    assert state["charged"] == 5
+
+
+async def test_a_duplicate_request_id_is_refused(harness: Harness) -> None:
+    account, key = await harness.account(credits=1)
+    gw = harness.gw
+    assert gw.meter is not None
+    principal = await gw.auth.authenticate(key)  # type: ignore[union-attr]
+    keys = gw.schema.for_account(account)
+    q = quote(gw.config.rates("free", gw.config.route("demo-mini")), 10, 10)  # type: ignore[arg-type]
+    await gw.meter.reserve(keys, principal.key_id, "req_dup", "free", q)
+    from gateway.errors import BadRequest
+
+    with pytest.raises(BadRequest):
+        await gw.meter.reserve(keys, principal.key_id, "req_dup", "free", q)
+    await gw.meter.release(keys, "req_dup", "test")
+    await harness.assert_conserved(account)
