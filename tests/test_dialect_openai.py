@@ -1,0 +1,117 @@
+"""The OpenAI dialect: request parsing, upstream body rewriting, usage, stream metering, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gateway.config import Upstream
+from gateway.dialects.openai import OpenAIDialect, parse_usage
+from gateway.errors import BadRequest, InsufficientCredits, StoreUnavailable
+from gateway.secret import Secret
+from gateway.usage import Usage
+
+DATA = Path(__file__).parent / "data"
+STREAMS = [DATA / "openai_chat_stream.sse", DATA / "openai_chat_stream_crlf.sse"]
+EXPECTED_USAGE = Usage(input_tokens=6, cached_input_tokens=3, cache_write_tokens=None, output_tokens=4,
+                       reasoning_tokens=1)
+D = OpenAIDialect()
+UPSTREAM = Upstream("u", "openai", "http://x/v1", Secret("sk-up"), "bearer", 60, 5, "inject", "max_completion_tokens")
+
+
+def _parse(body: dict) -> object:
+    return D.parse_request("chat", json.dumps(body).encode(), 4)
+
+
+@pytest.mark.parametrize("path", STREAMS, ids=lambda p: p.name)
+def test_stream_usage_is_the_same_at_every_split(path: Path) -> None:
+    data = path.read_bytes()
+    eol = b"\r\n" if b"\r\n" in data else b"\n"
+    usage_event = next(e for e in data.split(eol * 2) if b'"choices":[]' in e) + eol * 2
+    without_usage = data.replace(usage_event, b"")
+    for cut in range(1, len(data)):
+        for hide in (False, True):
+            meter = D.stream_meter("chat", hide)
+            out = meter.feed(data[:cut]) + meter.feed(data[cut:]) + meter.finish()
+            assert meter.usage == EXPECTED_USAGE, cut
+            assert out == (without_usage if hide else data), cut
+
+
+def test_stream_estimate_counts_relayed_output() -> None:
+    meter = D.stream_meter("chat", hide_usage=False)
+    data = STREAMS[0].read_bytes()
+    meter.feed(data[: data.index(b'"finish_reason":"stop"')])
+    assert meter.usage is None
+    assert meter.estimated_output_tokens() >= 2
+
+
+def test_usage_semantics_cached_inside_prompt_reasoning_inside_output() -> None:
+    usage = parse_usage({"prompt_tokens": 100, "completion_tokens": 50,
+                         "prompt_tokens_details": {"cached_tokens": 40},
+                         "completion_tokens_details": {"reasoning_tokens": 30}})
+    assert usage == Usage(60, 40, None, 50, 30)
+    responses = parse_usage({"input_tokens": 36, "input_tokens_details": {"cached_tokens": 6}, "output_tokens": 87})
+    assert (responses.input_tokens, responses.cached_input_tokens, responses.output_tokens) == (30, 6, 87)
+    assert parse_usage({}).reported is False
+    assert parse_usage({"prompt_tokens": "x", "completion_tokens": -1}) == Usage()
+
+
+def test_the_prompt_bound_covers_unicode_and_media() -> None:
+    text = "中文字符" * 100
+    parsed = _parse({"model": "m", "messages": [{"role": "user", "content": text}]})
+    assert parsed.prompt_tokens_bound >= len(text.encode())  # byte-level BPE: at most one token per byte
+    with_image = _parse({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]})
+    assert with_image.prompt_tokens_bound >= 2000
+
+
+def test_cap_fields_are_read_and_n_is_bounded() -> None:
+    assert _parse({"model": "m", "messages": [{}], "max_tokens": 7}).output_cap == 7
+    parsed = _parse({"model": "m", "messages": [{}], "max_completion_tokens": 9, "max_tokens": 7, "n": 3})
+    assert (parsed.cap_field, parsed.output_cap, parsed.choices) == ("max_completion_tokens", 9, 3)
+    with pytest.raises(BadRequest):
+        _parse({"model": "m", "messages": [{}], "n": 5})
+
+
+def test_upstream_body_is_untouched_unless_it_must_change() -> None:
+    parsed = _parse({"model": "m", "messages": [{"role": "user", "content": "x"}]})
+    assert D.upstream_body(parsed, UPSTREAM, None) == (None, False)
+    body, hide = D.upstream_body(parsed, UPSTREAM, 10)
+    assert json.loads(body or b"")["max_completion_tokens"] == 10 and hide is False
+
+
+def test_stream_usage_is_injected_only_when_missing() -> None:
+    parsed = _parse({"model": "m", "messages": [{}], "stream": True})
+    body, hide = D.upstream_body(parsed, UPSTREAM, None)
+    assert json.loads(body or b"")["stream_options"] == {"include_usage": True} and hide
+    asked = _parse({"model": "m", "messages": [{}], "stream": True, "stream_options": {"include_usage": True}})
+    assert D.upstream_body(asked, UPSTREAM, None) == (None, False)
+    mistral_like = Upstream("m", "openai", "http://x", Secret(""), "bearer", 1, 1, "always", "max_tokens")
+    assert D.upstream_body(parsed, mistral_like, None) == (None, False)
+
+
+def test_client_credentials_are_replaced_by_the_provider_key() -> None:
+    headers = D.upstream_headers(UPSTREAM, {"Authorization": "Bearer gwk_client", "OpenAI-Organization": "org",
+                                            "X-Stainless-Lang": "python", "Content-Type": "application/json"})
+    assert headers["Authorization"] == "Bearer sk-up"
+    assert "OpenAI-Organization" not in headers and headers["X-Stainless-Lang"] == "python"
+    assert headers["Accept-Encoding"] == "identity"
+
+
+def test_errors_render_in_openai_shape() -> None:
+    status, body = D.error_response(InsufficientCredits("no money"))
+    assert status == 402
+    assert json.loads(body) == {"error": {"message": "no money", "type": "insufficient_quota", "param": None,
+                                          "code": "insufficient_credits"}}
+    assert D.error_response(StoreUnavailable("down"))[0] == 503
+    event = D.stream_error_event("lost")
+    assert event.startswith(b"data: ") and json.loads(event[6:])["error"]["message"] == "lost"
+
+
+def test_client_key_from_bearer_only() -> None:
+    assert D.client_key({"Authorization": "Bearer abc"}, {}) == "abc"
+    assert D.client_key({"Authorization": "bearer  abc "}, {}) == "abc"
+    assert D.client_key({}, {}) is None
+    assert D.client_key({"Authorization": "Basic abc"}, {}) == ""
