@@ -12,8 +12,8 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 from redis import exceptions as redis_errors
-from redis.backoff import NoBackoff
 from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from gateway import admin
 from gateway.auth import Authenticator
@@ -62,10 +62,10 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        error = GatewayError(exc.reason if exc.status != 404 else f"No route for {request.method} {request.path}.")
-        error.status = exc.status
-        error.kind = "not_found" if exc.status == 404 else "invalid_request"
-        return _render(request, gw, error)
+        http_error = GatewayError(exc.reason if exc.status != 404 else f"No route for {request.method} {request.path}.")
+        http_error.status = exc.status
+        http_error.kind = "not_found" if exc.status == 404 else "invalid_request"
+        return _render(request, gw, http_error)
     except REDIS_DOWN:
         return _render(request, gw, StoreUnavailable("The credit store is unavailable; try again shortly."))
     except Exception:

@@ -116,7 +116,9 @@ class Meter:
             raise error
         return Reservation(request_id, int(hold), int(available), status == ScriptStatus.LOWERED)
 
-    async def settle(self, keys: AccountKeys, request_id: str, cost: int, event: dict[str, Any]) -> tuple[bool, int, int]:
+    async def settle(
+        self, keys: AccountKeys, request_id: str, cost: int, event: dict[str, Any]
+    ) -> tuple[bool, int, int]:
         """Charge `cost`, release the rest of the hold and append one ledger event.
 
         Returns (settled now, charged, available after). Settling twice has no effect.

@@ -112,7 +112,8 @@ async def test_a_revoked_key_is_refused_at_once_on_every_process(harness: Harnes
     other = Harness(other_client, harness.redis, harness.emulator)
     account, key = await harness.account(credits=1)
     assert await _chat(harness, key) == 200 and await _chat(other, key) == 200  # both processes cached it
-    key_id = (await (await harness.client.get(f"/admin/accounts/{account}/keys", headers=ADMIN)).json())["data"][0]["id"]
+    listing = await (await harness.client.get(f"/admin/accounts/{account}/keys", headers=ADMIN)).json()
+    key_id = listing["data"][0]["id"]
     resp = await harness.client.delete(f"/admin/keys/{key_id}", headers=ADMIN)
     assert resp.status == 200 and (await resp.json())["status"] == "revoked"
     for h in (harness, other):
@@ -205,7 +206,7 @@ def test_cli_commands_print_json(redis_url: str, config_dir: Path) -> None:
 
 def test_cli_reports_errors_without_a_traceback(redis_url: str, config_dir: Path) -> None:
     env = {**os.environ, "REDIS_URL": redis_url, "GATEWAY_CONFIG_DIR": str(config_dir)}
-    out = subprocess.run([sys.executable, "-m", "gateway", "credits", "grant", "--account", "acct_nope",  # noqa: S603
+    out = subprocess.run([sys.executable, "-m", "gateway", "credits", "grant", "--account", "acct_nope",
                           "--credits", "1"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert "No account" in out.stderr and "Traceback" not in out.stderr

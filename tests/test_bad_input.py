@@ -130,9 +130,9 @@ async def test_bad_authorization_is_401(harness: Harness, header: str | None) ->
 
 async def test_unicode_in_the_key_is_401(harness: Harness) -> None:
     account, key = await harness.account(credits=1)
+    mangled = ("Bearer " + key[:-2] + "é✓").encode().decode("latin-1")
     resp = await harness.client.post("/v1/chat/completions", data=json.dumps(GOOD),
-                                     headers={"Content-Type": "application/json",
-                                              "Authorization": ("Bearer " + key[:-2] + "é✓").encode().decode("latin-1")})
+                                     headers={"Content-Type": "application/json", "Authorization": mangled})
     assert resp.status == 401
     assert_openai_error(await resp.json())
     await assert_nothing_left(harness, account)

@@ -15,8 +15,8 @@ from conftest import ADMIN_KEY, ROOT, Harness, make_settings
 
 from gateway.app import create_app
 from gateway.dialects.openai import OpenAIDialect
-from gateway.metering import quote
 from gateway.embedded import free_port
+from gateway.metering import quote
 from gateway.state import GATEWAY
 
 BODY = {"model": "demo-mini", "max_tokens": 12, "messages": [{"role": "user", "content": "hi"}]}

@@ -8,7 +8,13 @@ import pytest
 
 from gateway.config import Rates
 from gateway.metering import affordable_output, cost_of, quote, token_cost
-from gateway.money import MAX_SAFE, credits_number, credits_to_micro, format_credits, usd_rate_to_micro_per_mtok
+from gateway.money import (
+    MAX_SAFE,
+    credits_number,
+    credits_to_micro,
+    format_credits,
+    usd_rate_to_micro_per_mtok,
+)
 from gateway.usage import Usage
 
 RATES = Rates(input=150_000, cached_input=75_000, cache_write=187_500, output=600_000, per_request=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from gateway.sse import SSEDecoder
@@ -15,7 +17,7 @@ def _decode(data: bytes, cuts: list[int]) -> tuple[list[tuple[str | None, str]],
     decoder = SSEDecoder()
     events, raw = [], b""
     bounds = [0, *cuts, len(data)]
-    for start, end in zip(bounds, bounds[1:], strict=False):
+    for start, end in itertools.pairwise(bounds):
         for event in decoder.feed(data[start:end]):
             events.append((event.event, event.data))
             raw += event.raw

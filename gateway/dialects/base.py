@@ -64,7 +64,9 @@ class Dialect(Protocol):
         """Validate and parse a request body; raise BadRequest with a clear message."""
         ...
 
-    def upstream_body(self, req: ParsedRequest, upstream: Upstream, lowered_cap: int | None) -> tuple[bytes | None, bool]:
+    def upstream_body(
+        self, req: ParsedRequest, upstream: Upstream, lowered_cap: int | None
+    ) -> tuple[bytes | None, bool]:
         """The body to send upstream (None: forward the client's bytes unchanged), and whether
         the stream carries usage the client did not ask for (to be hidden from it)."""
         ...

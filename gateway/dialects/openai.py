@@ -187,7 +187,9 @@ class OpenAIDialect:
             prompt_tokens_estimate=ceil_div(len(raw), 4) + media * MEDIA_PART_TOKENS,
         )
 
-    def upstream_body(self, req: ParsedRequest, upstream: Upstream, lowered_cap: int | None) -> tuple[bytes | None, bool]:
+    def upstream_body(
+        self, req: ParsedRequest, upstream: Upstream, lowered_cap: int | None
+    ) -> tuple[bytes | None, bool]:
         body, changed, hide_usage = req.body, False, False
         if lowered_cap is not None:
             body = dict(body)
