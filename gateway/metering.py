@@ -6,6 +6,7 @@ Pure functions price a request from integer rates (`quote`, `cost_of`, `affordab
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,14 +87,6 @@ class PlanChanged(Exception):
         self.plan = plan
 
 
-def _fields(pairs: dict[str, Any]) -> list[str]:
-    flat: list[str] = []
-    for name, value in pairs.items():
-        if value is not None:
-            flat += [name, str(value)]
-    return flat
-
-
 class Meter:
     """Runs the reserve / settle / release / reap scripts for one gateway process."""
 
@@ -117,16 +110,18 @@ class Meter:
         return Reservation(request_id, int(hold), int(available), status == ScriptStatus.LOWERED)
 
     async def settle(
-        self, keys: AccountKeys, request_id: str, cost: int, event: dict[str, Any]
+        self, keys: AccountKeys, request_id: str, key_id: str, cost: int, event: dict[str, Any]
     ) -> tuple[bool, int, int]:
-        """Charge `cost`, release the rest of the hold and append one ledger event.
+        """Charge `cost`, release the rest of the hold and append one ledger event whose
+        descriptive fields (`event`, None values dropped) travel as one JSON field.
 
         Returns (settled now, charged, available after). Settling twice has no effect.
         """
+        data = json.dumps({k: v for k, v in event.items() if v is not None}, separators=(",", ":"))
         status, charged, available = await self.runner.run(
             "settle",
             [keys.account, keys.holds, keys.hold_expiry, keys.ledger],
-            [request_id, cost, self.clock_offset_ms, *_fields(event)],
+            [request_id, cost, self.clock_offset_ms, key_id, data],
         )
         return status == ScriptStatus.OK, int(charged), int(available)
 

@@ -312,14 +312,14 @@ async def _settle(call: Call, usage: Usage | None, outcome: str, http_status: in
         cost = min(cost, call.reservation.hold)  # an estimate never charges more than was held
         gw.metrics.estimated.labels(model).inc()
     event = {
-        "key_id": call.principal.key_id, "model": call.parsed.model, "route": model,
+        "model": call.parsed.model, "route": model,
         "upstream": call.route.upstream, "endpoint": call.parsed.endpoint, "dialect": call.dialect.name,
         "in": bill.input_tokens, "cached_in": bill.cached_input_tokens, "cache_write": bill.cache_write_tokens,
         "out": bill.output_tokens, "reasoning": bill.reasoning_tokens, "status": http_status,
         "outcome": outcome, "estimated": int(estimated), "lowered_cap": lowered, "stream": int(streamed),
         "latency_ms": int((time.perf_counter() - call.started) * 1000),
     }
-    _settled, charged, available = await gw.meter.settle(keys, call.request_id, cost, event)
+    _settled, charged, available = await gw.meter.settle(keys, call.request_id, call.principal.key_id, cost, event)
     gw.metrics.requests.labels(call.dialect.name, model, str(http_status)).inc()
     gw.metrics.credits.labels(model).inc(charged / 1_000_000)
     for kind, count in (("input", bill.input_tokens), ("cached_input", bill.cached_input_tokens),

@@ -1,7 +1,7 @@
 -- settle-4.lua: charge a request's actual cost, release the rest of its hold, record one event.
 -- KEYS[1] account hash   KEYS[2] holds hash   KEYS[3] hold expiry zset   KEYS[4] ledger stream
 -- ARGV[1] request id     ARGV[2] actual cost (micro-credits)   ARGV[3] clock offset (ms)
--- ARGV[4..] ledger event fields as name, value pairs
+-- ARGV[4] key id         ARGV[5] the event's descriptive fields as one JSON object
 -- Returns {status, charged, available_after}; status 0 settled, 2 hold already ended (no effect).
 -- The charge exceeds the hold only out of credits no other hold claims, and never below zero;
 -- what could not be collected is recorded in the event as `uncollected`.
@@ -31,8 +31,6 @@ redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3])
-local ev = {'type', 'usage', 'ts', now, 'rid', ARGV[1], 'cost', charge, 'hold', hold,
-            'uncollected', actual - charge}
-for i = 4, #ARGV do ev[#ev + 1] = ARGV[i] end
-redis.call('XADD', KEYS[4], '*', unpack(ev))
+redis.call('XADD', KEYS[4], '*', 'type', 'usage', 'ts', now, 'rid', ARGV[1], 'key_id', ARGV[4],
+           'cost', charge, 'hold', hold, 'uncollected', actual - charge, 'data', ARGV[5])
 return {0, charge, allow + extra - held}

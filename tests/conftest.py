@@ -6,6 +6,7 @@ The only fake is the upstream provider (gateway.emulator), which speaks OpenAI's
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -168,8 +169,12 @@ class Harness:
 
     def ledger(self, account_id: str) -> list[dict[str, str]]:
         keys = KeySchema().for_account(account_id)
-        return [{k.decode(): v.decode() for k, v in fields.items()}
-                for _id, fields in self.redis.xrange(keys.ledger)]
+        events = []
+        for _id, fields in self.redis.xrange(keys.ledger):
+            event = {k.decode(): v.decode() for k, v in fields.items()}
+            event.update({k: str(v) for k, v in json.loads(event.pop("data", "{}")).items()})
+            events.append(event)
+        return events
 
     async def assert_conserved(self, account_id: str, *others: Gateway) -> dict[str, int]:
         """Invariant 2 at a quiescent point: granted = remaining + held + charged, and the

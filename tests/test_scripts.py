@@ -139,7 +139,7 @@ async def test_reaper_returns_expired_holds_exactly_once(redis_url: str, config_
     assert await later.reap(keys) == (1, reservation.hold)
     assert await later.reap(keys) == (0, 0)  # idempotent: a second reaper finds nothing
     # the crashed process comes back and tries to settle: no effect, no double release
-    settled, charged, _ = await crashed.settle(keys, "req_crashed", 50, {"outcome": "late"})
+    settled, charged, _ = await crashed.settle(keys, "req_crashed", new_key.id, 50, {"outcome": "late"})
     assert (settled, charged) == (False, 0)
     raw = await client.hgetall(keys.account)
     assert int(raw["held"]) == 0 and int(raw["charged"]) == 0
@@ -170,8 +170,8 @@ async def test_settling_twice_has_no_effect_the_second_time(harness: Harness) ->
     keys = gw.schema.for_account(account)
     q = quote(gw.config.rates("free", gw.config.route("demo-mini")), 10, 10)  # type: ignore[arg-type]
     await gw.meter.reserve(keys, principal.key_id, "req_twice", "free", q)
-    first = await gw.meter.settle(keys, "req_twice", 5, {"outcome": "ok"})
-    second = await gw.meter.settle(keys, "req_twice", 5, {"outcome": "ok"})
+    first = await gw.meter.settle(keys, "req_twice", principal.key_id, 5, {"outcome": "ok"})
+    second = await gw.meter.settle(keys, "req_twice", principal.key_id, 5, {"outcome": "ok"})
     assert first[0] is True and first[1] == 5
     assert second[0] is False and second[1] == 0
     assert await gw.meter.release(keys, "req_twice", "late") is False

@@ -95,41 +95,31 @@ class ChatStreamMeter:
         return rest if self._hide else b""
 
     def _observe(self, event: SSEEvent) -> bool:
-        """Record usage and output seen in one event; True if it is a usage-only chunk."""
+        """Record usage and output seen in one event; True if it is a usage-only chunk.
+
+        Only a chunk carrying a usage object is parsed as JSON; output is estimated from the text
+        fields with a regular expression (the estimate matters only if usage never arrives).
+        """
         data = event.data
-        if not data or data == "[DONE]":
-            return False
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            return False
-        if not isinstance(obj, dict):
-            return False
-        usage = obj.get("usage")
-        if isinstance(usage, dict):
-            self._usage = parse_usage(usage)
-        choices = obj.get("choices")
-        if isinstance(choices, list):
-            for choice in choices:
-                self._estimate += _delta_tokens(choice)
-        return isinstance(usage, dict) and choices == []
+        if _USAGE_OBJECT.search(data):
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                return False
+            if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+                self._usage = parse_usage(obj["usage"])
+                if obj.get("choices") == []:
+                    return True
+        texts = _DELTA_TEXT.findall(data)
+        if texts:
+            self._estimate += max(1, ceil_div(sum(len(t) for t in texts), 4))
+        return False
 
 
-def _delta_tokens(choice: Any) -> int:
-    """A rough token count of one streamed choice delta (used only if usage never arrives)."""
-    if not isinstance(choice, dict):
-        return 0
-    delta = choice.get("delta") or {}
-    if not isinstance(delta, dict):
-        return 0
-    size = 0
-    for key in ("content", "reasoning_content", "refusal"):
-        if isinstance(delta.get(key), str):
-            size += len(delta[key].encode())
-    for call in delta.get("tool_calls") or []:
-        if isinstance(call, dict) and isinstance(call.get("function"), dict):
-            size += len(str(call["function"].get("arguments", "")).encode())
-    return max(1, ceil_div(size, 4)) if size else 0
+#: A chunk that carries usage (`"usage":null` in the other chunks does not match).
+_USAGE_OBJECT = re.compile(r'"usage"\s*:\s*\{')
+#: The generated text of a streamed delta: content, reasoning, refusal and tool-call arguments.
+_DELTA_TEXT = re.compile(r'"(?:content|reasoning_content|refusal|arguments)"\s*:\s*"((?:[^"\\]|\\.)+)"')
 
 
 class OpenAIDialect:
