@@ -54,11 +54,12 @@ def _serve_worker(settings: Settings, host: str, port: int, reuse_port: bool) ->
                 print=None)
 
 
-def _emulator_worker(host: str, port: int) -> None:
-    from gateway.emulator import create_emulator_app
+def _emulator_worker(host: str, port: int, latency_ms: float = 0.0, chunk_delay_ms: float = 0.0) -> None:
+    from gateway.emulator import EmulatorState, create_emulator_app
 
     logging.basicConfig(level=logging.WARNING)
-    web.run_app(create_emulator_app(), host=host, port=port, print=None, access_log=None)
+    state = EmulatorState(latency_ms=latency_ms, chunk_delay_ms=chunk_delay_ms)
+    web.run_app(create_emulator_app(state), host=host, port=port, print=None, access_log=None)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -77,7 +78,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ctx = multiprocessing.get_context("spawn")
     children = []
     if args.with_emulator:
-        emu = ctx.Process(target=_emulator_worker, args=(args.host, args.emulator_port), daemon=True)
+        emu = ctx.Process(target=_emulator_worker, daemon=True,
+                          args=(args.host, args.emulator_port, args.latency_ms, args.chunk_delay_ms))
         emu.start()
         children.append(emu)
         print(f"provider emulator on http://{args.host}:{args.emulator_port}/v1", file=sys.stderr)
@@ -107,7 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_emulator(args: argparse.Namespace) -> int:
     print(f"provider emulator on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    _emulator_worker(args.host, args.port)
+    _emulator_worker(args.host, args.port, args.latency_ms, args.chunk_delay_ms)
     return 0
 
 
@@ -241,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     emulator.add_argument("--host", default="127.0.0.1")
     emulator.add_argument("--port", type=int, default=8090)
     emulator.set_defaults(func=cmd_emulator)
+    for p in (serve, emulator):
+        p.add_argument("--latency-ms", type=float, default=0.0, help="emulator: delay before each answer")
+        p.add_argument("--chunk-delay-ms", type=float, default=0.0, help="emulator: delay between stream chunks")
 
     common(sub.add_parser("check-config", help="validate plans.yaml and providers.yaml"), redis=False
            ).set_defaults(func=cmd_check_config)

@@ -60,6 +60,16 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
 
 
 @pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A redis-server of the test's own, to stop, pause or restart without disturbing others."""
+    server = EmbeddedRedis(tmp_path / "own-redis", port=free_port(), persist=True)
+    server.start()
+    yield server
+    server.resume()
+    server.stop()
+
+
+@pytest.fixture
 def redis_url(redis_server: EmbeddedRedis) -> str:
     if not redis_server.running:
         redis_server.start()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,21 +14,12 @@ import redis as sync_redis
 from conftest import Harness, emulator_state, make_settings
 
 from gateway.app import create_app
-from gateway.embedded import EmbeddedRedis, free_port
+from gateway.embedded import EmbeddedRedis
 
 BODY = {"model": "demo-mini", "messages": [{"role": "user", "content": "hi"}]}
 #: A hang detector, not a speed measurement: the configured Redis timeout is 0.5 s, and a request
 #: that waited on a dead Redis (default socket timeouts are minutes) would blow far past this.
 HANG = 3.0
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(tmp_path / "redis", port=free_port(), persist=True)
-    server.start()
-    yield server
-    server.resume()
-    server.stop()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ NOSCRIPT and a restarted Redis handled, expired holds reaped exactly once (invar
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,8 @@ from conftest import Harness, make_settings
 
 from gateway.app import connect_redis, create_app, reap_once
 from gateway.config import load_config
-from gateway.embedded import EmbeddedRedis, free_port
+from gateway.embedded import EmbeddedRedis
+from gateway.errors import BadRequest
 from gateway.keys import KeySchema
 from gateway.metering import Meter, quote
 from gateway.scripts import ScriptRunner, load_scripts, lua_dir
@@ -89,15 +89,6 @@ async def test_a_flushed_script_cache_is_reloaded_transparently(harness: Harness
     assert (await harness.assert_conserved(account))["charged"] > 0
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(tmp_path / "own", port=free_port(), persist=True)
-    server.start()
-    yield server
-    server.resume()
-    server.stop()
-
-
 async def test_requests_work_after_redis_restarts(own_redis: EmbeddedRedis, config_dir: Path, emulator: Any,
                                                   aiohttp_client: Any) -> None:
     client = await aiohttp_client(create_app(make_settings(config_dir, own_redis.url)))
@@ -162,34 +153,34 @@ async def test_reaper_task_scans_every_account(harness: Harness) -> None:
     assert (await harness.assert_conserved(account))["charged"] == 0
 
 
-async def test_settling_twice_has_no_effect_the_second_time(harness: Harness) -> None:
+async def _reserve_directly(harness: Harness, request_id: str) -> tuple[str, Any, Any, Meter]:
+    """Create an account and hold a small request for it through the app's own meter."""
     account, key = await harness.account(credits=1)
     gw = harness.gw
-    assert gw.meter is not None
-    principal = await gw.auth.authenticate(key)  # type: ignore[union-attr]
+    assert gw.meter is not None and gw.auth is not None
+    principal = await gw.auth.authenticate(key)
     keys = gw.schema.for_account(account)
     q = quote(gw.config.rates("free", gw.config.route("demo-mini")), 10, 10)  # type: ignore[arg-type]
-    await gw.meter.reserve(keys, principal.key_id, "req_twice", "free", q)
-    first = await gw.meter.settle(keys, "req_twice", principal.key_id, 5, {"outcome": "ok"})
-    second = await gw.meter.settle(keys, "req_twice", principal.key_id, 5, {"outcome": "ok"})
+    await gw.meter.reserve(keys, principal.key_id, request_id, "free", q)
+    return account, principal, q, gw.meter
+
+
+async def test_settling_twice_has_no_effect_the_second_time(harness: Harness) -> None:
+    account, principal, _q, meter = await _reserve_directly(harness, "req_twice")
+    keys = harness.gw.schema.for_account(account)
+    first = await meter.settle(keys, "req_twice", principal.key_id, 5, {"outcome": "ok"})
+    second = await meter.settle(keys, "req_twice", principal.key_id, 5, {"outcome": "ok"})
     assert first[0] is True and first[1] == 5
     assert second[0] is False and second[1] == 0
-    assert await gw.meter.release(keys, "req_twice", "late") is False
+    assert await meter.release(keys, "req_twice", "late") is False
     state = await harness.assert_conserved(account)
     assert state["charged"] == 5
 
 
 async def test_a_duplicate_request_id_is_refused(harness: Harness) -> None:
-    account, key = await harness.account(credits=1)
-    gw = harness.gw
-    assert gw.meter is not None
-    principal = await gw.auth.authenticate(key)  # type: ignore[union-attr]
-    keys = gw.schema.for_account(account)
-    q = quote(gw.config.rates("free", gw.config.route("demo-mini")), 10, 10)  # type: ignore[arg-type]
-    await gw.meter.reserve(keys, principal.key_id, "req_dup", "free", q)
-    from gateway.errors import BadRequest
-
+    account, principal, q, meter = await _reserve_directly(harness, "req_dup")
+    keys = harness.gw.schema.for_account(account)
     with pytest.raises(BadRequest):
-        await gw.meter.reserve(keys, principal.key_id, "req_dup", "free", q)
-    await gw.meter.release(keys, "req_dup", "test")
+        await meter.reserve(keys, principal.key_id, "req_dup", "free", q)
+    await meter.release(keys, "req_dup", "test")
     await harness.assert_conserved(account)
