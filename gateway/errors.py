@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from gateway.money import format_credits
+
 
 class GatewayError(Exception):
     """An error the gateway answers itself, in the caller's dialect."""
@@ -96,8 +98,6 @@ class ScriptStatus(IntEnum):
 
 def error_for_status(status: int, *, available_micro: int = 0) -> GatewayError | None:
     """Map a script status to the exception the caller sees; None for the non-error codes."""
-    from gateway.money import format_credits
-
     code = ScriptStatus(status)
     if code in (ScriptStatus.OK, ScriptStatus.LOWERED, ScriptStatus.ALREADY_DONE, ScriptStatus.PLAN_CHANGED):
         return None

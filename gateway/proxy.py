@@ -175,7 +175,7 @@ async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamRe
     assert gw.session is not None
     upstream = gw.config.upstreams[call.route.upstream]
     lowered = _lowered_cap(call)
-    if call.reservation.lowered and lowered is not None and lowered < 1:
+    if lowered is not None and lowered < 1:
         await _end(call, None, outcome="refused", http_status=402)
         raise InsufficientCredits("Insufficient credits for even one output token per choice.")
     if lowered is not None:
@@ -213,10 +213,7 @@ async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamRe
 def _upstream_path(request: web.Request, upstream: Upstream) -> str:
     """The path below the upstream's base URL (base URLs of OpenAI-style upstreams end in /v1)."""
     path = request.path
-    for prefix in ("/v1/",):
-        if path.startswith(prefix):
-            return "/" + path[len(prefix):]
-    return path
+    return path[len("/v1"):] if path.startswith("/v1/") else path
 
 
 def _forward_query(request: web.Request) -> dict[str, str]:
