@@ -105,7 +105,7 @@ async def main() -> None:
     redis = EmbeddedRedis(tmp / "redis", port=free_port(), persist=False)
     redis.start()
     emu_port, pass_port, gw_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "DEMO_BASE_URL": f"http://127.0.0.1:{emu_port}/v1", "DEMO_API_KEY": "bench",
+    env = {**os.environ, "UPSTREAM_DEMO_BASE_URL": f"http://127.0.0.1:{emu_port}/v1", "UPSTREAM_DEMO_API_KEY": "bench",
            "GATEWAY_ADMIN_KEY": ADMIN, "PYTHONUNBUFFERED": "1"}
     py = sys.executable
     procs = {

@@ -86,7 +86,7 @@ def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder.mkdir()
     shutil.copy(ROOT / "config" / "providers.yaml", folder / "providers.yaml")
     (folder / "plans.yaml").write_text(TEST_PLANS)
-    monkeypatch.setenv("DEMO_API_KEY", PROVIDER_KEY)
+    monkeypatch.setenv("UPSTREAM_DEMO_API_KEY", PROVIDER_KEY)
     return folder
 
 
@@ -95,9 +95,9 @@ async def emulator(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[TestServer]
     state = EmulatorState(expected_key=PROVIDER_KEY)
     server = TestServer(create_emulator_app(state))
     await server.start_server()
-    monkeypatch.setenv("DEMO_BASE_URL", str(server.make_url("/v1")))
-    monkeypatch.setenv("OPENAI_BASE_URL", str(server.make_url("/v1")))
-    monkeypatch.setenv("OPENAI_API_KEY", PROVIDER_KEY)
+    monkeypatch.setenv("UPSTREAM_DEMO_BASE_URL", str(server.make_url("/v1")))
+    monkeypatch.setenv("UPSTREAM_OPENAI_BASE_URL", str(server.make_url("/v1")))
+    monkeypatch.setenv("UPSTREAM_OPENAI_API_KEY", PROVIDER_KEY)
     yield server
     await server.close()
 

@@ -25,13 +25,13 @@ def test_shipped_config_loads_with_prices_compiled(folder: Path) -> None:
     route = config.route("gpt-4o-mini")
     assert route is not None and route.upstream == "openai"
     assert config.rates("free", route).input == 150_000
-    assert config.upstreams["openai"].base_url == os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1")
+    assert config.upstreams["openai"].base_url == os.environ.get("UPSTREAM_OPENAI_BASE_URL", "https://api.openai.com/v1")
     assert "sk-" not in repr(config.upstreams["openai"])  # keys are Secret: repr redacts
 
 
 def test_environment_interpolation_with_defaults(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
+    monkeypatch.setenv("UPSTREAM_OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("UPSTREAM_OPENAI_API_KEY", "sk-from-env")
     config = load_config(folder)
     assert config.upstreams["openai"].base_url == "http://127.0.0.1:9/v1"
     assert config.upstreams["openai"].api_key.reveal() == "sk-from-env"
@@ -58,7 +58,7 @@ def test_wildcard_routes_after_exact_names(folder: Path) -> None:
     ("providers.yaml", "max_output_tokens: 4096", "max_output_tokens: 0", "models.demo-mini.max_output_tokens",
      "at least 1"),
     ("providers.yaml", "dialect: openai", "dialect: smoke-signals", "upstreams.openai.dialect", "must be one of"),
-    ("providers.yaml", "${DEMO_API_KEY:-demo-upstream-key}", "${GATEWAY_TEST_UNSET_VAR}", "upstreams.demo.api_key",
+    ("providers.yaml", "${UPSTREAM_DEMO_API_KEY:-demo-upstream-key}", "${GATEWAY_TEST_UNSET_VAR}", "upstreams.demo.api_key",
      "GATEWAY_TEST_UNSET_VAR is not set"),
     ("providers.yaml", "\nupstreams:\n", "\nupstreams: [\n", "line", "invalid YAML"),
 ])
