@@ -25,7 +25,7 @@ from gateway.errors import GatewayError, NotFound, StoreUnavailable
 from gateway.keys import KeySchema
 from gateway.metering import Meter
 from gateway.metrics import Metrics
-from gateway.proxy import make_handler
+from gateway.proxy import make_free_handler, make_handler
 from gateway.scripts import REDIS_DOWN, ScriptRunner, load_scripts
 from gateway.settings import Settings
 from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway
@@ -151,24 +151,38 @@ async def _reap_forever(gw: Gateway) -> None:
 # ---------------------------------------------------------------- key holder and operations routes
 
 
+def _models_dialect(request: web.Request, gw: Gateway) -> Dialect:
+    """Both SDKs call GET /v1/models; the Anthropic SDK always sends `anthropic-version`."""
+    return gw.dialects["anthropic" if "anthropic-version" in request.headers else "openai"]
+
+
 async def _allowed_models(request: web.Request) -> list[dict[str, Any]]:
-    """The concrete models (no globs) the caller's plan allows, checked against the live key."""
+    """The concrete models (no globs) the caller's plan allows on its API, checked against the live key."""
     gw = request.app[GATEWAY]
     assert gw.auth is not None
-    principal = await gw.auth.authenticate(gw.dialects["openai"].client_key(request.headers, request.query))
+    dialect = _models_dialect(request, gw)
+    request[REQUEST_DIALECT] = dialect
+    principal = await gw.auth.authenticate(dialect.client_key(request.headers, request.query))
     account = await gw.auth.live_account(principal)
     plan = gw.config.plans.get(account.get("plan", ""))
     if plan is None:
         return []
-    return [
-        {"id": r.pattern, "object": "model", "created": 0, "owned_by": r.upstream}
-        for r in gw.config.routes if not any(c in r.pattern for c in "*?[") and plan.allows(r.pattern)
-    ]
+    routes = [r for r in gw.config.routes if not any(c in r.pattern for c in "*?[") and plan.allows(r.pattern)
+              and gw.config.upstreams[r.upstream].dialect == dialect.name]
+    if dialect.name == "anthropic":
+        return [{"type": "model", "id": r.pattern, "display_name": r.pattern, "created_at": "2025-01-01T00:00:00Z",
+                 "max_tokens": r.max_output_tokens} for r in routes]
+    return [{"id": r.pattern, "object": "model", "created": 0, "owned_by": r.upstream} for r in routes]
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """GET /v1/models in OpenAI's list shape."""
-    return web.json_response({"object": "list", "data": await _allowed_models(request)})
+    """GET /v1/models in the caller's dialect (OpenAI list, or Anthropic's paginated list)."""
+    models = await _allowed_models(request)
+    if request[REQUEST_DIALECT].name == "anthropic":
+        return web.json_response({"data": models, "has_more": False,
+                                  "first_id": models[0]["id"] if models else None,
+                                  "last_id": models[-1]["id"] if models else None})
+    return web.json_response({"object": "list", "data": models})
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -221,11 +235,13 @@ def create_app(settings: Settings, config: Config | None = None) -> web.Applicat
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[GATEWAY] = gw
     app.cleanup_ctx.extend([redis_ctx, session_ctx, reaper_ctx])
-    openai = gw.dialects["openai"]
+    openai, anthropic = gw.dialects["openai"], gw.dialects["anthropic"]
     for prefix in ("/v1", ""):
         app.router.add_post(f"{prefix}/chat/completions", make_handler(openai, "chat"))
         app.router.add_get(f"{prefix}/models", list_models)
         app.router.add_get(f"{prefix}/models/{{model}}", get_model)
+    app.router.add_post("/v1/messages", make_handler(anthropic, "messages"))
+    app.router.add_post("/v1/messages/count_tokens", make_free_handler(anthropic, "count_tokens"))
     app.router.add_get("/gateway/credits", credits)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)

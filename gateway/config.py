@@ -21,7 +21,7 @@ from gateway.money import MAX_SAFE, MICRO, usd_rate_to_micro_per_mtok
 from gateway.secret import Secret
 
 T = TypeVar("T")
-DIALECTS = ("openai",)
+DIALECTS = ("openai", "anthropic")
 AUTH_STYLES = ("bearer", "x-api-key", "x-goog-api-key", "none")
 STREAM_USAGE = ("inject", "always", "none")
 _VAR = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
@@ -62,6 +62,7 @@ class Prices:
     cache_write: Decimal
     output: Decimal
     per_request: Decimal
+    cache_write_1h: Decimal
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +87,11 @@ class Rates:
     cache_write: int
     output: int
     per_request: int
+    cache_write_1h: int | None = None  # None: the same as cache_write
+
+    @property
+    def cache_write_long(self) -> int:
+        return self.cache_write if self.cache_write_1h is None else self.cache_write_1h
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,18 +253,21 @@ def _upstream(r: _Reader, name: str, raw: Any, path: str) -> Upstream:
 
 
 def _route(r: _Reader, pattern: str, raw: Any, path: str, upstreams: Mapping[str, Upstream]) -> ModelRoute:
-    keys = {"upstream", "input", "cached_input", "cache_write", "output", "per_request", "max_output_tokens"}
+    keys = {"upstream", "input", "cached_input", "cache_write", "cache_write_1h", "output", "per_request",
+            "max_output_tokens"}
     m = r.mapping(raw, path, keys, {"upstream", "max_output_tokens"})
     upstream = r.string(m["upstream"], _join(path, "upstream"))
     if upstream not in upstreams:
         raise r.fail(_join(path, "upstream"), f"unknown upstream {upstream!r} (defined: {', '.join(upstreams)})")
     price_in = r.decimal(m.get("input", 0), _join(path, "input"))
+    cache_write = r.decimal(m.get("cache_write", price_in), _join(path, "cache_write"))
     prices = Prices(
         input=price_in,
         cached_input=r.decimal(m.get("cached_input", price_in), _join(path, "cached_input")),
-        cache_write=r.decimal(m.get("cache_write", price_in), _join(path, "cache_write")),
+        cache_write=cache_write,
         output=r.decimal(m.get("output", 0), _join(path, "output")),
         per_request=r.decimal(m.get("per_request", 0), _join(path, "per_request")),
+        cache_write_1h=r.decimal(m.get("cache_write_1h", cache_write), _join(path, "cache_write_1h")),
     )
     ceiling = r.integer(m["max_output_tokens"], _join(path, "max_output_tokens"), minimum=1)
     return ModelRoute(pattern, upstream, prices, ceiling)
@@ -323,9 +332,9 @@ def _compile_rates(
             def conv(usd: Decimal, plan: Plan = plan) -> int:
                 return usd_rate_to_micro_per_mtok(usd, plan.credit_usd, plan.markup)
 
+            # per_request is USD per call: the same conversion gives micro-credits per call
             compiled = Rates(conv(p.input), conv(p.cached_input), conv(p.cache_write), conv(p.output),
-                             # per_request is USD per call: same conversion, then per call not per 1M
-                             conv(p.per_request))
+                             conv(p.per_request), conv(p.cache_write_1h))
             worst = compiled.output * route.max_output_tokens // MICRO
             if worst > MAX_SAFE // 4:
                 raise fail(f"models.{route.pattern}", f"worst-case cost under plan {plan.name!r} is too large")

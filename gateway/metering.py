@@ -39,7 +39,7 @@ def quote(rates: Rates, prompt_tokens_bound: int, max_output_tokens: int) -> Quo
 
     The prompt is priced at the highest input rate, since the provider decides what is cached.
     """
-    prompt_rate = max(rates.input, rates.cached_input, rates.cache_write)
+    prompt_rate = max(rates.input, rates.cached_input, rates.cache_write, rates.cache_write_long)
     prompt_cost = token_cost(prompt_tokens_bound, prompt_rate) + rates.per_request
     full = prompt_cost + token_cost(max_output_tokens, rates.output)
     minimum = prompt_cost + token_cost(1, rates.output) if max_output_tokens > 0 else prompt_cost
@@ -64,6 +64,7 @@ def cost_of(rates: Rates, usage: Usage) -> int:
         (usage.input_tokens or 0) * rates.input
         + (usage.cached_input_tokens or 0) * rates.cached_input
         + (usage.cache_write_tokens or 0) * rates.cache_write
+        + (usage.cache_write_1h_tokens or 0) * rates.cache_write_long
         + (usage.output_tokens or 0) * rates.output
     )
     return ceil_div(total, MICRO) + rates.per_request

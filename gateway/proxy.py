@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.auth import Principal
-from gateway.config import ModelRoute, Plan, Rates, Upstream
+from gateway.config import ModelRoute, Plan, Rates
 from gateway.dialects.base import Dialect, ParsedRequest, StreamMeter
 from gateway.errors import (
     BadRequest,
@@ -61,6 +61,7 @@ def _response_headers(upstream_headers: Any, request_id: str, available: int) ->
     if upstream_id:
         headers["x-upstream-request-id"] = upstream_id
     headers["x-request-id"] = request_id
+    headers["request-id"] = request_id  # the Anthropic SDK's name for it
     headers["x-credits-remaining"] = format_credits(max(available, 0))
     return headers
 
@@ -94,17 +95,24 @@ async def read_json_body(request: web.Request) -> bytes:
         raise PayloadTooLarge(f"The request body is larger than this gateway's limit of {limit} bytes.") from None
 
 
-def _price(gw: Gateway, principal: Principal, parsed: ParsedRequest) -> tuple[ModelRoute, Plan, Rates, Quote]:
-    """Route the model, check the plan allows it, and quote the worst case."""
-    route = gw.config.route(parsed.model)
-    if route is None:
-        raise NotFound(f"The model '{parsed.model}' does not exist or is not served by this gateway.",
+def route_for(gw: Gateway, dialect: Dialect, principal: Principal, model: str) -> tuple[ModelRoute, Plan]:
+    """The model's route, if its upstream speaks the caller's dialect and the plan allows it."""
+    route = gw.config.route(model)
+    if route is None or gw.config.upstreams[route.upstream].dialect != dialect.name:
+        raise NotFound(f"The model '{model}' does not exist or is not served by this gateway on this API.",
                        param="model")
     plan = gw.config.plans.get(principal.plan)
     if plan is None:
         raise Forbidden(f"Your account's plan '{principal.plan}' is not configured on this gateway.")
-    if not plan.allows(parsed.model):
-        raise Forbidden(f"Your plan '{plan.name}' does not include the model '{parsed.model}'.", param="model")
+    if not plan.allows(model):
+        raise Forbidden(f"Your plan '{plan.name}' does not include the model '{model}'.", param="model")
+    return route, plan
+
+
+def _price(gw: Gateway, dialect: Dialect, principal: Principal, parsed: ParsedRequest
+           ) -> tuple[ModelRoute, Plan, Rates, Quote]:
+    """Route the model, check the plan allows it, and quote the worst case."""
+    route, plan = route_for(gw, dialect, principal, parsed.model)
     if parsed.output_cap is not None and parsed.output_cap > route.max_output_tokens:
         raise BadRequest(f"{parsed.cap_field} is too large: {parsed.output_cap}. This model supports at most "
                          f"{route.max_output_tokens} completion tokens.", param=parsed.cap_field)
@@ -113,12 +121,12 @@ def _price(gw: Gateway, principal: Principal, parsed: ParsedRequest) -> tuple[Mo
     return route, plan, rates, quote(rates, parsed.prompt_tokens_bound, per_choice * parsed.choices)
 
 
-async def _reserve(gw: Gateway, principal: Principal, parsed: ParsedRequest, request_id: str
+async def _reserve(gw: Gateway, dialect: Dialect, principal: Principal, parsed: ParsedRequest, request_id: str
                    ) -> tuple[Principal, ModelRoute, Rates, Quote, Reservation]:
     assert gw.meter is not None and gw.auth is not None
     keys = gw.schema.for_account(principal.account_id)
     for _ in range(3):
-        route, plan, rates, q = _price(gw, principal, parsed)
+        route, plan, rates, q = _price(gw, dialect, principal, parsed)
         try:
             reservation = await gw.meter.reserve(keys, principal.key_id, request_id, plan.name, q)
             return principal, route, rates, q, reservation
@@ -147,7 +155,7 @@ def make_handler(dialect: Dialect, endpoint: str) -> Handler:
         principal = await gw.auth.authenticate(dialect.client_key(request.headers, request.query))  # type: ignore[union-attr]
         raw = await read_json_body(request)
         parsed = dialect.parse_request(endpoint, raw, gw.settings.max_choices)
-        principal, route, rates, q, reservation = await _reserve(gw, principal, parsed, request_id)
+        principal, route, rates, q, reservation = await _reserve(gw, dialect, principal, parsed, request_id)
         call = Call(gw, dialect, principal, parsed, route, rates, q, reservation, request_id, started)
         call.overhead = time.perf_counter() - started
         gw.metrics.open_holds.inc()
@@ -157,6 +165,43 @@ def make_handler(dialect: Dialect, endpoint: str) -> Handler:
             gw.metrics.open_holds.dec()
             if not call.ended:  # a bug or a cancellation: never strand the hold
                 await _end(call, None, outcome="internal_error", http_status=500)
+
+    return handler
+
+
+def make_free_handler(dialect: Dialect, endpoint: str) -> Handler:
+    """A handler for an endpoint that is forwarded for a valid key but never charged
+    (token counting): the key, the plan's model list and the upstream still apply."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        gw = request.app[GATEWAY]
+        assert gw.auth is not None and gw.session is not None
+        request_id = new_request_id()
+        request[REQUEST_ID] = request_id
+        request[REQUEST_DIALECT] = dialect
+        principal = await gw.auth.authenticate(dialect.client_key(request.headers, request.query))
+        account = await gw.auth.live_account(principal)
+        raw = await read_json_body(request)
+        parsed = dialect.parse_request(endpoint, raw, gw.settings.max_choices)
+        principal = gw.auth.with_plan(principal, account.get("plan", principal.plan))
+        route, _plan = route_for(gw, dialect, principal, parsed.model)
+        upstream = gw.config.upstreams[route.upstream]
+        timeout = aiohttp.ClientTimeout(total=upstream.timeout_seconds, sock_connect=upstream.connect_timeout_seconds)
+        try:
+            async with gw.session.post(upstream.base_url + dialect.upstream_path(request.path), data=raw,
+                                       headers=dialect.upstream_headers(upstream, request.headers),
+                                       params=_forward_query(request), timeout=timeout) as up:
+                data = await up.read()
+                if up.status in (401, 403):
+                    raise UpstreamError("The upstream provider rejected the gateway's credentials.")
+                available = int(account.get("allow") or 0) + int(account.get("extra") or 0) - int(
+                    account.get("held") or 0)
+                return web.Response(body=data, status=up.status,
+                                    headers=_response_headers(up.headers, request_id, available))
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise UpstreamTimeout("The upstream provider did not answer in time.") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"Could not reach the upstream provider ({type(exc).__name__}).") from None
 
     return handler
 
@@ -180,9 +225,13 @@ async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamRe
         raise InsufficientCredits("Insufficient credits for even one output token per choice.")
     if lowered is not None:
         gw.metrics.lowered.labels(call.route.pattern).inc()
-    body, hide_usage = call.dialect.upstream_body(call.parsed, upstream, lowered)
+    try:
+        body, hide_usage = call.dialect.upstream_body(call.parsed, upstream, lowered)
+    except GatewayError as refused:
+        await _end(call, None, outcome="refused", http_status=refused.status)
+        raise
     headers = call.dialect.upstream_headers(upstream, request.headers)
-    url = upstream.base_url + _upstream_path(request, upstream)
+    url = upstream.base_url + call.dialect.upstream_path(request.path)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout_seconds,
                                     sock_read=upstream.timeout_seconds)
     sent = time.perf_counter()
@@ -208,12 +257,6 @@ async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamRe
     except aiohttp.ClientError as exc:
         await _end(call, None, outcome="upstream_unreachable", http_status=502)
         raise UpstreamError(f"Could not reach the upstream provider ({type(exc).__name__}).") from None
-
-
-def _upstream_path(request: web.Request, upstream: Upstream) -> str:
-    """The path below the upstream's base URL (base URLs of OpenAI-style upstreams end in /v1)."""
-    path = request.path
-    return path[len("/v1"):] if path.startswith("/v1/") else path
 
 
 def _forward_query(request: web.Request) -> dict[str, str]:
@@ -279,6 +322,7 @@ def billable(usage: Usage | None, parsed: ParsedRequest, estimate_out: int) -> t
         cache_write_tokens=reported.cache_write_tokens,
         output_tokens=reported.output_tokens if reported.output_tokens is not None else estimate_out,
         reasoning_tokens=reported.reasoning_tokens,
+        cache_write_1h_tokens=reported.cache_write_1h_tokens,
     ), True
 
 
@@ -312,6 +356,7 @@ async def _settle(call: Call, usage: Usage | None, outcome: str, http_status: in
         "model": call.parsed.model, "route": model,
         "upstream": call.route.upstream, "endpoint": call.parsed.endpoint, "dialect": call.dialect.name,
         "in": bill.input_tokens, "cached_in": bill.cached_input_tokens, "cache_write": bill.cache_write_tokens,
+        "cache_write_1h": bill.cache_write_1h_tokens,
         "out": bill.output_tokens, "reasoning": bill.reasoning_tokens, "status": http_status,
         "outcome": outcome, "estimated": int(estimated), "lowered_cap": lowered, "stream": int(streamed),
         "latency_ms": int((time.perf_counter() - call.started) * 1000),
@@ -320,7 +365,8 @@ async def _settle(call: Call, usage: Usage | None, outcome: str, http_status: in
     gw.metrics.requests.labels(call.dialect.name, model, str(http_status)).inc()
     gw.metrics.credits.labels(model).inc(charged / 1_000_000)
     for kind, count in (("input", bill.input_tokens), ("cached_input", bill.cached_input_tokens),
-                        ("cache_write", bill.cache_write_tokens), ("output", bill.output_tokens)):
+                        ("cache_write", (bill.cache_write_tokens or 0) + (bill.cache_write_1h_tokens or 0)),
+                        ("output", bill.output_tokens)):
         if count:
             gw.metrics.tokens.labels(model, kind).inc(count)
     gw.metrics.overhead_seconds.observe(call.overhead + time.perf_counter() - settle_started)

@@ -11,10 +11,10 @@ class Usage:
 
     input_tokens:        prompt tokens billed at the input rate (cache reads and writes excluded)
     cached_input_tokens: prompt tokens served from cache (cache-read rate)
-    cache_write_tokens:  prompt tokens written to cache (cache-write rate)
+    cache_write_tokens:  prompt tokens written to cache (cache-write rate; Anthropic's 5-minute cache)
     output_tokens:       generated tokens including reasoning/thinking
     reasoning_tokens:    the reasoning part of output_tokens (information only)
-    requests:            billable calls for per-request prices (1 for a normal request)
+    cache_write_1h_tokens: prompt tokens written to a 1-hour cache (its own, higher rate)
     """
 
     input_tokens: int | None = None
@@ -22,6 +22,7 @@ class Usage:
     cache_write_tokens: int | None = None
     output_tokens: int | None = None
     reasoning_tokens: int | None = None
+    cache_write_1h_tokens: int | None = None
 
     @property
     def reported(self) -> bool:

@@ -60,6 +60,10 @@ class Dialect(Protocol):
         """The gateway key as this dialect's SDKs send it (None when absent)."""
         ...
 
+    def upstream_path(self, path: str) -> str:
+        """The request path as it goes below the upstream's base URL."""
+        ...
+
     def parse_request(self, endpoint: str, raw: bytes, max_choices: int) -> ParsedRequest:
         """Validate and parse a request body; raise BadRequest with a clear message."""
         ...

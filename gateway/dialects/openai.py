@@ -132,6 +132,10 @@ class OpenAIDialect:
         scheme, _, token = auth.strip().partition(" ")
         return token.strip() if scheme.lower() == "bearer" else ""
 
+    def upstream_path(self, path: str) -> str:
+        """OpenAI-style base URLs end in /v1; SDKs pointed at a base without /v1 send bare paths."""
+        return path[len("/v1"):] if path.startswith("/v1/") else path
+
     def parse_request(self, endpoint: str, raw: bytes, max_choices: int) -> ParsedRequest:
         if not raw.strip():
             raise BadRequest("The request body is empty; send a JSON object.")
