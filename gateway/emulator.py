@@ -1,11 +1,13 @@
-"""A provider emulator speaking OpenAI's wire format, for tests, the benchmark and the demo.
+"""A provider emulator speaking OpenAI's and Anthropic's wire formats, for tests, the benchmark and
+the demo (OpenAI: base URL http://host:port/v1; Anthropic: base URL http://host:port).
 
 Token counts are deterministic: a prompt costs (words + 4) per message + 3; an answer is 12 words
 (one token each) unless told otherwise. Behaviour can be steered per request with a directive in
 the last message, e.g. `[[emu out=40 cached=5 reasoning=3 fail=midstream delay_ms=20]]`:
 
   out=N          answer with N output tokens (capped by the request's max tokens)
-  cached=N       report N of the prompt tokens as cached
+  cached=N       report N of the prompt tokens as cached (Anthropic: read from cache)
+  cache_write=N  Anthropic: N prompt tokens written to the 5-minute cache (cache_write_1h=N: 1-hour)
   reasoning=N    report N reasoning tokens (inside the output tokens and the cap)
   delay_ms=N     wait N ms between streamed chunks
   fail=KIND      500 | 429 | 400 | 401 | hang (never answer) | cut (stream stops, connection drops)
@@ -182,9 +184,125 @@ async def _stream(request: web.Request, state: EmulatorState, body: dict[str, An
 
 
 async def models(request: web.Request) -> web.Response:
+    if "anthropic-version" in request.headers:
+        claude = [{"type": "model", "id": "demo-claude", "display_name": "Demo Claude",
+                   "created_at": "2025-05-22T00:00:00Z"}]
+        return web.json_response({"data": claude, "has_more": False, "first_id": "demo-claude",
+                                  "last_id": "demo-claude"})
     data = [{"id": m, "object": "model", "created": 1721172741, "owned_by": "emulator"}
             for m in ("demo-mini", "demo-large", "gpt-4o-mini")]
     return web.json_response({"object": "list", "data": data})
+
+
+# ---------------------------------------------------------------- Anthropic Messages
+
+
+def _anthropic_error(status: int, etype: str, message: str) -> web.Response:
+    return web.json_response({"type": "error", "error": {"type": etype, "message": message},
+                              "request_id": f"req_emu_{time.time_ns()}"}, status=status,
+                             headers={"request-id": f"req_emu_{time.time_ns()}"})
+
+
+def _anthropic_prompt(body: dict[str, Any]) -> int:
+    system = body.get("system")
+    return prompt_tokens(body.get("messages") or []) + len(_text_of(system).split())
+
+
+async def _anthropic_request(request: web.Request) -> tuple[dict[str, Any], web.Response | None]:
+    state = request.app[EMULATOR]
+    state.total_requests += 1
+    try:
+        body = json.loads(await request.read())
+    except ValueError:
+        return {}, _anthropic_error(400, "invalid_request_error", "invalid JSON body")
+    state.received.append({"path": request.path, "headers": dict(request.headers), "body": body})
+    if state.expected_key is not None and request.headers.get("x-api-key") != state.expected_key:
+        return body, _anthropic_error(401, "authentication_error", "invalid x-api-key")
+    if "anthropic-version" not in request.headers:
+        return body, _anthropic_error(400, "invalid_request_error", "anthropic-version header is required")
+    return body, None
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    body, refused = await _anthropic_request(request)
+    return refused or web.json_response({"input_tokens": _anthropic_prompt(body)})
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    body, refused = await _anthropic_request(request)
+    if refused is not None:
+        return refused
+    state = request.app[EMULATOR]
+    directives = _directives(body.get("messages") or [])
+    fail = directives.get("fail")
+    if state.latency_ms:
+        await asyncio.sleep(state.latency_ms / 1000)
+    if fail == "hang":
+        await asyncio.sleep(3600)
+    errors = {"500": (500, "api_error"), "529": (529, "overloaded_error"), "429": (429, "rate_limit_error"),
+              "400": (400, "invalid_request_error"), "401": (401, "authentication_error")}
+    if fail in errors:
+        status, etype = errors[fail]
+        return _anthropic_error(status, etype, f"Emulated upstream {status}.")
+    prompt = _anthropic_prompt(body)
+    read = min(int(directives.get("cached", 0)), prompt)
+    write_5m = min(int(directives.get("cache_write", 0)), prompt - read)
+    write_1h = min(int(directives.get("cache_write_1h", 0)), prompt - read - write_5m)
+    cap = int(body.get("max_tokens") or 0)
+    wanted = int(directives.get("out", len(WORDS)))
+    out = min(wanted, cap)
+    words = [(" " if i else "") + WORDS[i % len(WORDS)] for i in range(out)]
+    usage: dict[str, Any] = {
+             "input_tokens": prompt - read - write_5m - write_1h, "cache_creation_input_tokens": write_5m + write_1h,
+             "cache_read_input_tokens": read,
+             "cache_creation": {"ephemeral_5m_input_tokens": write_5m, "ephemeral_1h_input_tokens": write_1h},
+             "output_tokens": out, "service_tier": "standard"}
+    message = {"id": f"msg_emu{time.time_ns()}", "type": "message", "role": "assistant", "model": body.get("model"),
+               "content": [{"type": "text", "text": "".join(words)}],
+               "stop_reason": "max_tokens" if wanted > cap else "end_turn", "stop_sequence": None, "usage": usage}
+    if not body.get("stream"):
+        return web.json_response(message, headers={"request-id": f"req_emu_{time.time_ns()}"})
+    return await _anthropic_stream(request, message, words, directives)
+
+
+def _event(name: str, data: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+async def _anthropic_stream(request: web.Request, message: dict[str, Any], words: list[str],
+                            directives: dict[str, str]) -> web.StreamResponse:
+    fail = directives.get("fail")
+    delay = float(directives.get("delay_ms", request.app[EMULATOR].chunk_delay_ms)) / 1000
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "request-id": f"req_emu_{time.time_ns()}"})
+    await response.prepare(request)
+    usage = message["usage"]
+    start = {**message, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
+    frames = [_event("message_start", {"type": "message_start", "message": start}),
+              _event("content_block_start", {"type": "content_block_start", "index": 0,
+                                             "content_block": {"type": "text", "text": ""}}),
+              _event("ping", {"type": "ping"})]
+    frames += [_event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                              "delta": {"type": "text_delta", "text": w}}) for w in words]
+    frames += [_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+               _event("message_delta", {"type": "message_delta", "delta": {"stop_reason": message["stop_reason"],
+                                        "stop_sequence": None}, "usage": {"output_tokens": usage["output_tokens"]}}),
+               _event("message_stop", {"type": "message_stop"})]
+    if fail in ("cut", "midstream"):
+        frames = frames[: max(3, len(frames) // 2)]
+    for frame in frames:
+        await response.write(frame)
+        if delay:
+            await asyncio.sleep(delay)
+    if fail == "cut":
+        assert request.transport is not None
+        request.transport.close()
+        return response
+    if fail == "midstream":
+        await response.write(_event("error", {"type": "error", "error": {"type": "overloaded_error",
+                                                                          "message": "Emulated overload mid-stream."}}))
+    await response.write_eof()
+    return response
 
 
 def create_emulator_app(state: EmulatorState | None = None) -> web.Application:
@@ -193,4 +311,6 @@ def create_emulator_app(state: EmulatorState | None = None) -> web.Application:
     app[EMULATOR] = state or EmulatorState()
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)
     return app

@@ -305,7 +305,7 @@ async def _stream(request: web.Request, call: Call, up: aiohttp.ClientResponse, 
         outcome = "client_disconnected"
         raise
     finally:
-        await _end(call, meter.usage, outcome=outcome if meter.usage else f"{outcome}_estimated",
+        await _end(call, meter.usage, outcome=outcome,
                    http_status=up.status, lowered=lowered, estimate_out=meter.estimated_output_tokens(),
                    streamed=True)
     return response
@@ -352,6 +352,7 @@ async def _settle(call: Call, usage: Usage | None, outcome: str, http_status: in
     if estimated:
         cost = min(cost, call.reservation.hold)  # an estimate never charges more than was held
         gw.metrics.estimated.labels(model).inc()
+        outcome += "_estimated"
     event = {
         "model": call.parsed.model, "route": model,
         "upstream": call.route.upstream, "endpoint": call.parsed.endpoint, "dialect": call.dialect.name,

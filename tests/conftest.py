@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 import redis as sync_redis
@@ -38,7 +39,7 @@ plans:
   free:
     monthly_credits: 0
     credit_usd: 1
-    models: ["demo-*", "gpt-4o-mini"]
+    models: ["demo-*", "gpt-4o-mini", "claude-*"]
   pro:
     monthly_credits: 0
     credit_usd: 0.01
@@ -98,6 +99,9 @@ async def emulator(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[TestServer]
     monkeypatch.setenv("UPSTREAM_DEMO_BASE_URL", str(server.make_url("/v1")))
     monkeypatch.setenv("UPSTREAM_OPENAI_BASE_URL", str(server.make_url("/v1")))
     monkeypatch.setenv("UPSTREAM_OPENAI_API_KEY", PROVIDER_KEY)
+    monkeypatch.setenv("UPSTREAM_DEMO_ANTHROPIC_BASE_URL", str(server.make_url("")).rstrip("/"))
+    monkeypatch.setenv("UPSTREAM_ANTHROPIC_BASE_URL", str(server.make_url("")).rstrip("/"))
+    monkeypatch.setenv("UPSTREAM_ANTHROPIC_API_KEY", PROVIDER_KEY)
     yield server
     await server.close()
 
@@ -129,6 +133,13 @@ class Harness:
         self.sdk_clients.append(client)
         return client
 
+    def anthropic_sdk(self, key: str, **options: Any) -> anthropic.AsyncAnthropic:
+        """An async anthropic client pointed at the gateway (base URL without /v1; closed at teardown)."""
+        options.setdefault("max_retries", 0)
+        client = anthropic.AsyncAnthropic(base_url=str(self.client.make_url("")).rstrip("/"), api_key=key, **options)
+        self.sdk_clients.append(client)
+        return client
+
     def sync_sdk(self, key: str, **options: Any) -> openai.OpenAI:
         """A blocking openai client (call it through run_sync; closed at teardown)."""
         options.setdefault("max_retries", 0)
@@ -138,7 +149,7 @@ class Harness:
 
     async def close(self) -> None:
         for client in self.sdk_clients:
-            if isinstance(client, openai.AsyncOpenAI):
+            if isinstance(client, openai.AsyncOpenAI | anthropic.AsyncAnthropic):
                 await client.close()
             else:
                 client.close()
