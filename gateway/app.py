@@ -152,8 +152,13 @@ async def _reap_forever(gw: Gateway) -> None:
 
 
 def _models_dialect(request: web.Request, gw: Gateway) -> Dialect:
-    """Both SDKs call GET /v1/models; the Anthropic SDK always sends `anthropic-version`."""
-    return gw.dialects["anthropic" if "anthropic-version" in request.headers else "openai"]
+    """Every SDK calls GET /v1/models: the Anthropic SDK always sends `anthropic-version`, Gemini
+    clients send `x-goog-api-key` or `?key=`."""
+    if "anthropic-version" in request.headers:
+        return gw.dialects["anthropic"]
+    if "x-goog-api-key" in request.headers or "key" in request.query:
+        return gw.dialects["gemini"]
+    return gw.dialects["openai"]
 
 
 async def _allowed_models(request: web.Request) -> list[dict[str, Any]]:
@@ -169,6 +174,10 @@ async def _allowed_models(request: web.Request) -> list[dict[str, Any]]:
         return []
     routes = [r for r in gw.config.routes if not any(c in r.pattern for c in "*?[") and plan.allows(r.pattern)
               and gw.config.upstreams[r.upstream].dialect == dialect.name]
+    if dialect.name == "gemini":
+        return [{"name": f"models/{r.pattern}", "baseModelId": r.pattern, "displayName": r.pattern,
+                 "outputTokenLimit": r.max_output_tokens,
+                 "supportedGenerationMethods": ["generateContent", "countTokens", "embedContent"]} for r in routes]
     if dialect.name == "anthropic":
         return [{"type": "model", "id": r.pattern, "display_name": r.pattern, "created_at": "2025-01-01T00:00:00Z",
                  "max_tokens": r.max_output_tokens} for r in routes]
@@ -178,6 +187,8 @@ async def _allowed_models(request: web.Request) -> list[dict[str, Any]]:
 async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models in the caller's dialect (OpenAI list, or Anthropic's paginated list)."""
     models = await _allowed_models(request)
+    if request[REQUEST_DIALECT].name == "gemini":
+        return web.json_response({"models": models})
     if request[REQUEST_DIALECT].name == "anthropic":
         return web.json_response({"data": models, "has_more": False,
                                   "first_id": models[0]["id"] if models else None,
@@ -189,7 +200,7 @@ async def get_model(request: web.Request) -> web.Response:
     """GET /v1/models/{model}: one model object, if the plan allows it."""
     wanted = request.match_info["model"]
     for model in await _allowed_models(request):
-        if model["id"] == wanted:
+        if wanted in (model.get("id"), model.get("baseModelId")):
             return web.json_response(model)
     raise NotFound(f"The model '{wanted}' does not exist or is not in your plan.")
 
@@ -242,6 +253,14 @@ def create_app(settings: Settings, config: Config | None = None) -> web.Applicat
         app.router.add_get(f"{prefix}/models/{{model}}", get_model)
     app.router.add_post("/v1/messages", make_handler(anthropic, "messages"))
     app.router.add_post("/v1/messages/count_tokens", make_free_handler(anthropic, "count_tokens"))
+    gemini = gw.dialects["gemini"]
+    for version in ("v1", "v1beta"):
+        base = f"/{version}/models/{{model}}"
+        for method in ("generateContent", "streamGenerateContent", "embedContent", "batchEmbedContents"):
+            app.router.add_post(f"{base}:{method}", make_handler(gemini, method))
+        app.router.add_post(f"{base}:countTokens", make_free_handler(gemini, "countTokens"))
+    app.router.add_get("/v1beta/models", list_models)
+    app.router.add_get("/v1beta/models/{model}", get_model)
     app.router.add_get("/gateway/credits", credits)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)

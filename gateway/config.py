@@ -21,7 +21,7 @@ from gateway.money import MAX_SAFE, MICRO, usd_rate_to_micro_per_mtok
 from gateway.secret import Secret
 
 T = TypeVar("T")
-DIALECTS = ("openai", "anthropic")
+DIALECTS = ("openai", "anthropic", "gemini")
 AUTH_STYLES = ("bearer", "x-api-key", "x-goog-api-key", "none")
 STREAM_USAGE = ("inject", "always", "none")
 _VAR = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")

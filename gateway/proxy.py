@@ -116,7 +116,7 @@ def _price(gw: Gateway, dialect: Dialect, principal: Principal, parsed: ParsedRe
     if parsed.output_cap is not None and parsed.output_cap > route.max_output_tokens:
         raise BadRequest(f"{parsed.cap_field} is too large: {parsed.output_cap}. This model supports at most "
                          f"{route.max_output_tokens} completion tokens.", param=parsed.cap_field)
-    per_choice = parsed.output_cap or route.max_output_tokens
+    per_choice = route.max_output_tokens if parsed.output_cap is None else parsed.output_cap
     rates = gw.config.rates(plan.name, route)
     return route, plan, rates, quote(rates, parsed.prompt_tokens_bound, per_choice * parsed.choices)
 
@@ -154,7 +154,7 @@ def make_handler(dialect: Dialect, endpoint: str) -> Handler:
         request[REQUEST_DIALECT] = dialect
         principal = await gw.auth.authenticate(dialect.client_key(request.headers, request.query))  # type: ignore[union-attr]
         raw = await read_json_body(request)
-        parsed = dialect.parse_request(endpoint, raw, gw.settings.max_choices)
+        parsed = dialect.parse_request(endpoint, raw, gw.settings.max_choices, request.match_info.get("model"))
         principal, route, rates, q, reservation = await _reserve(gw, dialect, principal, parsed, request_id)
         call = Call(gw, dialect, principal, parsed, route, rates, q, reservation, request_id, started)
         call.overhead = time.perf_counter() - started
@@ -182,7 +182,7 @@ def make_free_handler(dialect: Dialect, endpoint: str) -> Handler:
         principal = await gw.auth.authenticate(dialect.client_key(request.headers, request.query))
         account = await gw.auth.live_account(principal)
         raw = await read_json_body(request)
-        parsed = dialect.parse_request(endpoint, raw, gw.settings.max_choices)
+        parsed = dialect.parse_request(endpoint, raw, gw.settings.max_choices, request.match_info.get("model"))
         principal = gw.auth.with_plan(principal, account.get("plan", principal.plan))
         route, _plan = route_for(gw, dialect, principal, parsed.model)
         upstream = gw.config.upstreams[route.upstream]
@@ -211,7 +211,7 @@ def _lowered_cap(call: Call) -> int | None:
     if not call.reservation.lowered:
         return None
     per_choice = affordable_output(call.rates, call.quote, call.reservation.hold) // call.parsed.choices
-    asked = call.parsed.output_cap or call.route.max_output_tokens
+    asked = call.route.max_output_tokens if call.parsed.output_cap is None else call.parsed.output_cap
     return per_choice if per_choice < asked else None
 
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gateway.config import Upstream
-from gateway.dialects.base import ParsedRequest, forward_headers, inject_provider_key
+from gateway.dialects.base import ParsedRequest, forward_headers, inject_provider_key, json_object
 from gateway.errors import BadRequest, GatewayError, InsufficientCredits
 from gateway.money import ceil_div
 from gateway.sse import SSEDecoder
@@ -133,8 +133,9 @@ class AnthropicDialect:
     def upstream_path(self, path: str) -> str:
         return path  # base URLs are origins; the path keeps its /v1
 
-    def parse_request(self, endpoint: str, raw: bytes, max_choices: int) -> ParsedRequest:
-        body = _json_object(raw)
+    def parse_request(self, endpoint: str, raw: bytes, max_choices: int, path_model: str | None = None
+                      ) -> ParsedRequest:
+        body = json_object(raw)
         model = body.get("model")
         if not isinstance(model, str) or not model.strip():
             raise BadRequest("model: Field required", param="model")
@@ -199,14 +200,3 @@ class AnthropicDialect:
         payload = {"type": "error", "error": {"type": "api_error", "message": message}}
         return b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
 
-
-def _json_object(raw: bytes) -> dict[str, Any]:
-    if not raw.strip():
-        raise BadRequest("The request body is empty; send a JSON object.")
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("The request body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise BadRequest("The request body must be a JSON object.")
-    return body

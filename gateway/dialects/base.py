@@ -7,12 +7,13 @@ response or a stream, and how an error looks. The proxy knows nothing of any of 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.config import Upstream
-from gateway.errors import GatewayError
+from gateway.errors import BadRequest, GatewayError
 from gateway.usage import Usage
 
 #: Request headers never forwarded upstream: credentials, hop-by-hop, and ones aiohttp sets itself.
@@ -64,8 +65,10 @@ class Dialect(Protocol):
         """The request path as it goes below the upstream's base URL."""
         ...
 
-    def parse_request(self, endpoint: str, raw: bytes, max_choices: int) -> ParsedRequest:
-        """Validate and parse a request body; raise BadRequest with a clear message."""
+    def parse_request(self, endpoint: str, raw: bytes, max_choices: int, path_model: str | None = None
+                      ) -> ParsedRequest:
+        """Validate and parse a request body (`path_model`: a model named in the URL, Gemini-style);
+        raise BadRequest with a clear message."""
         ...
 
     def upstream_body(
@@ -94,6 +97,20 @@ class Dialect(Protocol):
     def stream_error_event(self, message: str) -> bytes:
         """An in-stream error event the dialect's SDKs raise on (status already 200)."""
         ...
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object; anything else is a 400 with a clear message."""
+    if not raw.strip():
+        raise BadRequest("The request body is empty; send a JSON object.")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("We could not parse the JSON body of your request. "
+                         "Send valid JSON with Content-Type: application/json.") from None
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    return body
 
 
 def forward_headers(incoming: Mapping[str, str]) -> dict[str, str]:

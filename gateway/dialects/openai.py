@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gateway.config import Upstream
-from gateway.dialects.base import ParsedRequest, forward_headers, inject_provider_key
+from gateway.dialects.base import ParsedRequest, forward_headers, inject_provider_key, json_object
 from gateway.errors import BadRequest, GatewayError
 from gateway.money import ceil_div
 from gateway.sse import SSEDecoder, SSEEvent
@@ -136,16 +136,9 @@ class OpenAIDialect:
         """OpenAI-style base URLs end in /v1; SDKs pointed at a base without /v1 send bare paths."""
         return path[len("/v1"):] if path.startswith("/v1/") else path
 
-    def parse_request(self, endpoint: str, raw: bytes, max_choices: int) -> ParsedRequest:
-        if not raw.strip():
-            raise BadRequest("The request body is empty; send a JSON object.")
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise BadRequest("We could not parse the JSON body of your request. "
-                             "Send valid JSON with Content-Type: application/json.") from None
-        if not isinstance(body, dict):
-            raise BadRequest("The request body must be a JSON object.")
+    def parse_request(self, endpoint: str, raw: bytes, max_choices: int, path_model: str | None = None
+                      ) -> ParsedRequest:
+        body = json_object(raw)
         model = body.get("model")
         if not isinstance(model, str) or not model.strip():
             raise BadRequest("You must provide a model parameter.", param="model")

@@ -1,0 +1,178 @@
+"""The Gemini (Generative Language API) wire dialect: generateContent, streamGenerateContent
+(`alt=sse`), countTokens, embedContent, batchEmbedContents, on both /v1 and /v1beta."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from gateway.config import Upstream
+from gateway.dialects.base import ParsedRequest, forward_headers, inject_provider_key, json_object
+from gateway.errors import BadRequest, GatewayError
+from gateway.money import ceil_div
+from gateway.sse import SSEDecoder
+from gateway.usage import Usage
+
+MEDIA_PART_TOKENS = 2_000  # per inline or file part (image, audio, video, document)
+_TEMPLATE_TOKENS = 16
+_MEDIA = re.compile(rb'"(?:inlineData|inline_data|fileData|file_data)"')
+_TEXT = re.compile(r'"text"\s*:\s*"((?:[^"\\]|\\.)+)"')
+GENERATE = ("generateContent", "streamGenerateContent")
+EMBED = ("embedContent", "batchEmbedContents")
+
+_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 402: "RESOURCE_EXHAUSTED", 403: "PERMISSION_DENIED",
+           404: "NOT_FOUND", 413: "INVALID_ARGUMENT", 415: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED",
+           500: "INTERNAL", 502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def parse_usage(meta: Mapping[str, Any], final: bool = True) -> Usage:
+    """usageMetadata to the normalised Usage: the prompt count includes cached tokens; thinking
+    tokens are outside `candidatesTokenCount` and billed as output. When `final` is False and no
+    output count is present yet, output is unknown (None)."""
+    prompt = _count(meta.get("promptTokenCount"))
+    cached = _count(meta.get("cachedContentTokenCount")) or 0
+    tool = _count(meta.get("toolUsePromptTokenCount")) or 0
+    candidates = _count(meta.get("candidatesTokenCount"))
+    thoughts = _count(meta.get("thoughtsTokenCount"))
+    output: int | None = (candidates or 0) + (thoughts or 0)
+    if not final and candidates is None and thoughts is None:
+        output = None
+    return Usage(
+        input_tokens=None if prompt is None else max(prompt - cached, 0) + tool,
+        cached_input_tokens=cached if prompt is not None else None,
+        output_tokens=output,
+        reasoning_tokens=thoughts,
+    )
+
+
+class GenerateStreamMeter:
+    """Meters `streamGenerateContent?alt=sse`: every chunk carries a cumulative usage snapshot; the
+    last one counts. Bytes are forwarded untouched."""
+
+    def __init__(self) -> None:
+        self._decoder = SSEDecoder()
+        self._meta: dict[str, Any] | None = None
+        self._finished = False
+        self._estimate = 0
+
+    @property
+    def usage(self) -> Usage | None:
+        return None if self._meta is None else parse_usage(self._meta, final=self._finished)
+
+    def estimated_output_tokens(self) -> int:
+        return self._estimate
+
+    def feed(self, chunk: bytes) -> bytes:
+        for event in self._decoder.feed(chunk):
+            try:
+                obj = json.loads(event.data)
+            except ValueError:
+                continue
+            if not isinstance(obj, dict):
+                continue
+            if isinstance(obj.get("usageMetadata"), dict):
+                self._meta = obj["usageMetadata"]
+            candidates = obj.get("candidates")
+            if isinstance(candidates, list):
+                if any(isinstance(c, dict) and c.get("finishReason") for c in candidates):
+                    self._finished = True
+                texts = _TEXT.findall(event.data)
+                if texts:
+                    self._estimate += max(1, ceil_div(sum(len(t) for t in texts), 4))
+        return chunk
+
+    def finish(self) -> bytes:
+        self._decoder.flush()
+        return b""
+
+
+def _generation_cap(body: dict[str, Any]) -> tuple[str | None, str | None, int | None, int]:
+    """(config key, cap key, cap, candidate count) in whichever spelling the client used."""
+    for config_key, cap_key, count_key in (("generationConfig", "maxOutputTokens", "candidateCount"),
+                                           ("generation_config", "max_output_tokens", "candidate_count")):
+        config = body.get(config_key)
+        if isinstance(config, dict):
+            cap, count = config.get(cap_key), config.get(count_key, 1)
+            for name, value in ((cap_key, cap), (count_key, count)):
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                    raise BadRequest(f"Invalid value at '{config_key}.{name}': expected a positive integer.",
+                                     param=name)
+            return config_key, cap_key, cap, count or 1
+    return None, None, None, 1
+
+
+class GeminiDialect:
+    name = "gemini"
+
+    def client_key(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+        return headers.get("x-goog-api-key") or query.get("key")
+
+    def upstream_path(self, path: str) -> str:
+        return path  # base URLs are origins; the path keeps its API version
+
+    def parse_request(self, endpoint: str, raw: bytes, max_choices: int, path_model: str | None = None
+                      ) -> ParsedRequest:
+        body = json_object(raw)
+        if not path_model:
+            raise BadRequest("The model is missing from the URL (…/models/{model}:{method}).")
+        config_key, cap_key, cap, count = (None, None, None, 1)
+        if endpoint in GENERATE:
+            contents = body.get("contents")
+            if not isinstance(contents, list) or not contents:
+                raise BadRequest("* GenerateContentRequest.contents: contents is not specified", param="contents")
+            config_key, cap_key, cap, count = _generation_cap(body)
+            if count > max_choices:
+                raise BadRequest(f"candidateCount above {max_choices} is not allowed by this gateway.",
+                                 param="candidateCount")
+        elif endpoint == "embedContent" and not isinstance(body.get("content"), dict):
+            raise BadRequest("* EmbedContentRequest.content: content is not specified", param="content")
+        elif endpoint == "batchEmbedContents" and not isinstance(body.get("requests"), list):
+            raise BadRequest("* BatchEmbedContentsRequest.requests: requests is not specified", param="requests")
+        media = len(_MEDIA.findall(raw))
+        return ParsedRequest(
+            endpoint=endpoint, model=path_model, stream=endpoint == "streamGenerateContent", body=body,
+            cap_field=f"{config_key}.{cap_key}" if cap is not None else None,
+            output_cap=0 if endpoint in EMBED else cap, choices=count,
+            prompt_tokens_bound=len(raw) + _TEMPLATE_TOKENS + media * MEDIA_PART_TOKENS,
+            prompt_tokens_estimate=ceil_div(len(raw), 4) + media * MEDIA_PART_TOKENS,
+        )
+
+    def upstream_body(
+        self, req: ParsedRequest, upstream: Upstream, lowered_cap: int | None
+    ) -> tuple[bytes | None, bool]:
+        if lowered_cap is None:
+            return None, False
+        config_key, cap_key = (req.cap_field or "generationConfig.maxOutputTokens").split(".")
+        body = dict(req.body)
+        body[config_key] = {**(body.get(config_key) or {}), cap_key: lowered_cap}
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(), False
+
+    def upstream_headers(self, upstream: Upstream, incoming: Mapping[str, str]) -> dict[str, str]:
+        return inject_provider_key(forward_headers(incoming), upstream)
+
+    def usage_from_body(self, endpoint: str, body: bytes) -> Usage | None:
+        try:
+            obj = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        meta = obj.get("usageMetadata") if isinstance(obj, dict) else None
+        return parse_usage(meta) if isinstance(meta, dict) else None
+
+    def stream_meter(self, endpoint: str, hide_usage: bool) -> GenerateStreamMeter:
+        return GenerateStreamMeter()
+
+    def error_response(self, error: GatewayError) -> tuple[int, bytes]:
+        payload = {"error": {"code": error.status, "message": error.message,
+                             "status": _STATUS.get(error.status, "UNKNOWN")}}
+        return error.status, json.dumps(payload).encode()
+
+    def stream_error_event(self, message: str) -> bytes:
+        payload = {"error": {"code": 503, "message": message, "status": "UNAVAILABLE"}}
+        return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
