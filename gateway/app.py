@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -32,6 +33,15 @@ from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway
 from gateway.store import Store, account_view
 
 log = logging.getLogger("gateway")
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: method, path without the query string (it may hold `?key=`), status,
+    time and request id. Run the app with this logger: aiohttp's default prints the query string."""
+
+    def log(self, request: Any, response: Any, time: float) -> None:
+        self.logger.info("%s %s %s %.1fms %s", request.method, request.path, response.status, time * 1000,
+                         response.headers.get("x-request-id", "-"))
 EMBEDDED = web.AppKey("embedded_redis", EmbeddedRedis)
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 
+from gateway.app import AccessLogger
 from gateway.config import ConfigError, load_config
 from gateway.embedded import EmbeddedRedis, discover_url
 from gateway.errors import GatewayError
@@ -33,14 +33,6 @@ from gateway.settings import Settings
 from gateway.store import Store, account_view, key_view, parse_expiry
 
 log = logging.getLogger("gateway")
-
-
-class AccessLogger(AbstractAccessLogger):
-    """One line per request: method, path without the query string (it may hold `?key=`), status."""
-
-    def log(self, request: Any, response: Any, time: float) -> None:
-        self.logger.info('%s %s %s %.1fms %s', request.method, request.path, response.status, time * 1000,
-                         response.headers.get("x-request-id", "-"))
 
 
 # ---------------------------------------------------------------- serve

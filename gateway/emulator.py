@@ -1,5 +1,5 @@
-"""A provider emulator speaking OpenAI's and Anthropic's wire formats, for tests, the benchmark and
-the demo (OpenAI: base URL http://host:port/v1; Anthropic: base URL http://host:port).
+"""A provider emulator speaking OpenAI's, Anthropic's and Gemini's wire formats, for tests, the
+benchmark and the demo (OpenAI: base URL http://host:port/v1; Anthropic and Gemini: http://host:port).
 
 Token counts are deterministic: a prompt costs (words + 4) per message + 3; an answer is 12 words
 (one token each) unless told otherwise. Behaviour can be steered per request with a directive in
@@ -8,7 +8,7 @@ the last message, e.g. `[[emu out=40 cached=5 reasoning=3 fail=midstream delay_m
   out=N          answer with N output tokens (capped by the request's max tokens)
   cached=N       report N of the prompt tokens as cached (Anthropic: read from cache)
   cache_write=N  Anthropic: N prompt tokens written to the 5-minute cache (cache_write_1h=N: 1-hour)
-  reasoning=N    report N reasoning tokens (inside the output tokens and the cap)
+  reasoning=N    report N reasoning tokens (inside the output tokens and the cap; Gemini: thoughts)
   delay_ms=N     wait N ms between streamed chunks
   fail=KIND      500 | 429 | 400 | 401 | hang (never answer) | cut (stream stops, connection drops)
                  | midstream (stream ends with an in-stream error) | nousage (stream without usage)
@@ -60,6 +60,10 @@ def prompt_tokens(messages: list[Any]) -> int:
 
 def _directives(messages: list[Any]) -> dict[str, str]:
     text = _text_of(messages[-1].get("content")) if messages and isinstance(messages[-1], dict) else ""
+    return _directives_in(text)
+
+
+def _directives_in(text: str) -> dict[str, str]:
     match = _DIRECTIVE.search(text)
     if not match:
         return {}
@@ -184,6 +188,10 @@ async def _stream(request: web.Request, state: EmulatorState, body: dict[str, An
 
 
 async def models(request: web.Request) -> web.Response:
+    if "x-goog-api-key" in request.headers:
+        return web.json_response({"models": [{"name": "models/demo-gemini", "displayName": "Demo Gemini",
+                                              "inputTokenLimit": 1048576, "outputTokenLimit": 65536,
+                                              "supportedGenerationMethods": ["generateContent", "countTokens"]}]})
     if "anthropic-version" in request.headers:
         claude = [{"type": "model", "id": "demo-claude", "display_name": "Demo Claude",
                    "created_at": "2025-05-22T00:00:00Z"}]
@@ -305,6 +313,108 @@ async def _anthropic_stream(request: web.Request, message: dict[str, Any], words
     return response
 
 
+# ---------------------------------------------------------------- Gemini
+
+
+def _gemini_error(status: int, code: str, message: str, reason: str | None = None) -> web.Response:
+    error: dict[str, Any] = {"code": status, "message": message, "status": code}
+    if reason:
+        error["details"] = [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason}]
+    return web.json_response({"error": error}, status=status)
+
+
+def _gemini_texts(content: Any) -> str:
+    parts = content.get("parts") if isinstance(content, dict) else None
+    return " ".join(p["text"] for p in parts or [] if isinstance(p, dict) and isinstance(p.get("text"), str))
+
+
+def gemini_prompt(body: dict[str, Any]) -> int:
+    """The emulator's Gemini prompt count: (words + 4) per content + 3, plus system words."""
+    contents = body.get("contents") or []
+    return sum(len(_gemini_texts(c).split()) + 4 for c in contents) + 3 + len(
+        _gemini_texts(body.get("systemInstruction")).split())
+
+
+async def gemini(request: web.Request) -> web.StreamResponse:
+    state = request.app[EMULATOR]
+    state.total_requests += 1
+    try:
+        body = json.loads(await request.read())
+    except ValueError:
+        return _gemini_error(400, "INVALID_ARGUMENT", "Invalid JSON payload received.")
+    state.received.append({"path": request.path, "query": dict(request.query), "headers": dict(request.headers),
+                           "body": body})
+    if state.expected_key is not None and request.headers.get("x-goog-api-key") != state.expected_key:
+        return _gemini_error(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.",
+                             "API_KEY_INVALID")
+    method, model = request.match_info["method"], request.match_info["model"]
+    if method == "countTokens":
+        inner = body.get("generateContentRequest") or body
+        return web.json_response({"totalTokens": gemini_prompt(inner)})
+    if method in ("embedContent", "batchEmbedContents"):
+        items = body.get("requests") or [body]
+        tokens = sum(len(_gemini_texts(item.get("content")).split()) for item in items)
+        vectors = [{"values": [0.1 * (i + 1), 0.2, 0.3]} for i in range(len(items))]
+        batch = method == "batchEmbedContents"
+        result: dict[str, Any] = {"embeddings": vectors} if batch else {"embedding": vectors[0]}
+        result["usageMetadata"] = {"promptTokenCount": tokens, "totalTokenCount": tokens}
+        return web.json_response(result)
+    contents = body.get("contents") or []
+    directives = _directives_in(_gemini_texts(contents[-1]) if contents else "")
+    fail = directives.get("fail")
+    if state.latency_ms:
+        await asyncio.sleep(state.latency_ms / 1000)
+    if fail == "hang":
+        await asyncio.sleep(3600)
+    if fail in ("500", "503", "429", "400"):
+        codes = {"500": "INTERNAL", "503": "UNAVAILABLE", "429": "RESOURCE_EXHAUSTED", "400": "INVALID_ARGUMENT"}
+        return _gemini_error(int(fail), codes[fail], f"Emulated upstream {fail}.")
+    config = body.get("generationConfig") or body.get("generation_config") or {}
+    cap = config.get("maxOutputTokens") or config.get("max_output_tokens") or 65536
+    thoughts = min(int(directives.get("reasoning", 0)), cap)
+    wanted = int(directives.get("out", len(WORDS)))
+    visible = min(wanted, cap - thoughts)
+    prompt = gemini_prompt(body)
+    cached = min(int(directives.get("cached", 0)), prompt)
+    usage: dict[str, Any] = {"promptTokenCount": prompt, "candidatesTokenCount": visible,
+                             "totalTokenCount": prompt + visible + thoughts}
+    if thoughts:
+        usage["thoughtsTokenCount"] = thoughts
+    if cached:
+        usage["cachedContentTokenCount"] = cached
+    finish = "MAX_TOKENS" if wanted + thoughts > cap else "STOP"
+    words = [(" " if i else "") + WORDS[i % len(WORDS)] for i in range(visible)]
+
+    def chunk(text: str, final: bool) -> dict[str, Any]:
+        candidate: dict[str, Any] = {"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}
+        if final:
+            candidate["finishReason"] = finish
+        meta = usage if final else {"promptTokenCount": prompt, "totalTokenCount": prompt}
+        return {"candidates": [candidate], "usageMetadata": meta, "modelVersion": model, "responseId": "emu"}
+
+    if method == "generateContent":
+        return web.json_response(chunk("".join(words), True))
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    frames = [chunk(w, i == len(words) - 1) for i, w in enumerate(words)] or [chunk("", True)]
+    if fail in ("cut", "midstream"):
+        frames = frames[: max(1, len(frames) // 2)]
+    delay = float(directives.get("delay_ms", state.chunk_delay_ms)) / 1000
+    for frame in frames:
+        await response.write(b"data: " + json.dumps(frame, separators=(",", ":")).encode() + b"\r\n\r\n")
+        if delay:
+            await asyncio.sleep(delay)
+    if fail == "cut":
+        assert request.transport is not None
+        request.transport.close()
+        return response
+    if fail == "midstream":
+        error = {"error": {"code": 503, "message": "Emulated failure mid-stream.", "status": "UNAVAILABLE"}}
+        await response.write(b"data: " + json.dumps(error).encode() + b"\r\n\r\n")
+    await response.write_eof()
+    return response
+
+
 def create_emulator_app(state: EmulatorState | None = None) -> web.Application:
     """The emulator as an aiohttp app (base URL: http://host:port/v1)."""
     app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -313,4 +423,7 @@ def create_emulator_app(state: EmulatorState | None = None) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/messages/count_tokens", count_tokens)
+    for version in ("v1", "v1beta"):
+        app.router.add_post(f"/{version}/models/{{model}}:{{method}}", gemini)
+        app.router.add_get(f"/{version}/models", models)
     return app

@@ -19,8 +19,10 @@ import pytest
 import redis as sync_redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from google import genai
+from google.genai import types
 
-from gateway.app import create_app
+from gateway.app import AccessLogger, create_app
 from gateway.embedded import EmbeddedRedis, free_port
 from gateway.emulator import EMULATOR, EmulatorState, create_emulator_app
 from gateway.keys import KeySchema
@@ -102,6 +104,9 @@ async def emulator(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[TestServer]
     monkeypatch.setenv("UPSTREAM_DEMO_ANTHROPIC_BASE_URL", str(server.make_url("")).rstrip("/"))
     monkeypatch.setenv("UPSTREAM_ANTHROPIC_BASE_URL", str(server.make_url("")).rstrip("/"))
     monkeypatch.setenv("UPSTREAM_ANTHROPIC_API_KEY", PROVIDER_KEY)
+    monkeypatch.setenv("UPSTREAM_DEMO_GEMINI_BASE_URL", str(server.make_url("")).rstrip("/"))
+    monkeypatch.setenv("UPSTREAM_GEMINI_BASE_URL", str(server.make_url("")).rstrip("/"))
+    monkeypatch.setenv("UPSTREAM_GEMINI_API_KEY", PROVIDER_KEY)
     yield server
     await server.close()
 
@@ -140,6 +145,13 @@ class Harness:
         self.sdk_clients.append(client)
         return client
 
+    def genai_client(self, key: str, api_version: str | None = None) -> genai.Client:
+        """A google-genai client pointed at the gateway (base URL without the API version)."""
+        options = types.HttpOptions(base_url=str(self.client.make_url("")).rstrip("/"), api_version=api_version)
+        client = genai.Client(api_key=key, http_options=options)
+        self.sdk_clients.append(client)
+        return client
+
     def sync_sdk(self, key: str, **options: Any) -> openai.OpenAI:
         """A blocking openai client (call it through run_sync; closed at teardown)."""
         options.setdefault("max_retries", 0)
@@ -151,6 +163,9 @@ class Harness:
         for client in self.sdk_clients:
             if isinstance(client, openai.AsyncOpenAI | anthropic.AsyncAnthropic):
                 await client.close()
+            elif isinstance(client, genai.Client):
+                await client.aio.aclose()
+                client.close()
             else:
                 client.close()
         self.redis.close()
@@ -215,11 +230,14 @@ class Harness:
 @pytest.fixture
 async def harness(redis_url: str, config_dir: Path, emulator: TestServer,
                   aiohttp_client: Any) -> AsyncIterator[Harness]:
-    app = create_app(make_settings(config_dir, redis_url))
-    client = await aiohttp_client(app)
+    server = TestServer(create_app(make_settings(config_dir, redis_url)))
+    await server.start_server(access_log_class=AccessLogger)  # the access log `gateway serve` uses
+    client: TestClient[Any, Any] = TestClient(server)
+    await client.start_server()
     h = Harness(client, sync_redis.Redis.from_url(redis_url), emulator)
     yield h
     await h.close()
+    await client.close()
 
 
 def credits(micro: int) -> float:
