@@ -259,6 +259,9 @@ def create_app(settings: Settings, config: Config | None = None) -> web.Applicat
     openai, anthropic = gw.dialects["openai"], gw.dialects["anthropic"]
     for prefix in ("/v1", ""):
         app.router.add_post(f"{prefix}/chat/completions", make_handler(openai, "chat"))
+        app.router.add_post(f"{prefix}/completions", make_handler(openai, "completions"))
+        app.router.add_post(f"{prefix}/embeddings", make_handler(openai, "embeddings"))
+        app.router.add_post(f"{prefix}/responses", make_handler(openai, "responses"))
         app.router.add_get(f"{prefix}/models", list_models)
         app.router.add_get(f"{prefix}/models/{{model}}", get_model)
     app.router.add_post("/v1/messages", make_handler(anthropic, "messages"))

@@ -1,10 +1,12 @@
-"""The OpenAI wire dialect (and OpenAI-compatible upstreams): chat completions."""
+"""The OpenAI wire dialect (and OpenAI-compatible upstreams): chat completions, completions,
+embeddings and the Responses API."""
 
 from __future__ import annotations
 
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from gateway.config import Upstream
@@ -19,7 +21,24 @@ from gateway.usage import Usage
 MEDIA_PART_TOKENS = 2_000
 _MEDIA = re.compile(rb'"(?:image_url|input_audio|input_image|file)"')
 _TEMPLATE_TOKENS = 16  # reply primer and role markers beyond what the JSON bytes already cover
-_CAP_FIELDS = ("max_completion_tokens", "max_tokens")
+
+
+@dataclass(frozen=True, slots=True)
+class _Endpoint:
+    input_field: str  # the field holding the prompt (required)
+    cap_fields: tuple[str, ...]  # output-cap fields, in order of preference
+    default_cap: int | None  # the cap when none is given (None: the model's ceiling)
+    multi_choice: bool  # `n` (and `best_of`) multiply the output
+    stream_usage: bool  # usage in a stream only with stream_options.include_usage
+
+
+_ENDPOINTS = {
+    "chat": _Endpoint("messages", ("max_completion_tokens", "max_tokens"), None, True, True),
+    "completions": _Endpoint("prompt", ("max_tokens",), 16, True, True),
+    "responses": _Endpoint("input", ("max_output_tokens",), None, False, False),
+    "embeddings": _Endpoint("input", (), 0, False, False),
+}
+_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 
 _ERROR_TYPES: dict[str, tuple[str, str | None]] = {
     "invalid_request": ("invalid_request_error", None),
@@ -116,10 +135,48 @@ class ChatStreamMeter:
         return False
 
 
+class ResponsesStreamMeter:
+    """Meters a Responses API stream: usage sits only on the terminal event's `response.usage`."""
+
+    def __init__(self) -> None:
+        self._decoder = SSEDecoder()
+        self._usage: Usage | None = None
+        self._estimate = 0
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._usage
+
+    def estimated_output_tokens(self) -> int:
+        return self._estimate
+
+    def feed(self, chunk: bytes) -> bytes:
+        for event in self._decoder.feed(chunk):
+            name = event.event or ""
+            if name.endswith(".delta"):
+                texts = _RESPONSES_DELTA.findall(event.data)
+                if texts:
+                    self._estimate += max(1, ceil_div(sum(len(t) for t in texts), 4))
+            elif name in _TERMINAL:
+                try:
+                    obj = json.loads(event.data)
+                except ValueError:
+                    continue
+                usage = (obj.get("response") or {}).get("usage") if isinstance(obj, dict) else None
+                if isinstance(usage, dict):
+                    self._usage = parse_usage(usage)
+        return chunk
+
+    def finish(self) -> bytes:
+        self._decoder.flush()
+        return b""
+
+
+_RESPONSES_DELTA = re.compile(r'"delta"\s*:\s*"((?:[^"\\]|\\.)+)"')
 #: A chunk that carries usage (`"usage":null` in the other chunks does not match).
 _USAGE_OBJECT = re.compile(r'"usage"\s*:\s*\{')
 #: The generated text of a streamed delta: content, reasoning, refusal and tool-call arguments.
-_DELTA_TEXT = re.compile(r'"(?:content|reasoning_content|refusal|arguments)"\s*:\s*"((?:[^"\\]|\\.)+)"')
+_DELTA_TEXT = re.compile(r'"(?:content|reasoning_content|refusal|arguments|text)"\s*:\s*"((?:[^"\\]|\\.)+)"')
 
 
 class OpenAIDialect:
@@ -138,25 +195,33 @@ class OpenAIDialect:
 
     def parse_request(self, endpoint: str, raw: bytes, max_choices: int, path_model: str | None = None
                       ) -> ParsedRequest:
+        spec = _ENDPOINTS[endpoint]
         body = json_object(raw)
         model = body.get("model")
         if not isinstance(model, str) or not model.strip():
             raise BadRequest("You must provide a model parameter.", param="model")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
+        prompt = body.get(spec.input_field)
+        if not (isinstance(prompt, str) and prompt) and not (isinstance(prompt, list) and prompt):
+            kind = "a non-empty array" if endpoint == "chat" else "a non-empty string or array"
+            raise BadRequest(f"'{spec.input_field}' must be {kind}.", param=spec.input_field)
+        if endpoint == "chat" and not isinstance(prompt, list):
             raise BadRequest("'messages' must be a non-empty array.", param="messages")
         stream = body.get("stream")
         if stream is not None and not isinstance(stream, bool):
             raise BadRequest("'stream' must be a boolean.", param="stream")
+        if endpoint == "embeddings" and stream:
+            raise BadRequest("Embeddings cannot be streamed.", param="stream")
         if body.get("stream_options") is not None and not stream:
             raise BadRequest("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                              param="stream_options")
-        choices = _int_field(body, "n", 1) or 1
-        if choices > max_choices:
-            raise BadRequest(f"Invalid 'n': this gateway allows at most {max_choices} choice(s) per request.",
-                             param="n")
-        cap_field, cap = None, None
-        for name in _CAP_FIELDS:
+        choices = 1
+        if spec.multi_choice:
+            choices = max(_int_field(body, "n", 1) or 1, _int_field(body, "best_of", 1) or 1)
+            if choices > max_choices:
+                raise BadRequest(f"Invalid 'n': this gateway allows at most {max_choices} choice(s) per request.",
+                                 param="n")
+        cap_field, cap = None, spec.default_cap
+        for name in spec.cap_fields:
             value = _int_field(body, name, 1)
             if value is not None:
                 cap_field, cap = name, value
@@ -178,11 +243,13 @@ class OpenAIDialect:
         self, req: ParsedRequest, upstream: Upstream, lowered_cap: int | None
     ) -> tuple[bytes | None, bool]:
         body, changed, hide_usage = req.body, False, False
+        spec = _ENDPOINTS[req.endpoint]
         if lowered_cap is not None:
             body = dict(body)
-            body[req.cap_field or upstream.output_cap_field] = lowered_cap
+            default_field = upstream.output_cap_field if req.endpoint == "chat" else spec.cap_fields[0]
+            body[req.cap_field or default_field] = lowered_cap
             changed = True
-        if req.stream and upstream.stream_usage == "inject":
+        if req.stream and spec.stream_usage and upstream.stream_usage == "inject":
             options = body.get("stream_options")
             options = dict(options) if isinstance(options, dict) else {}
             if options.get("include_usage") is not True:
@@ -205,8 +272,8 @@ class OpenAIDialect:
         usage = obj.get("usage") if isinstance(obj, dict) else None
         return parse_usage(usage) if isinstance(usage, dict) else None
 
-    def stream_meter(self, endpoint: str, hide_usage: bool) -> ChatStreamMeter:
-        return ChatStreamMeter(hide_usage)
+    def stream_meter(self, endpoint: str, hide_usage: bool) -> ChatStreamMeter | ResponsesStreamMeter:
+        return ResponsesStreamMeter() if endpoint == "responses" else ChatStreamMeter(hide_usage)
 
     def error_response(self, error: GatewayError) -> tuple[int, bytes]:
         etype, code = _ERROR_TYPES.get(error.kind, ("server_error", None))
