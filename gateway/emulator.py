@@ -17,8 +17,10 @@ the last message, e.g. `[[emu out=40 cached=5 reasoning=3 fail=midstream delay_m
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
+import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -200,6 +202,125 @@ async def models(request: web.Request) -> web.Response:
     data = [{"id": m, "object": "model", "created": 1721172741, "owned_by": "emulator"}
             for m in ("demo-mini", "demo-large", "gpt-4o-mini")]
     return web.json_response({"object": "list", "data": data})
+
+
+# ---------------------------------------------------------------- OpenAI completions, embeddings, responses
+
+
+async def _openai_request(request: web.Request) -> tuple[dict[str, Any], web.Response | None]:
+    state = request.app[EMULATOR]
+    state.total_requests += 1
+    try:
+        body = json.loads(await request.read())
+    except ValueError:
+        return {}, _error(400, "We could not parse the JSON body of your request.", "invalid_request_error")
+    state.received.append({"path": request.path, "headers": dict(request.headers), "body": body})
+    if state.expected_key is not None and request.headers.get("Authorization") != f"Bearer {state.expected_key}":
+        return body, _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+    return body, None
+
+
+def _words_of(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value.split())
+    if isinstance(value, list):
+        return sum(_words_of(v) if not isinstance(v, int) else 1 for v in value)
+    if isinstance(value, dict):
+        return _words_of(value.get("content")) + _words_of(value.get("text"))
+    return 0
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    body, refused = await _openai_request(request)
+    if refused is not None:
+        return refused
+    prompt_text = body.get("prompt")
+    directives = _directives_in(prompt_text if isinstance(prompt_text, str) else "")
+    cap = body.get("max_tokens") or 16
+    wanted = int(directives.get("out", len(WORDS)))
+    answer = Answer(model=str(body.get("model")), prompt=_words_of(prompt_text) + 1, cached=0,
+                    visible=min(wanted, cap), reasoning=0, finish="length" if wanted > cap else "stop")
+    if not body.get("stream"):
+        return web.json_response({
+            "id": "cmpl-emu", "object": "text_completion", "created": int(time.time()), "model": answer.model,
+            "choices": [{"text": "".join(answer.words()), "index": 0, "logprobs": None,
+                         "finish_reason": answer.finish}], "usage": answer.usage})
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for word in answer.words():
+        chunk = {"id": "cmpl-emu", "object": "text_completion", "created": 1, "model": answer.model,
+                 "choices": [{"text": word, "index": 0, "logprobs": None, "finish_reason": None}]}
+        await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+    if include_usage:
+        final = {"id": "cmpl-emu", "object": "text_completion", "created": 1, "model": answer.model,
+                 "choices": [], "usage": answer.usage}
+        await response.write(b"data: " + json.dumps(final).encode() + b"\n\n")
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    body, refused = await _openai_request(request)
+    if refused is not None:
+        return refused
+    items = body["input"] if isinstance(body.get("input"), list) and not all(
+        isinstance(i, int) for i in body["input"]) else [body.get("input")]
+    vector = [0.25, -0.5, 1.0]
+    if body.get("encoding_format") == "base64":
+        encoded: Any = base64.b64encode(struct.pack("<3f", *vector)).decode()
+    else:
+        encoded = vector
+    tokens = sum(max(1, _words_of(i)) for i in items)
+    return web.json_response({"object": "list", "model": body.get("model"),
+                              "data": [{"object": "embedding", "index": n, "embedding": encoded}
+                                       for n in range(len(items))],
+                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+def _response_object(body: dict[str, Any], status: str, text: str, usage: dict[str, Any] | None) -> dict[str, Any]:
+    return {"id": "resp_emu", "object": "response", "created_at": int(time.time()), "status": status,
+            "model": body.get("model"), "usage": usage,
+            "output": [{"type": "message", "id": "msg_emu", "status": "completed", "role": "assistant",
+                        "content": [{"type": "output_text", "text": text, "annotations": []}]}] if text else []}
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    body, refused = await _openai_request(request)
+    if refused is not None:
+        return refused
+    prompt_input = body.get("input")
+    directives = _directives_in(prompt_input if isinstance(prompt_input, str) else "")
+    cap = body.get("max_output_tokens") or 4096
+    reasoning = min(int(directives.get("reasoning", 0)), cap)
+    wanted = int(directives.get("out", len(WORDS)))
+    prompt = _words_of(prompt_input) + 4 + _words_of(body.get("instructions"))
+    visible = min(wanted, cap - reasoning)
+    words = [(" " if i else "") + WORDS[i % len(WORDS)] for i in range(visible)]
+    usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
+             "output_tokens": visible + reasoning, "output_tokens_details": {"reasoning_tokens": reasoning},
+             "total_tokens": prompt + visible + reasoning}
+    status = "incomplete" if wanted + reasoning > cap else "completed"
+    if not body.get("stream"):
+        return web.json_response(_response_object(body, status, "".join(words), usage))
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    seq = 0
+
+    async def send(name: str, data: dict[str, Any]) -> None:
+        nonlocal seq
+        await response.write(_event(name, {"type": name, "sequence_number": seq, **data}))
+        seq += 1
+
+    await send("response.created", {"response": _response_object(body, "in_progress", "", None)})
+    for word in words:
+        await send("response.output_text.delta", {"item_id": "msg_emu", "output_index": 0, "content_index": 0,
+                                                  "delta": word})
+    terminal = "response.completed" if status == "completed" else "response.incomplete"
+    await send(terminal, {"response": _response_object(body, status, "".join(words), usage)})
+    await response.write_eof()
+    return response
 
 
 # ---------------------------------------------------------------- Anthropic Messages
@@ -420,6 +541,9 @@ def create_emulator_app(state: EmulatorState | None = None) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[EMULATOR] = state or EmulatorState()
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/responses", responses)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/messages/count_tokens", count_tokens)

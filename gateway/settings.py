@@ -38,6 +38,7 @@ class Settings:
             "max_body_bytes": int(env.get("GATEWAY_MAX_BODY_BYTES", 10 * 1024 * 1024)),
             "max_choices": int(env.get("GATEWAY_MAX_CHOICES", 1)),
             "hold_lease_seconds": float(env.get("GATEWAY_HOLD_LEASE_SECONDS", 3600)),
+            "redis_timeout_seconds": float(env.get("GATEWAY_REDIS_TIMEOUT_SECONDS", 0.5)),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

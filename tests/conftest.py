@@ -228,9 +228,15 @@ class Harness:
 
 
 @pytest.fixture
-async def harness(redis_url: str, config_dir: Path, emulator: TestServer,
-                  aiohttp_client: Any) -> AsyncIterator[Harness]:
-    server = TestServer(create_app(make_settings(config_dir, redis_url)))
+def settings_overrides() -> dict[str, Any]:
+    """Settings a test module needs changed for the harness gateway (override the fixture in the module)."""
+    return {}
+
+
+@pytest.fixture
+async def harness(redis_url: str, config_dir: Path, emulator: TestServer, aiohttp_client: Any,
+                  settings_overrides: dict[str, Any]) -> AsyncIterator[Harness]:
+    server = TestServer(create_app(make_settings(config_dir, redis_url, **settings_overrides)))
     await server.start_server(access_log_class=AccessLogger)  # the access log `gateway serve` uses
     client: TestClient[Any, Any] = TestClient(server)
     await client.start_server()
