@@ -298,7 +298,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
     prompt = _words_of(prompt_input) + 4 + _words_of(body.get("instructions"))
     visible = min(wanted, cap - reasoning)
     words = [(" " if i else "") + WORDS[i % len(WORDS)] for i in range(visible)]
-    usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
+    cached = min(int(directives.get("cached", 0)), prompt)
+    usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
              "output_tokens": visible + reasoning, "output_tokens_details": {"reasoning_tokens": reasoning},
              "total_tokens": prompt + visible + reasoning}
     status = "incomplete" if wanted + reasoning > cap else "completed"

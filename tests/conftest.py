@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anthropic
 import openai
 import pytest
@@ -169,6 +170,14 @@ class Harness:
             else:
                 client.close()
         self.redis.close()
+
+    async def emulator_post(self, path: str, body: dict[str, Any]) -> bytes:
+        """What the fake provider answers when called directly with the provider key."""
+        async with aiohttp.ClientSession() as session, session.post(
+                str(self.emulator.make_url(path)), json=body,
+                headers={"Authorization": f"Bearer {PROVIDER_KEY}"}) as resp:
+            assert resp.status == 200, await resp.text()
+            return await resp.read()
 
     @property
     def gw(self) -> Gateway:

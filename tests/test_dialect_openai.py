@@ -39,6 +39,26 @@ def test_stream_usage_is_the_same_at_every_split(path: Path) -> None:
             assert out == (without_usage if hide else data), cut
 
 
+def test_responses_stream_usage_is_the_same_at_every_split() -> None:
+    """The Responses API names its events; usage is on the terminal event's response.usage."""
+    data = (DATA / "openai_responses_stream.sse").read_bytes()
+    for cut in range(1, len(data)):
+        meter = D.stream_meter("responses", hide_usage=False)
+        out = meter.feed(data[:cut]) + meter.feed(data[cut:]) + meter.finish()
+        assert meter.usage == Usage(input_tokens=5, cached_input_tokens=4, cache_write_tokens=None, output_tokens=6,
+                                    reasoning_tokens=2), cut
+        assert out == data, cut  # `event:` lines and every byte relayed untouched
+
+
+def test_responses_stream_without_terminal_event_has_no_usage_but_an_estimate() -> None:
+    data = (DATA / "openai_responses_stream.sse").read_bytes()
+    meter = D.stream_meter("responses", hide_usage=False)
+    meter.feed(data[: data.index(b"event: response.output_text.done")])
+    meter.finish()
+    assert meter.usage is None
+    assert meter.estimated_output_tokens() >= 2
+
+
 def test_stream_estimate_counts_relayed_output() -> None:
     meter = D.stream_meter("chat", hide_usage=False)
     data = STREAMS[0].read_bytes()

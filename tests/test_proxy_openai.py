@@ -289,3 +289,109 @@ async def test_model_outside_the_plan_is_403(harness: Harness) -> None:
         await client.chat.completions.create(model="demo-large", messages=messages("hi"))
     assert info.value.body["code"] == "model_not_allowed"
     assert harness.holds(account) == {}
+
+
+# ---------------------------------------------------------------- completions, embeddings, responses
+
+
+def expected_for(usage_in: int, cached: int, out: int, price_in: str, price_cached: str, price_out: str) -> int:
+    usd = ((usage_in - cached) * Decimal(price_in) + cached * Decimal(price_cached) + out * Decimal(price_out))
+    return int((usd / 1_000_000 * 1_000_000).to_integral_value(ROUND_CEILING))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_legacy_completions_are_charged_exactly(harness: Harness, stream: bool) -> None:
+    account, key = await harness.account(credits=1)
+    client = harness.sdk(key)
+    prompt = "Write a tagline [[emu out=6]]"
+    if stream:
+        chunks = [c async for c in await client.completions.create(model="demo-mini", prompt=prompt, max_tokens=10,
+                                                                   stream=True)]
+        text = "".join(c.choices[0].text for c in chunks)
+        assert all(c.choices for c in chunks)  # the injected usage chunk stays hidden
+        assert emulator_state(harness.emulator).received[-1]["body"]["stream_options"] == {"include_usage": True}
+    else:
+        completion = await client.completions.create(model="demo-mini", prompt=prompt, max_tokens=10)
+        text = completion.choices[0].text
+        assert completion.usage is not None and completion.usage.completion_tokens == 6
+    assert len(text.split()) == 6
+    prompt_count = len(prompt.split()) + 1  # the emulator's count for a completion prompt
+    state = await harness.assert_conserved(account)
+    assert state["charged"] == expected_micro(prompt_count, 0, 6)
+    [event] = [e for e in harness.ledger(account) if e["type"] == "usage"]
+    assert event["endpoint"] == "completions" and event["out"] == "6"
+
+
+async def test_completions_without_max_tokens_hold_the_apis_default_of_16(harness: Harness) -> None:
+    # 30 micro-credits cover the prompt bound plus 16 output tokens, far from the model's 4096 ceiling
+    account, key = await harness.account(credits="0.00003")
+    client = harness.sdk(key)
+    completion = await client.completions.create(model="demo-mini", prompt="go on [[emu out=40]]")
+    assert "max_tokens" not in emulator_state(harness.emulator).received[-1]["body"]  # held 16: nothing lowered
+    assert completion.usage is not None and completion.usage.completion_tokens == 16  # the API's default cap
+    assert completion.choices[0].finish_reason == "length"
+    await harness.assert_conserved(account)
+
+
+@pytest.mark.parametrize("encoding", ["float", "base64", None])
+async def test_embeddings_in_both_encodings_are_charged_for_input_only(harness: Harness, encoding: str | None) -> None:
+    account, key = await harness.account(credits=1)
+    client = harness.sdk(key)
+    options = {} if encoding is None else {"encoding_format": encoding}
+    result = await client.embeddings.create(model="demo-embedding", input=["one two three", "four five"], **options)
+    sent = emulator_state(harness.emulator).received[-1]["body"]
+    # the SDK asks for base64 unless told otherwise, and decodes it; the gateway forwards the choice as is
+    assert sent.get("encoding_format") == (encoding or "base64")
+    if encoding == "base64":
+        assert isinstance(result.data[0].embedding, str)  # the caller asked for base64 and gets it, untouched
+    else:
+        assert [e.embedding for e in result.data] == [[0.25, -0.5, 1.0]] * 2
+    assert result.usage.prompt_tokens == 5
+    state = await harness.assert_conserved(account)
+    assert state["charged"] == expected_for(5, 0, 0, "0.02", "0.02", "0")
+    [event] = [e for e in harness.ledger(account) if e["type"] == "usage"]
+    assert event["endpoint"] == "embeddings" and event["out"] == "0"
+
+
+async def test_embeddings_body_reaches_the_client_byte_for_byte(harness: Harness) -> None:
+    _account, key = await harness.account(credits=1)
+    body = {"model": "demo-embedding", "input": "hello there", "encoding_format": "base64"}
+    direct = await harness.emulator_post("/v1/embeddings", body)
+    async with harness.client.post("/v1/embeddings", json=body, headers={"Authorization": f"Bearer {key}"}) as resp:
+        assert resp.status == 200
+        assert await resp.read() == direct
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_responses_api_is_charged_with_reasoning_and_cached_tokens(harness: Harness, stream: bool) -> None:
+    account, key = await harness.account(credits=1)
+    client = harness.sdk(key)
+    prompt = "Think it over [[emu out=5 reasoning=7 cached=2]]"
+    if stream:
+        events = [e async for e in await client.responses.create(model="demo-mini", input=prompt, stream=True,
+                                                                 max_output_tokens=100)]
+        assert events[0].type == "response.created" and events[-1].type == "response.completed"
+        text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        usage = events[-1].response.usage
+    else:
+        response = await client.responses.create(model="demo-mini", input=prompt, max_output_tokens=100)
+        text, usage = response.output_text, response.usage
+    assert len(text.split()) == 5
+    assert usage is not None and usage.output_tokens == 12 and usage.output_tokens_details.reasoning_tokens == 7
+    assert usage.input_tokens_details.cached_tokens == 2
+    state = await harness.assert_conserved(account)
+    assert state["charged"] == expected_micro(usage.input_tokens, 2, 12)
+    [event] = [e for e in harness.ledger(account) if e["type"] == "usage"]
+    assert (event["endpoint"], event["reasoning"], event["cached_in"]) == ("responses", "7", "2")
+
+
+async def test_responses_api_cap_is_lowered_to_what_the_balance_affords(harness: Harness) -> None:
+    account, key = await harness.account(credits="0.0001")  # 100 micro: about 160 output tokens of demo-mini
+    client = harness.sdk(key)
+    response = await client.responses.create(model="demo-mini", input="long answer [[emu out=400]]",
+                                             max_output_tokens=1000)
+    sent = emulator_state(harness.emulator).received[-1]["body"]
+    assert 0 < sent["max_output_tokens"] < 1000
+    assert response.status == "incomplete"
+    state = await harness.assert_conserved(account)
+    assert 0 < state["charged"] <= 100
