@@ -12,6 +12,7 @@ the last message, e.g. `[[emu out=40 cached=5 reasoning=3 fail=midstream delay_m
   delay_ms=N     wait N ms between streamed chunks
   fail=KIND      500 | 429 | 400 | 401 | hang (never answer) | cut (stream stops, connection drops)
                  | midstream (stream ends with an in-stream error) | nousage (stream without usage)
+  usage=always   OpenAI chat stream: usage on the finish chunk whether asked for or not (Mistral, vLLM)
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ async def _stream(request: web.Request, state: EmulatorState, body: dict[str, An
                   directives: dict[str, str]) -> web.StreamResponse:
     fail = directives.get("fail")
     include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and fail != "nousage"
+    usage_on_last = directives.get("usage") == "always"  # OpenAI-compatible servers that always report it
     delay = float(directives.get("delay_ms", state.chunk_delay_ms)) / 1000
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "x-request-id": f"req_emu_{time.time_ns()}"})
@@ -167,7 +169,8 @@ async def _stream(request: web.Request, state: EmulatorState, body: dict[str, An
                      None, include_usage)]
     frames += [_chunk(answer, [{"index": 0, "delta": {"content": w}, "finish_reason": None}], None, include_usage)
                for w in answer.words()]
-    frames.append(_chunk(answer, [{"index": 0, "delta": {}, "finish_reason": answer.finish}], None, include_usage))
+    frames.append(_chunk(answer, [{"index": 0, "delta": {}, "finish_reason": answer.finish}],
+                         answer.usage if usage_on_last else None, include_usage or usage_on_last))
     if include_usage:
         frames.append(_chunk(answer, [], answer.usage, True))
     frames.append(b"data: [DONE]\n\n")

@@ -249,6 +249,11 @@ class OpenAIDialect:
             default_field = upstream.output_cap_field if req.endpoint == "chat" else spec.cap_fields[0]
             body[req.cap_field or default_field] = lowered_cap
             changed = True
+        if req.cap_field == "max_completion_tokens" and upstream.output_cap_field == "max_tokens":
+            # an upstream that only knows max_tokens would ignore the cap the hold was sized for
+            body = dict(body) if not changed else body
+            body["max_tokens"] = body.pop("max_completion_tokens")
+            changed = True
         if req.stream and spec.stream_usage and upstream.stream_usage == "inject":
             options = body.get("stream_options")
             options = dict(options) if isinstance(options, dict) else {}
