@@ -274,6 +274,7 @@ def create_app(settings: Settings, config: Config | None = None) -> web.Applicat
         app.router.add_post(f"{base}:countTokens", make_free_handler(gemini, "countTokens"))
     app.router.add_get("/v1beta/models", list_models)
     app.router.add_get("/v1beta/models/{model}", get_model)
+    app.router.add_route("*", "/tools/{model}/{tail:.*}", make_handler(gw.dialects["http"], "call"))
     app.router.add_get("/gateway/credits", credits)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)

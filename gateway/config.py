@@ -21,7 +21,7 @@ from gateway.money import MAX_SAFE, MICRO, usd_rate_to_micro_per_mtok
 from gateway.secret import Secret
 
 T = TypeVar("T")
-DIALECTS = ("openai", "anthropic", "gemini")
+DIALECTS = ("openai", "anthropic", "gemini", "http")  # http: pass-through priced per call
 AUTH_STYLES = ("bearer", "x-api-key", "x-goog-api-key", "none")
 STREAM_USAGE = ("inject", "always", "none")
 _VAR = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
@@ -95,12 +95,29 @@ class Rates:
 
 
 @dataclass(frozen=True, slots=True)
+class PlanPrice:
+    """A plan's own price for the models matching `pattern`, instead of USD prices converted."""
+
+    pattern: str
+    tokens_per_credit: Decimal | None  # every token (input, cached, cache write, output)
+    output_tokens_per_credit: Decimal | None  # output tokens, when they differ
+    credits_per_call: Decimal  # a fixed price per request, on top of any token price
+
+    def matches(self, route: str) -> bool:
+        return route == self.pattern or fnmatch.fnmatchcase(route, self.pattern)
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     name: str
     monthly_credits: int  # micro-credits
     credit_usd: Decimal
     markup: Decimal
     models: tuple[str, ...]
+    pricing: tuple[PlanPrice, ...] = ()
+
+    def price_for(self, route: str) -> PlanPrice | None:
+        return next((p for p in self.pricing if p.matches(route)), None)
 
     def allows(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
@@ -255,10 +272,17 @@ def _upstream(r: _Reader, name: str, raw: Any, path: str) -> Upstream:
 def _route(r: _Reader, pattern: str, raw: Any, path: str, upstreams: Mapping[str, Upstream]) -> ModelRoute:
     keys = {"upstream", "input", "cached_input", "cache_write", "cache_write_1h", "output", "per_request",
             "max_output_tokens"}
-    m = r.mapping(raw, path, keys, {"upstream", "max_output_tokens"})
+    m = r.mapping(raw, path, keys, {"upstream"})
     upstream = r.string(m["upstream"], _join(path, "upstream"))
     if upstream not in upstreams:
         raise r.fail(_join(path, "upstream"), f"unknown upstream {upstream!r} (defined: {', '.join(upstreams)})")
+    per_call_only = upstreams[upstream].dialect == "http"
+    if per_call_only:
+        extra = sorted(set(m) - {"upstream", "per_request"})
+        if extra:
+            raise r.fail(_join(path, extra[0]), "an http pass-through entry is priced per request only")
+    elif "max_output_tokens" not in m:
+        raise r.fail(_join(path, "max_output_tokens"), "is required")
     price_in = r.decimal(m.get("input", 0), _join(path, "input"))
     cache_write = r.decimal(m.get("cache_write", price_in), _join(path, "cache_write"))
     prices = Prices(
@@ -269,7 +293,7 @@ def _route(r: _Reader, pattern: str, raw: Any, path: str, upstreams: Mapping[str
         per_request=r.decimal(m.get("per_request", 0), _join(path, "per_request")),
         cache_write_1h=r.decimal(m.get("cache_write_1h", cache_write), _join(path, "cache_write_1h")),
     )
-    ceiling = r.integer(m["max_output_tokens"], _join(path, "max_output_tokens"), minimum=1)
+    ceiling = 0 if per_call_only else r.integer(m["max_output_tokens"], _join(path, "max_output_tokens"), minimum=1)
     return ModelRoute(pattern, upstream, prices, ceiling)
 
 
@@ -288,9 +312,31 @@ def load_providers(path: Path) -> tuple[dict[str, Upstream], tuple[ModelRoute, .
 # ---------------------------------------------------------------- plans.yaml
 
 
+def _plan_price(r: _Reader, pattern: str, raw: Any, path: str) -> PlanPrice:
+    m = r.mapping(raw, path, {"tokens_per_credit", "output_tokens_per_credit", "credits_per_call"})
+    if not m:
+        raise r.fail(path, "give tokens_per_credit, output_tokens_per_credit or credits_per_call")
+    tokens = m.get("tokens_per_credit")
+    output = m.get("output_tokens_per_credit")
+    if output is not None and tokens is None:
+        raise r.fail(_join(path, "tokens_per_credit"), "is required with output_tokens_per_credit")
+    per_call = r.decimal(m.get("credits_per_call", 0), _join(path, "credits_per_call"))
+    if (per_call * MICRO) != (per_call * MICRO).to_integral_value():
+        raise r.fail(_join(path, "credits_per_call"), "at most 6 decimal places")
+    return PlanPrice(
+        pattern=pattern,
+        tokens_per_credit=None if tokens is None else r.decimal(tokens, _join(path, "tokens_per_credit"),
+                                                                 positive=True),
+        output_tokens_per_credit=None if output is None else r.decimal(
+            output, _join(path, "output_tokens_per_credit"), positive=True),
+        credits_per_call=per_call,
+    )
+
+
 def _plan(r: _Reader, name: str, raw: Any, path: str) -> Plan:
-    m = r.mapping(raw, path, {"monthly_credits", "credit_usd", "markup", "models"},
-                  {"monthly_credits", "credit_usd", "models"})
+    m = r.mapping(raw, path, {"monthly_credits", "credit_usd", "markup", "models", "pricing"},
+                  {"monthly_credits", "models"})
+    pricing = r.mapping(m.get("pricing", {}), _join(path, "pricing"), set())
     monthly = r.decimal(m["monthly_credits"], _join(path, "monthly_credits")) * MICRO
     if monthly != monthly.to_integral_value():
         raise r.fail(_join(path, "monthly_credits"), "at most 6 decimal places")
@@ -299,9 +345,11 @@ def _plan(r: _Reader, name: str, raw: Any, path: str) -> Plan:
     return Plan(
         name=name,
         monthly_credits=int(monthly),
-        credit_usd=r.decimal(m["credit_usd"], _join(path, "credit_usd"), positive=True),
+        credit_usd=r.decimal(m.get("credit_usd", 1), _join(path, "credit_usd"), positive=True),
         markup=r.decimal(m.get("markup", 1), _join(path, "markup"), positive=True),
         models=r.string_list(m["models"], _join(path, "models")),
+        pricing=tuple(_plan_price(r, pattern, value, _join(_join(path, "pricing"), pattern))
+                      for pattern, value in pricing.items()),
     )
 
 
@@ -335,11 +383,28 @@ def _compile_rates(
             # per_request is USD per call: the same conversion gives micro-credits per call
             compiled = Rates(conv(p.input), conv(p.cached_input), conv(p.cache_write), conv(p.output),
                              conv(p.per_request), conv(p.cache_write_1h))
+            own = plan.price_for(route.pattern)
+            if own is not None:
+                compiled = _plan_rates(own)
             worst = compiled.output * route.max_output_tokens // MICRO
             if worst > MAX_SAFE // 4:
                 raise fail(f"models.{route.pattern}", f"worst-case cost under plan {plan.name!r} is too large")
             rates[(plan.name, route.pattern)] = compiled
     return rates
+
+
+def _per_token(tokens_per_credit: Decimal | None) -> int:
+    """Micro-credits per 1M tokens when N tokens cost one credit, rounded up."""
+    if tokens_per_credit is None:
+        return 0
+    exact = Decimal(MICRO) * MICRO / tokens_per_credit
+    return int(exact.to_integral_value(rounding="ROUND_CEILING"))
+
+
+def _plan_rates(own: PlanPrice) -> Rates:
+    token = _per_token(own.tokens_per_credit)
+    output = _per_token(own.output_tokens_per_credit) if own.output_tokens_per_credit else token
+    return Rates(token, token, token, output, int(own.credits_per_call * MICRO), token)
 
 
 def load_config(config_dir: Path | str) -> Config:
@@ -354,5 +419,9 @@ def load_config(config_dir: Path | str) -> Config:
             if not any(fnmatch.fnmatchcase(route.pattern, pattern) or route.matches(pattern) for route in routes):
                 raise plans_reader.fail(f"plans.{plan.name}.models[{i}]",
                                         f"{pattern!r} matches no model in {providers_file}")
+        for price in plan.pricing:
+            if not any(price.matches(route.pattern) or route.matches(price.pattern) for route in routes):
+                raise plans_reader.fail(f"plans.{plan.name}.pricing.{price.pattern}",
+                                        f"{price.pattern!r} matches no model in {providers_file}")
     rates = _compile_rates(plans, routes, lambda path, problem: ConfigError(str(providers_file), path, problem))
     return Config(upstreams, routes, plans, default, rates)

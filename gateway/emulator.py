@@ -540,6 +540,26 @@ async def gemini(request: web.Request) -> web.StreamResponse:
     return response
 
 
+# ---------------------------------------------------------------- a web-search API priced per call
+
+
+async def search(request: web.Request) -> web.Response:
+    """Serper-style search (`X-API-KEY` header, JSON body `{"q": ...}`); `q` = "fail" answers 500."""
+    state = request.app[EMULATOR]
+    state.total_requests += 1
+    raw = await request.read()
+    state.received.append({"path": request.path, "headers": dict(request.headers),
+                           "body": json.loads(raw) if raw else {}, "query": dict(request.query)})
+    if state.expected_key is not None and request.headers.get("X-API-KEY") != state.expected_key:
+        return web.json_response({"message": "Unauthorized.", "statusCode": 403}, status=403)
+    query = (json.loads(raw) if raw else {}).get("q") or request.query.get("q", "")
+    if query == "fail":
+        return web.json_response({"message": "Emulated search failure.", "statusCode": 500}, status=500)
+    return web.json_response({"searchParameters": {"q": query, "type": "search"},
+                              "organic": [{"title": f"Result {i} for {query}", "link": f"https://example.com/{i}",
+                                           "position": i} for i in (1, 2, 3)], "credits": 1})
+
+
 def create_emulator_app(state: EmulatorState | None = None) -> web.Application:
     """The emulator as an aiohttp app (base URL: http://host:port/v1)."""
     app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -554,4 +574,5 @@ def create_emulator_app(state: EmulatorState | None = None) -> web.Application:
     for version in ("v1", "v1beta"):
         app.router.add_post(f"/{version}/models/{{model}}:{{method}}", gemini)
         app.router.add_get(f"/{version}/models", models)
+    app.router.add_route("*", "/search", search)
     return app

@@ -84,8 +84,8 @@ class Call:
     ended: bool = False
 
 
-async def read_json_body(request: web.Request) -> bytes:
-    if request.content_type != "application/json":
+async def read_body(request: web.Request, dialect: Dialect) -> bytes:
+    if dialect.json_body and request.content_type != "application/json":
         raise UnsupportedMediaType(
             f"Unsupported Content-Type {request.content_type!r}: send the body as application/json.")
     try:
@@ -153,7 +153,7 @@ def make_handler(dialect: Dialect, endpoint: str) -> Handler:
         request[REQUEST_ID] = request_id
         request[REQUEST_DIALECT] = dialect
         principal = await gw.auth.authenticate(dialect.client_key(request.headers, request.query))  # type: ignore[union-attr]
-        raw = await read_json_body(request)
+        raw = await read_body(request, dialect)
         parsed = dialect.parse_request(endpoint, raw, gw.settings.max_choices, request.match_info.get("model"))
         principal, route, rates, q, reservation = await _reserve(gw, dialect, principal, parsed, request_id)
         call = Call(gw, dialect, principal, parsed, route, rates, q, reservation, request_id, started)
@@ -181,7 +181,7 @@ def make_free_handler(dialect: Dialect, endpoint: str) -> Handler:
         request[REQUEST_DIALECT] = dialect
         principal = await gw.auth.authenticate(dialect.client_key(request.headers, request.query))
         account = await gw.auth.live_account(principal)
-        raw = await read_json_body(request)
+        raw = await read_body(request, dialect)
         parsed = dialect.parse_request(endpoint, raw, gw.settings.max_choices, request.match_info.get("model"))
         principal = gw.auth.with_plan(principal, account.get("plan", principal.plan))
         route, _plan = route_for(gw, dialect, principal, parsed.model)
@@ -236,8 +236,8 @@ async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamRe
                                     sock_read=upstream.timeout_seconds)
     sent = time.perf_counter()
     try:
-        upstream_cm = gw.session.post(url, data=body if body is not None else raw, headers=headers,
-                                      timeout=timeout, params=_forward_query(request))
+        upstream_cm = gw.session.request(request.method, url, data=body if body is not None else raw,
+                                         headers=headers, timeout=timeout, params=_forward_query(request))
         async with upstream_cm as up:
             gw.metrics.upstream_seconds.labels(upstream.name).observe(time.perf_counter() - sent)
             if up.status >= 400:

@@ -106,6 +106,7 @@ async def emulator(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[TestServer]
     monkeypatch.setenv("UPSTREAM_ANTHROPIC_BASE_URL", str(server.make_url("")).rstrip("/"))
     monkeypatch.setenv("UPSTREAM_ANTHROPIC_API_KEY", PROVIDER_KEY)
     monkeypatch.setenv("UPSTREAM_DEMO_GEMINI_BASE_URL", str(server.make_url("")).rstrip("/"))
+    monkeypatch.setenv("UPSTREAM_DEMO_SEARCH_BASE_URL", str(server.make_url("")).rstrip("/"))
     monkeypatch.setenv("UPSTREAM_GEMINI_BASE_URL", str(server.make_url("")).rstrip("/"))
     monkeypatch.setenv("UPSTREAM_GEMINI_API_KEY", PROVIDER_KEY)
     yield server
@@ -173,9 +174,11 @@ class Harness:
 
     async def emulator_post(self, path: str, body: dict[str, Any]) -> bytes:
         """What the fake provider answers when called directly with the provider key."""
+        return await self.emulator_post_with_header(path, body, {"Authorization": f"Bearer {PROVIDER_KEY}"})
+
+    async def emulator_post_with_header(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> bytes:
         async with aiohttp.ClientSession() as session, session.post(
-                str(self.emulator.make_url(path)), json=body,
-                headers={"Authorization": f"Bearer {PROVIDER_KEY}"}) as resp:
+                str(self.emulator.make_url(path)), json=body, headers=headers) as resp:
             assert resp.status == 200, await resp.text()
             return await resp.read()
 

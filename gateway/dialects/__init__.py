@@ -5,9 +5,11 @@ from __future__ import annotations
 from gateway.dialects.anthropic import AnthropicDialect
 from gateway.dialects.base import Dialect
 from gateway.dialects.gemini import GeminiDialect
+from gateway.dialects.http import HttpDialect
 from gateway.dialects.openai import OpenAIDialect
 
 
 def all_dialects() -> dict[str, Dialect]:
     """A fresh name -> dialect table (dialects are stateless)."""
-    return {"openai": OpenAIDialect(), "anthropic": AnthropicDialect(), "gemini": GeminiDialect()}
+    return {"openai": OpenAIDialect(), "anthropic": AnthropicDialect(), "gemini": GeminiDialect(),
+            "http": HttpDialect()}

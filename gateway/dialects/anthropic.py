@@ -120,6 +120,7 @@ class MessagesStreamMeter:
 
 class AnthropicDialect:
     name = "anthropic"
+    json_body = True
 
     def client_key(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
         if "x-api-key" in headers:

@@ -56,6 +56,7 @@ class Dialect(Protocol):
     """One wire format. Adding a provider family means one module implementing this."""
 
     name: str
+    json_body: bool  # requests must be application/json
 
     def client_key(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
         """The gateway key as this dialect's SDKs send it (None when absent)."""

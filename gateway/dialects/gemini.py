@@ -109,6 +109,7 @@ def _generation_cap(body: dict[str, Any]) -> tuple[str | None, str | None, int |
 
 class GeminiDialect:
     name = "gemini"
+    json_body = True
 
     def client_key(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
         return headers.get("x-goog-api-key") or query.get("key")

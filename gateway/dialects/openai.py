@@ -181,6 +181,7 @@ _DELTA_TEXT = re.compile(r'"(?:content|reasoning_content|refusal|arguments|text)
 
 class OpenAIDialect:
     name = "openai"
+    json_body = True
 
     def client_key(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
         auth = headers.get("Authorization")
