@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	# the anthropic SDK's previous major version, beside the current one, for the compatibility tests
+	$(BIN)/pip install --quiet --no-deps --upgrade --target $(VENV)/sdk/anthropic-1 'anthropic==1.17.0'
 	touch $(STAMP)
 
 install: $(STAMP) ## build .venv/ with the gateway and its test tools
