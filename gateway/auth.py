@@ -7,13 +7,16 @@ endpoints check it live. A plan change is caught by the reserve script too (PLAN
 
 from __future__ import annotations
 
+import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any
 
+from gateway.config import key_limits
 from gateway.errors import Forbidden, Unauthorized
 from gateway.keys import KeySchema
+from gateway.limits import Limit
 from gateway.store import hash_key, redis_guard
 
 MAX_KEY_LENGTH = 256
@@ -28,6 +31,9 @@ class Principal:
     account_id: str
     key_id: str
     plan: str
+    anchor_ms: int = 0  # the subscription start the billing cycle is anchored to
+    timezone: str = ""  # the account's own cycle timezone ("" : the plan's)
+    key_limits: tuple[Limit, ...] = ()  # the key's own rate limits
 
 
 def check_key_shape(raw: str | None) -> str:
@@ -60,10 +66,15 @@ class Authenticator:
                 self._cache.pop(digest, None)
                 raise Unauthorized("Incorrect API key provided.")
             account_id, _, key_id = mapping.partition(":")
-            plan = await self._redis.hget(self._schema.for_account(account_id).account, "plan")
+            keys = self._schema.for_account(account_id)
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hmget(keys.account, ["plan", "anchor_ms", "timezone", "created_ms"])
+            pipe.hget(keys.api_key(key_id), "limits")
+            (plan, anchor, zone, created), limits = await pipe.execute()
         if plan is None:
             raise Unauthorized("The account for this API key no longer exists.")
-        principal = Principal(digest, account_id, key_id, plan)
+        principal = Principal(digest, account_id, key_id, plan, int(anchor or created or 0), zone or "",
+                              key_limits(json.loads(limits)) if limits else ())
         self._remember(principal)
         return principal
 

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from gateway.limits import RATE_LIMITS, Limit, parse_duration, rate_limits, spend_window
 from gateway.money import MAX_SAFE, MICRO, usd_rate_to_micro_per_mtok
 from gateway.secret import Secret
 
@@ -115,6 +116,9 @@ class Plan:
     markup: Decimal
     models: tuple[str, ...]
     pricing: tuple[PlanPrice, ...] = ()
+    limits: tuple[Limit, ...] = ()  # checked in the reserve script (see gateway.limits)
+    max_keys: int | None = None
+    timezone: str = "UTC"  # the billing cycle's calendar
 
     def price_for(self, route: str) -> PlanPrice | None:
         return next((p for p in self.pricing if p.matches(route)), None)
@@ -124,12 +128,27 @@ class Plan:
 
 
 @dataclass(frozen=True, slots=True)
+class Pack:
+    """Credits sold once; they never expire."""
+
+    name: str
+    credits: int  # micro-credits
+    price_usd: Decimal
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     upstreams: Mapping[str, Upstream]
     routes: tuple[ModelRoute, ...]
     plans: Mapping[str, Plan]
     default_plan: str
     _rates: Mapping[tuple[str, str], Rates] = field(repr=False)
+    _usd: Mapping[str, Rates] = field(repr=False, default_factory=dict)
+    packs: Mapping[str, Pack] = field(default_factory=dict)
+
+    def usd_rates(self, route: ModelRoute) -> Rates:
+        """The provider's list price in micro-USD (no plan, no markup), for USD caps."""
+        return self._usd[route.pattern]
 
     def route(self, model: str) -> ModelRoute | None:
         """The first route naming the model exactly, else the first glob that matches."""
@@ -333,10 +352,70 @@ def _plan_price(r: _Reader, pattern: str, raw: Any, path: str) -> PlanPrice:
     )
 
 
-def _plan(r: _Reader, name: str, raw: Any, path: str) -> Plan:
-    m = r.mapping(raw, path, {"monthly_credits", "credit_usd", "markup", "models", "pricing"},
+def _micro(r: _Reader, value: Any, path: str) -> int:
+    micro = r.decimal(value, path) * MICRO
+    if micro != micro.to_integral_value():
+        raise r.fail(path, "at most 6 decimal places")
+    if micro > MAX_SAFE:
+        raise r.fail(path, "is too large")
+    return int(micro)
+
+
+def _limits(r: _Reader, raw: Any, path: str, upstream_names: set[str] | None) -> tuple[tuple[Limit, ...], int | None]:
+    allowed = set(RATE_LIMITS) | {"max_keys", "max_cost_usd_per_cycle", "spend_windows", "providers"}
+    m = r.mapping(raw, path, allowed)
+    rates = {k: r.integer(v, _join(path, k), minimum=1) for k, v in m.items() if k in RATE_LIMITS}
+    limits = list(rate_limits(rates, "a"))
+    if "max_cost_usd_per_cycle" in m:
+        limits.append(Limit("max_cost_usd_per_cycle", "u", _micro(r, m["max_cost_usd_per_cycle"],
+                                                                    _join(path, "max_cost_usd_per_cycle")), "a", 0, 0))
+    windows = r.mapping(m.get("spend_windows", {}), _join(path, "spend_windows"), set())
+    for window, credits in windows.items():
+        try:
+            duration = parse_duration(window)
+        except ValueError as exc:
+            raise r.fail(_join(_join(path, "spend_windows"), window), str(exc)) from None
+        limits.append(spend_window(window, duration, _micro(r, credits, _join(_join(path, "spend_windows"), window))))
+    providers = r.mapping(m.get("providers", {}), _join(path, "providers"), set())
+    for provider, caps in providers.items():
+        ppath = _join(_join(path, "providers"), provider)
+        if upstream_names is not None and provider not in upstream_names:
+            raise r.fail(ppath, f"unknown upstream {provider!r} (defined: {', '.join(sorted(upstream_names))})")
+        cm = r.mapping(caps, ppath, {"calls_per_cycle", "tokens_per_cycle"})
+        for cap_name, metric in (("calls_per_cycle", "n"), ("tokens_per_cycle", "t")):
+            if cap_name in cm:
+                limits.append(Limit(f"{provider}.{cap_name}", metric, r.integer(cm[cap_name], _join(ppath, cap_name),
+                                                                                minimum=1), "a", 0, 0, provider))
+    max_keys = r.integer(m["max_keys"], _join(path, "max_keys"), minimum=1) if "max_keys" in m else None
+    return tuple(limits), max_keys
+
+
+def key_limits(values: Any) -> tuple[Limit, ...]:
+    """Rate limits of one API key (tighter than its account's), validated; ValueError names the problem."""
+    reader = _Reader("request")
+    try:
+        m = reader.mapping(values, "limits", set(RATE_LIMITS))
+        return rate_limits({k: reader.integer(v, _join("limits", k), minimum=1) for k, v in m.items()}, "k")
+    except ConfigError as exc:
+        raise ValueError(f"{exc.path}: {exc.problem}") from None
+
+
+def _timezone(r: _Reader, value: Any, path: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    name = r.string(value, path)
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise r.fail(path, f"unknown timezone {name!r} (use an IANA name such as Europe/Paris)") from None
+    return name
+
+
+def _plan(r: _Reader, name: str, raw: Any, path: str, upstream_names: set[str] | None = None) -> Plan:
+    m = r.mapping(raw, path, {"monthly_credits", "credit_usd", "markup", "models", "pricing", "limits", "timezone"},
                   {"monthly_credits", "models"})
     pricing = r.mapping(m.get("pricing", {}), _join(path, "pricing"), set())
+    limits, max_keys = _limits(r, m.get("limits", {}), _join(path, "limits"), upstream_names)
     monthly = r.decimal(m["monthly_credits"], _join(path, "monthly_credits")) * MICRO
     if monthly != monthly.to_integral_value():
         raise r.fail(_join(path, "monthly_credits"), "at most 6 decimal places")
@@ -350,20 +429,34 @@ def _plan(r: _Reader, name: str, raw: Any, path: str) -> Plan:
         models=r.string_list(m["models"], _join(path, "models")),
         pricing=tuple(_plan_price(r, pattern, value, _join(_join(path, "pricing"), pattern))
                       for pattern, value in pricing.items()),
+        limits=limits,
+        max_keys=max_keys,
+        timezone=_timezone(r, m.get("timezone", "UTC"), _join(path, "timezone")),
     )
 
 
-def load_plans(path: Path) -> tuple[dict[str, Plan], str]:
+def _pack(r: _Reader, name: str, raw: Any, path: str) -> Pack:
+    m = r.mapping(raw, path, {"credits", "price_usd"}, {"credits"})
+    credits = _micro(r, m["credits"], _join(path, "credits"))
+    if credits <= 0:
+        raise r.fail(_join(path, "credits"), "must be a positive number")
+    return Pack(name, credits, r.decimal(m.get("price_usd", 0), _join(path, "price_usd")))
+
+
+def load_plans(path: Path, upstream_names: set[str] | None = None
+               ) -> tuple[dict[str, Plan], str, dict[str, Pack]]:
     r, data = _read_yaml(path)
-    top = r.mapping(data, "", {"plans", "default_plan"}, {"plans", "default_plan"})
+    top = r.mapping(data, "", {"plans", "default_plan", "packs"}, {"plans", "default_plan"})
     raw = r.mapping(top["plans"], "plans", set())
     if not raw:
         raise r.fail("plans", "define at least one plan")
-    plans = {name: _plan(r, name, value, _join("plans", name)) for name, value in raw.items()}
+    plans = {name: _plan(r, name, value, _join("plans", name), upstream_names) for name, value in raw.items()}
     default = r.string(top["default_plan"], "default_plan")
     if default not in plans:
         raise r.fail("default_plan", f"unknown plan {default!r}")
-    return plans, default
+    packs_raw = r.mapping(top.get("packs", {}), "packs", set())
+    packs = {name: _pack(r, name, value, _join("packs", name)) for name, value in packs_raw.items()}
+    return plans, default, packs
 
 
 # ---------------------------------------------------------------- both files
@@ -412,7 +505,7 @@ def load_config(config_dir: Path | str) -> Config:
     folder = Path(config_dir)
     providers_file = folder / "providers.yaml"
     upstreams, routes = load_providers(providers_file)
-    plans, default = load_plans(folder / "plans.yaml")
+    plans, default, packs = load_plans(folder / "plans.yaml", set(upstreams))
     plans_reader = _Reader(str(folder / "plans.yaml"))
     for plan in plans.values():
         for i, pattern in enumerate(plan.models):
@@ -424,4 +517,7 @@ def load_config(config_dir: Path | str) -> Config:
                 raise plans_reader.fail(f"plans.{plan.name}.pricing.{price.pattern}",
                                         f"{price.pattern!r} matches no model in {providers_file}")
     rates = _compile_rates(plans, routes, lambda path, problem: ConfigError(str(providers_file), path, problem))
-    return Config(upstreams, routes, plans, default, rates)
+    usd_plan = Plan("<usd>", 0, Decimal(1), Decimal(1), ("*",))
+    usd = _compile_rates({"<usd>": usd_plan}, routes,
+                         lambda path, problem: ConfigError(str(providers_file), path, problem))
+    return Config(upstreams, routes, plans, default, rates, {p: r for (_, p), r in usd.items()}, packs)

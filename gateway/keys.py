@@ -36,6 +36,11 @@ class AccountKeys:
         return self._k("hexp")
 
     @property
+    def limits(self) -> str:
+        """Hash: held sums, cycle counters and window buckets of every limit (see reserve-5.lua)."""
+        return self._k("lim")
+
+    @property
     def ledger(self) -> str:
         """Stream: one usage event per settled request, plus admin events."""
         return self._k("ledger")

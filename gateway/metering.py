@@ -78,6 +78,39 @@ class Reservation:
     hold: int
     available_after: int
     lowered: bool
+    held_tokens: int = 0
+    held_usd: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveSpec:
+    """Everything besides credits the reserve script checks: limits, their worst-case amounts, the cycle."""
+
+    tokens_full: int
+    tokens_min: int
+    usd_full: int
+    usd_min: int
+    limits: str  # limits.encode(...)
+    cycle: tuple[int, int]
+    allowance: int
+    fallback_plan: str
+    fallback_allowance: int
+
+
+class CycleStale(Exception):
+    """The billing cycle ended at a moment the caller's cycle bounds do not cover."""
+
+    def __init__(self, redis_now_ms: int) -> None:
+        super().__init__(redis_now_ms)
+        self.now_ms = redis_now_ms
+
+
+class LimitReached(Exception):
+    """A limit refused the request: which one, its value, its cap and when it frees up."""
+
+    def __init__(self, limit_id: str, used: int, cap: int, frees_in_ms: int, scope: str) -> None:
+        super().__init__(limit_id)
+        self.limit_id, self.used, self.cap, self.frees_in_ms, self.scope = limit_id, used, cap, frees_in_ms, scope
 
 
 class PlanChanged(Exception):
@@ -96,22 +129,32 @@ class Meter:
         self.lease_ms = lease_ms
         self.clock_offset_ms = clock_offset_ms
 
-    async def reserve(self, keys: AccountKeys, key_id: str, request_id: str, plan: str, q: Quote) -> Reservation:
-        """Hold the worst case of a request; raises the refusal as a GatewayError."""
-        status, hold, available, actual_plan = await self.runner.run(
+    async def reserve(self, keys: AccountKeys, key_id: str, request_id: str, plan: str, q: Quote,
+                      spec: ReserveSpec) -> Reservation:
+        """Hold the worst case of a request in the balance and every limit; raises the refusal."""
+        reply = await self.runner.run(
             "reserve",
-            [keys.account, keys.api_key(key_id), keys.holds, keys.hold_expiry],
-            [request_id, plan, q.full_cost, q.min_cost, self.lease_ms, self.clock_offset_ms],
+            [keys.account, keys.api_key(key_id), keys.holds, keys.hold_expiry, keys.limits],
+            [request_id, plan, q.full_cost, q.min_cost, self.lease_ms, self.clock_offset_ms, key_id,
+             spec.tokens_full, spec.tokens_min, spec.usd_full, spec.usd_min, spec.limits, spec.cycle[0],
+             spec.cycle[1], spec.allowance, spec.fallback_plan, spec.fallback_allowance],
         )
+        status, hold, available, actual_plan = reply[:4]
         if status == ScriptStatus.PLAN_CHANGED:
             raise PlanChanged(str(actual_plan))
+        if status == ScriptStatus.CYCLE_STALE:
+            raise CycleStale(int(reply[6]))
+        if status == ScriptStatus.LIMIT_REACHED:
+            raise LimitReached(str(reply[6]), int(reply[7]), int(reply[8]), int(reply[9]), str(reply[10]))
         error: GatewayError | None = error_for_status(int(status), available_micro=int(available))
         if error is not None:
             raise error
-        return Reservation(request_id, int(hold), int(available), status == ScriptStatus.LOWERED)
+        return Reservation(request_id, int(hold), int(available), status == ScriptStatus.LOWERED,
+                           int(reply[4]), int(reply[5]))
 
     async def settle(
-        self, keys: AccountKeys, request_id: str, key_id: str, cost: int, event: dict[str, Any]
+        self, keys: AccountKeys, request_id: str, key_id: str, cost: int, event: dict[str, Any],
+        limits: str = "", tokens: int = 0, usd: int = 0,
     ) -> tuple[bool, int, int]:
         """Charge `cost`, release the rest of the hold and append one ledger event whose
         descriptive fields (`event`, None values dropped) travel as one JSON field.
@@ -121,8 +164,8 @@ class Meter:
         data = json.dumps({k: v for k, v in event.items() if v is not None}, separators=(",", ":"))
         status, charged, available = await self.runner.run(
             "settle",
-            [keys.account, keys.holds, keys.hold_expiry, keys.ledger],
-            [request_id, cost, self.clock_offset_ms, key_id, data],
+            [keys.account, keys.holds, keys.hold_expiry, keys.ledger, keys.limits],
+            [request_id, cost, self.clock_offset_ms, key_id, data, limits, tokens, usd],
         )
         return status == ScriptStatus.OK, int(charged), int(available)
 
@@ -130,7 +173,7 @@ class Meter:
         """End a hold without charge; returns False when it had already ended."""
         status, _released = await self.runner.run(
             "release",
-            [keys.account, keys.holds, keys.hold_expiry, keys.ledger],
+            [keys.account, keys.holds, keys.hold_expiry, keys.ledger, keys.limits],
             [request_id, reason, self.clock_offset_ms],
         )
         return bool(status == ScriptStatus.OK)
@@ -139,7 +182,7 @@ class Meter:
         """Return expired holds of one account; (holds reaped, micro-credits returned)."""
         count, returned = await self.runner.run(
             "reap",
-            [keys.account, keys.holds, keys.hold_expiry, keys.ledger],
+            [keys.account, keys.holds, keys.hold_expiry, keys.ledger, keys.limits],
             [self.clock_offset_ms, limit],
         )
         return int(count), int(returned)

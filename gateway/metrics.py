@@ -32,6 +32,10 @@ class Metrics:
         self.lowered = Counter("gateway_output_cap_lowered_total", "Requests whose output cap was lowered",
                                ["model"], registry=r)
         self.reaped = Counter("gateway_reaped_holds_total", "Expired holds returned by the reaper", registry=r)
+        self.limited = Counter("gateway_limited_total", "Requests refused by a plan or key limit", ["limit"],
+                               registry=r)
+        self.config_reloads = Counter("gateway_config_reloads_total", "Configuration reloads, by result",
+                                      ["result"], registry=r)
         self.estimated = Counter("gateway_estimated_settlements_total",
                                  "Settlements charged from an estimate (no usage reported)", ["model"], registry=r)
 

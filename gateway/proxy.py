@@ -27,11 +27,23 @@ from gateway.errors import (
     InsufficientCredits,
     NotFound,
     PayloadTooLarge,
+    RateLimited,
     UnsupportedMediaType,
     UpstreamError,
     UpstreamTimeout,
 )
-from gateway.metering import PlanChanged, Quote, Reservation, affordable_output, cost_of, quote
+from gateway.limits import Limit, applicable, cycle_bounds, describe, encode
+from gateway.metering import (
+    CycleStale,
+    LimitReached,
+    PlanChanged,
+    Quote,
+    Reservation,
+    ReserveSpec,
+    affordable_output,
+    cost_of,
+    quote,
+)
 from gateway.money import format_credits
 from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway
 from gateway.usage import Usage
@@ -80,6 +92,8 @@ class Call:
     reservation: Reservation
     request_id: str
     started: float
+    limits: str = ""  # the limits the hold was taken under (limits.encode)
+    usd_quote: Quote | None = None
     overhead: float = 0.0
     ended: bool = False
 
@@ -121,17 +135,68 @@ def _price(gw: Gateway, dialect: Dialect, principal: Principal, parsed: ParsedRe
     return route, plan, rates, quote(rates, parsed.prompt_tokens_bound, per_choice * parsed.choices)
 
 
+def _spec(gw: Gateway, principal: Principal, plan: Plan, route: ModelRoute, parsed: ParsedRequest, q: Quote,
+          now_ms: int | None) -> tuple[ReserveSpec, Quote]:
+    """The limits that apply to this request, their worst-case amounts and the current cycle."""
+    limits: list[Limit] = applicable(plan.limits, route.upstream) + list(principal.key_limits)
+    usd = quote(gw.config.usd_rates(route), parsed.prompt_tokens_bound, q.max_output_tokens)
+    now = now_ms if now_ms is not None else int(time.time() * 1000) + gw.meter.clock_offset_ms  # type: ignore[union-attr]
+    cycle = gw.cycle_cache.get((principal.anchor_ms, principal.timezone or plan.timezone))
+    if cycle is None or not cycle[0] <= now < cycle[1]:
+        cycle = cycle_bounds(principal.anchor_ms, principal.timezone or plan.timezone, now)
+        if len(gw.cycle_cache) > 100_000:
+            gw.cycle_cache.clear()
+        gw.cycle_cache[(principal.anchor_ms, principal.timezone or plan.timezone)] = cycle
+    fallback = gw.config.plans[gw.config.default_plan]
+    bound = parsed.prompt_tokens_bound
+    spec = ReserveSpec(bound + q.max_output_tokens, bound + min(q.max_output_tokens, 1), usd.full_cost, usd.min_cost,
+                       encode(limits), cycle, plan.monthly_credits, fallback.name, fallback.monthly_credits)
+    return spec, usd
+
+
+def limit_error(gw: Gateway, dialect: Dialect, plan: str, reached: LimitReached) -> RateLimited:
+    """429 naming the plan, the limit, its current value and when it frees up, with the rate-limit
+    headers of the caller's dialect."""
+    limit = next((lim for p in gw.config.plans.values() for lim in p.limits if lim.id == reached.limit_id), None)
+    metric = limit.metric if limit is not None else ("t" if "token" in reached.limit_id else "n")
+    seconds = max(1, -(-reached.frees_in_ms // 1000))
+    whose = "this API key" if reached.scope == "k" else f"your plan '{plan}'"
+    message = (f"Limit reached: {describe(reached.limit_id, reached.used, reached.cap, metric)} "
+               f"for {whose}. It frees up in {seconds} s.")
+    headers = {"Retry-After": str(seconds), "retry-after-ms": str(max(reached.frees_in_ms, 0))}
+    if seconds > 60:
+        headers["x-should-retry"] = "false"  # SDKs would otherwise sleep on a long wait
+    kind = "tokens" if metric == "t" else "requests"
+    remaining = str(max(reached.cap - reached.used, 0))
+    if dialect.name == "openai" and metric in ("n", "t"):
+        headers.update({f"x-ratelimit-limit-{kind}": str(reached.cap), f"x-ratelimit-remaining-{kind}": remaining,
+                        f"x-ratelimit-reset-{kind}": f"{seconds}s"})
+    elif dialect.name == "anthropic" and metric in ("n", "t"):
+        reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + seconds))
+        headers.update({f"anthropic-ratelimit-{kind}-limit": str(reached.cap),
+                        f"anthropic-ratelimit-{kind}-remaining": remaining,
+                        f"anthropic-ratelimit-{kind}-reset": reset})
+    return RateLimited(message, headers=headers)
+
+
 async def _reserve(gw: Gateway, dialect: Dialect, principal: Principal, parsed: ParsedRequest, request_id: str
-                   ) -> tuple[Principal, ModelRoute, Rates, Quote, Reservation]:
+                   ) -> tuple[Principal, ModelRoute, Rates, Quote, Reservation, str, Quote]:
     assert gw.meter is not None and gw.auth is not None
     keys = gw.schema.for_account(principal.account_id)
-    for _ in range(3):
+    now_ms: int | None = None
+    for _ in range(4):
         route, plan, rates, q = _price(gw, dialect, principal, parsed)
+        spec, usd = _spec(gw, principal, plan, route, parsed, q, now_ms)
         try:
-            reservation = await gw.meter.reserve(keys, principal.key_id, request_id, plan.name, q)
-            return principal, route, rates, q, reservation
+            reservation = await gw.meter.reserve(keys, principal.key_id, request_id, plan.name, q, spec)
+            return principal, route, rates, q, reservation, spec.limits, usd
         except PlanChanged as changed:
             principal = gw.auth.with_plan(principal, changed.plan)
+        except CycleStale as stale:
+            now_ms = stale.now_ms
+        except LimitReached as reached:
+            gw.metrics.limited.labels(reached.limit_id).inc()
+            raise limit_error(gw, dialect, plan.name, reached) from None
         except GatewayError as error:
             if error.status == 401:
                 gw.auth.forget(principal)
@@ -155,8 +220,9 @@ def make_handler(dialect: Dialect, endpoint: str) -> Handler:
         principal = await gw.auth.authenticate(dialect.client_key(request.headers, request.query))  # type: ignore[union-attr]
         raw = await read_body(request, dialect)
         parsed = dialect.parse_request(endpoint, raw, gw.settings.max_choices, request.match_info.get("model"))
-        principal, route, rates, q, reservation = await _reserve(gw, dialect, principal, parsed, request_id)
-        call = Call(gw, dialect, principal, parsed, route, rates, q, reservation, request_id, started)
+        principal, route, rates, q, reservation, limits, usd = await _reserve(gw, dialect, principal, parsed,
+                                                                              request_id)
+        call = Call(gw, dialect, principal, parsed, route, rates, q, reservation, request_id, started, limits, usd)
         call.overhead = time.perf_counter() - started
         gw.metrics.open_holds.inc()
         try:
@@ -210,7 +276,13 @@ def _lowered_cap(call: Call) -> int | None:
     """The output cap per choice the hold affords, when the hold is below the worst case."""
     if not call.reservation.lowered:
         return None
-    per_choice = affordable_output(call.rates, call.quote, call.reservation.hold) // call.parsed.choices
+    res = call.reservation
+    affordable = min(affordable_output(call.rates, call.quote, res.hold),
+                     max(res.held_tokens - call.parsed.prompt_tokens_bound, 0))
+    if call.usd_quote is not None:
+        affordable = min(affordable, affordable_output(call.gw.config.usd_rates(call.route), call.usd_quote,
+                                                       res.held_usd))
+    per_choice = affordable // call.parsed.choices
     asked = call.route.max_output_tokens if call.parsed.output_cap is None else call.parsed.output_cap
     return per_choice if per_choice < asked else None
 
@@ -362,7 +434,11 @@ async def _settle(call: Call, usage: Usage | None, outcome: str, http_status: in
         "outcome": outcome, "estimated": int(estimated), "lowered_cap": lowered, "stream": int(streamed),
         "latency_ms": int((time.perf_counter() - call.started) * 1000),
     }
-    _settled, charged, available = await gw.meter.settle(keys, call.request_id, call.principal.key_id, cost, event)
+    tokens = sum(n or 0 for n in (bill.input_tokens, bill.cached_input_tokens, bill.cache_write_tokens,
+                                  bill.cache_write_1h_tokens, bill.output_tokens))
+    usd = cost_of(gw.config.usd_rates(call.route), bill) if call.limits else 0
+    _settled, charged, available = await gw.meter.settle(keys, call.request_id, call.principal.key_id, cost, event,
+                                                         call.limits, tokens, usd)
     gw.metrics.requests.labels(call.dialect.name, model, str(http_status)).inc()
     gw.metrics.credits.labels(model).inc(charged / 1_000_000)
     for kind, count in (("input", bill.input_tokens), ("cached_input", bill.cached_input_tokens),

@@ -41,14 +41,16 @@ class Script:
 
 
 def load_scripts(folder: Path | None = None) -> dict[str, Script]:
-    """Read every `*.lua` file of the folder into a name -> Script table."""
+    """Read every `*.lua` file of the folder into a name -> Script table. The helpers in `lib/`
+    (local functions only) are prepended to every script, so each operation stays one atomic call."""
     folder = folder or lua_dir()
+    library = "".join(path.read_text(encoding="utf-8") for path in sorted((folder / "lib").glob("*.lua")))
     scripts: dict[str, Script] = {}
     for path in sorted(folder.glob("*.lua")):
         match = _NAME.match(path.name)
         if not match:
             raise ValueError(f"{path}: script names must look like 'operation-<keys>.lua'")
-        source = path.read_text(encoding="utf-8")
+        source = library + path.read_text(encoding="utf-8")
         sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
         scripts[match["op"]] = Script(match["op"], int(match["keys"]), source, sha)
     return scripts

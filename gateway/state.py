@@ -35,6 +35,7 @@ class Gateway:
     session: aiohttp.ClientSession | None = None
     pending: set[asyncio.Task[Any]] = field(default_factory=set)
     inflight: set[asyncio.Task[Any]] = field(default_factory=set)
+    cycle_cache: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)  # (anchor, tz) -> cycle
 
     def track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
         """Keep a settlement task alive until it finishes, even if its request is gone."""

@@ -18,6 +18,7 @@ from typing import Any
 from gateway.config import Config
 from gateway.errors import BadRequest, NotFound, StoreUnavailable
 from gateway.keys import KeySchema
+from gateway.limits import cycle_bounds
 from gateway.money import credits_number, format_credits
 from gateway.scripts import REDIS_DOWN, ScriptRunner
 
@@ -97,16 +98,16 @@ class Store:
             raise BadRequest(f"Unknown plan {plan!r} (configured: {', '.join(config.plans)}).", param="plan")
         account_id = "acct_" + secrets.token_hex(8)
         allowance = config.plans[plan].monthly_credits
-        start = datetime.now(UTC)
+        start_ms = now_ms() + self.clock_offset_ms
+        cycle = cycle_bounds(start_ms, config.plans[plan].timezone, start_ms)
         keys = self.schema.for_account(account_id)
         async with redis_guard():
             pipe = self.redis.pipeline(transaction=False)
             pipe.hset(keys.account, mapping={
                 "name": name, "plan": plan, "status": "active", "allow": allowance, "extra": 0, "held": 0,
                 "charged": 0, "granted": allowance, "cycle_used": 0, "requests": 0,
-                "created_ms": int(start.timestamp() * 1000),
-                "cycle_start_ms": int(start.timestamp() * 1000),
-                "cycle_end_ms": int(add_month(start).timestamp() * 1000),
+                "created_ms": start_ms, "anchor_ms": start_ms, "expired": 0,
+                "cycle_start_ms": cycle[0], "cycle_end_ms": cycle[1],
             })
             pipe.sadd(self.schema.accounts, account_id)
             await pipe.execute()

@@ -27,6 +27,7 @@ from gateway.app import AccessLogger, create_app
 from gateway.embedded import EmbeddedRedis, free_port
 from gateway.emulator import EMULATOR, EmulatorState, create_emulator_app
 from gateway.keys import KeySchema
+from gateway.metering import Quote, ReserveSpec
 from gateway.money import MICRO
 from gateway.secret import Secret
 from gateway.settings import Settings
@@ -209,7 +210,7 @@ class Harness:
         keys = KeySchema().for_account(account_id)
         raw = self.redis.hgetall(keys.account)
         return {k.decode(): int(v) for k, v in raw.items()
-                if k.decode() in ("allow", "extra", "held", "charged", "granted", "cycle_used", "requests")}
+                if k.decode() in ("allow", "extra", "held", "charged", "granted", "cycle_used", "requests", "expired")}
 
     def holds(self, account_id: str) -> dict[str, int]:
         keys = KeySchema().for_account(account_id)
@@ -231,7 +232,7 @@ class Harness:
             await gw.quiesce()
         s = self.state(account_id)
         remaining = s["allow"] + s["extra"] - s["held"]
-        assert s["granted"] == remaining + s["held"] + s["charged"], s
+        assert s["granted"] == remaining + s["held"] + s["charged"] + s.get("expired", 0), s
         assert s["held"] == 0 and self.holds(account_id) == {}, (s, self.holds(account_id))
         assert remaining >= 0, s
         charged_events = sum(int(e["cost"]) for e in self.ledger(account_id) if e["type"] == "usage")
@@ -256,6 +257,12 @@ async def harness(redis_url: str, config_dir: Path, emulator: TestServer, aiohtt
     yield h
     await h.close()
     await client.close()
+
+
+def no_limits(q: Quote) -> ReserveSpec:
+    """A reserve spec for calling the script directly: no limits, no cycle boundary to cross."""
+    return ReserveSpec(q.prompt_tokens_bound + q.max_output_tokens, q.prompt_tokens_bound + 1, 0, 0, "",
+                       (0, 2**52), 0, "free", 0)
 
 
 def credits(micro: int) -> float:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import redis as sync_redis
-from conftest import Harness, make_settings
+from conftest import Harness, make_settings, no_limits
 
 from gateway.app import connect_redis, create_app, reap_once
 from gateway.config import load_config
@@ -21,6 +21,7 @@ from gateway.scripts import ScriptRunner, load_scripts, lua_dir
 from gateway.store import Store
 
 SCRIPTS = sorted(lua_dir().glob("*.lua"))
+LIBS = sorted((lua_dir() / "lib").glob("*.lua"))
 
 
 def test_every_lua_file_is_loaded_with_its_declared_key_count() -> None:
@@ -39,10 +40,19 @@ def test_each_script_states_keys_argv_and_returns_and_reads_time_from_redis(path
     header = "".join(line for line in text.splitlines() if line.startswith("--"))
     assert "KEYS[1]" in header and "ARGV[1]" in header and "Returns" in header
     assert len(text.splitlines()) <= 60
-    # time only from Redis TIME, shifted by the (test-only) offset argument: never a caller's clock
+    # time only from Redis TIME (lib/clock.lua), shifted by the (test-only) offset: never a caller's clock
     if "now" in text:
-        assert "redis.call('TIME')" in text
+        assert "redis.call('TIME')" in text or "now_ms(ARGV[" in text
     assert "os.time" not in text and "os.clock" not in text
+
+
+@pytest.mark.parametrize("path", LIBS, ids=lambda p: p.name)
+def test_library_files_are_short_local_helpers(path: Path) -> None:
+    text = path.read_text()
+    assert text.startswith("-- lib/") and "Returns" in text and len(text.splitlines()) <= 60
+    # nothing global: every helper is a local function, so a script sees only what it calls
+    assert not re.search(r"^function ", text, re.MULTILINE)
+    assert "KEYS[" not in text and "os.time" not in text
 
 
 def test_every_account_key_carries_the_account_hash_tag() -> None:
@@ -120,8 +130,8 @@ async def test_reaper_returns_expired_holds_exactly_once(redis_url: str, config_
     new_key = await store.create_key(account)
     crashed = Meter(runner, lease_ms=60_000)
     keys = schema.for_account(account)
-    reservation = await crashed.reserve(keys, new_key.id, "req_crashed", "free", quote(
-        config.rates("free", config.route("demo-mini")), 100, 100))  # type: ignore[arg-type]
+    q = quote(config.rates("free", config.route("demo-mini")), 100, 100)  # type: ignore[arg-type]
+    reservation = await crashed.reserve(keys, new_key.id, "req_crashed", "free", q, no_limits(q))
     assert reservation.hold > 0
     # before the lease ends nothing is reaped
     assert await crashed.reap(keys) == (0, 0)
@@ -145,7 +155,7 @@ async def test_reaper_task_scans_every_account(harness: Harness) -> None:
     assert gw.meter is not None
     principal = await gw.auth.authenticate(key)  # type: ignore[union-attr]
     q = quote(gw.config.rates("free", gw.config.route("demo-mini")), 10, 10)  # type: ignore[arg-type]
-    await gw.meter.reserve(gw.schema.for_account(account), principal.key_id, "req_lost", "free", q)
+    await gw.meter.reserve(gw.schema.for_account(account), principal.key_id, "req_lost", "free", q, no_limits(q))
     assert harness.holds(account)
     gw.meter.clock_offset_ms = int(gw.settings.hold_lease_seconds * 1000) + 1000
     assert await reap_once(gw) == 1
@@ -161,7 +171,7 @@ async def _reserve_directly(harness: Harness, request_id: str) -> tuple[str, Any
     principal = await gw.auth.authenticate(key)
     keys = gw.schema.for_account(account)
     q = quote(gw.config.rates("free", gw.config.route("demo-mini")), 10, 10)  # type: ignore[arg-type]
-    await gw.meter.reserve(keys, principal.key_id, request_id, "free", q)
+    await gw.meter.reserve(keys, principal.key_id, request_id, "free", q, no_limits(q))
     return account, principal, q, gw.meter
 
 
@@ -181,6 +191,6 @@ async def test_a_duplicate_request_id_is_refused(harness: Harness) -> None:
     account, principal, q, meter = await _reserve_directly(harness, "req_dup")
     keys = harness.gw.schema.for_account(account)
     with pytest.raises(BadRequest):
-        await meter.reserve(keys, principal.key_id, "req_dup", "free", q)
+        await meter.reserve(keys, principal.key_id, "req_dup", "free", q, no_limits(q))
     await meter.release(keys, "req_dup", "test")
     await harness.assert_conserved(account)

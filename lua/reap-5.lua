@@ -1,9 +1,9 @@
--- reap-4.lua: return the holds of one account whose lease has expired (a crashed gateway's).
+-- reap-5.lua: return the holds of one account whose lease has expired (a crashed gateway's).
 -- KEYS[1] account hash   KEYS[2] holds hash   KEYS[3] hold expiry zset   KEYS[4] ledger stream
+-- KEYS[5] limits hash (see lib/limits.lua). Uses lib/clock.lua and lib/settle.lua.
 -- ARGV[1] clock offset (ms)   ARGV[2] most holds to reap in one call
 -- Returns {reaped count, micro-credits returned}. Idempotent: a reaped hold is gone.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+local now = now_ms(ARGV[1])
 local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
 local returned = 0
 for _, rid in ipairs(expired) do
@@ -12,6 +12,7 @@ for _, rid in ipairs(expired) do
   if hold then
     returned = returned + tonumber(hold)
     redis.call('HDEL', KEYS[2], rid)
+    give_back(KEYS[5], rid)
     redis.call('XADD', KEYS[4], '*', 'type', 'reaped', 'ts', now, 'rid', rid, 'cost', 0, 'hold', hold)
   end
 end

@@ -1,7 +1,11 @@
--- settle-4.lua: charge a request's actual cost, release the rest of its hold, record one event.
+-- settle-5.lua: charge a request's actual cost, count it in every limit, release the rest of its
+-- holds and record one event.
 -- KEYS[1] account hash   KEYS[2] holds hash   KEYS[3] hold expiry zset   KEYS[4] ledger stream
+-- KEYS[5] limits hash (see lib/limits.lua). Uses lib/clock.lua and lib/settle.lua.
 -- ARGV[1] request id     ARGV[2] actual cost (micro-credits)   ARGV[3] clock offset (ms)
 -- ARGV[4] key id         ARGV[5] the event's descriptive fields as one JSON object
+-- ARGV[6] the limits the request was reserved under (JSON, as reserve-5 ARGV[12]; '' for none)
+-- ARGV[7] actual tokens  ARGV[8] actual micro-USD
 -- Returns {status, charged, available_after}; status 0 settled, 2 hold already ended (no effect).
 -- The charge exceeds the hold only out of credits no other hold claims, and never below zero;
 -- what could not be collected is recorded in the event as `uncollected`.
@@ -27,10 +31,15 @@ redis.call('HSET', KEYS[1], 'allow', allow, 'extra', extra, 'held', held)
 redis.call('HINCRBY', KEYS[1], 'charged', charge)
 redis.call('HINCRBY', KEYS[1], 'cycle_used', charge)
 redis.call('HINCRBY', KEYS[1], 'requests', 1)
+redis.call('HINCRBY', KEYS[1], 'cycle_requests', 1)
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3])
+local now = now_ms(ARGV[3])
+give_back(KEYS[5], ARGV[1])
+if ARGV[6] ~= '' then
+  local used = {c = charge, t = tonumber(ARGV[7]), u = tonumber(ARGV[8]), n = 1}
+  count_usage(KEYS[5], cjson.decode(ARGV[6]), ARGV[4], used, now)
+end
 redis.call('XADD', KEYS[4], '*', 'type', 'usage', 'ts', now, 'rid', ARGV[1], 'key_id', ARGV[4],
            'cost', charge, 'hold', hold, 'uncollected', actual - charge, 'data', ARGV[5])
 return {0, charge, allow + extra - held}

@@ -1,0 +1,51 @@
+-- lib/limits.lua: limit rows [id, metric c|t|u|n, cap, scope a|k, window ms (0 cycle, -1 in flight),
+-- bucket ms] checked, held, counted and given back in the limits hash (`lim`).
+-- Fields: `h:<scope>:<metric>` held sums, `c:<scope>:<id>` cycle counters,
+-- `w:<scope>:<id>:<bucket>` window buckets, `r:<rid>` what one request holds (`field amount ...`).
+-- Returns: see each function.
+local function scope_of(scope, kid) return scope == 'k' and ('k:' .. kid .. ':') or 'a:' end
+
+-- {used, ms until some of it frees} of one limit row at `now`
+local function limit_used(lim, l, prefix, now, cycle_end)
+  local id, window, bucket = l[1], l[5], l[6]
+  if window == 0 then
+    return tonumber(redis.call('HGET', lim, 'c:' .. prefix .. id) or '0'), cycle_end - now
+  elseif window < 0 then
+    return 0, 1000
+  end
+  local current, count = math.floor(now / bucket), math.floor(window / bucket)
+  local names = {}
+  for i = current - count + 1, current do names[#names + 1] = 'w:' .. prefix .. id .. ':' .. i end
+  local used, frees = 0, 1000
+  for i, v in ipairs(redis.call('HMGET', lim, unpack(names))) do
+    if v and tonumber(v) > 0 then
+      if used == 0 then frees = (current - count + i + count) * bucket - now end
+      used = used + tonumber(v)
+    end
+  end
+  return used, frees
+end
+
+-- lowers want[metric] to each limit's room; returns nil, or the refusal {id, used, cap, frees, scope}
+local function check_limits(lim, rows, kid, want, least, now, cycle_end)
+  for _, l in ipairs(rows) do
+    local prefix = scope_of(l[4], kid)
+    local used, frees = limit_used(lim, l, prefix, now, cycle_end)
+    used = used + tonumber(redis.call('HGET', lim, 'h:' .. prefix .. l[2]) or '0')
+    local room = l[3] - used
+    if room < least[l[2]] then return {l[1], used, l[3], frees, l[4]} end
+    if room < want[l[2]] then want[l[2]] = room end
+  end
+  return nil
+end
+
+-- holds want[metric] once per held field the rows use, and records it under r:<rid>
+local function hold_limits(lim, rows, kid, want, rid)
+  local fields, record = {}, {}
+  for _, l in ipairs(rows) do fields['h:' .. scope_of(l[4], kid) .. l[2]] = l[2] end
+  for field, metric in pairs(fields) do
+    redis.call('HINCRBY', lim, field, want[metric])
+    record[#record + 1] = field .. ' ' .. string.format('%.0f', want[metric])
+  end
+  if #record > 0 then redis.call('HSET', lim, 'r:' .. rid, table.concat(record, ' ')) end
+end

@@ -1,0 +1,48 @@
+-- reserve-5.lua: hold a request's worst case against the balance and every limit, or refuse.
+-- Uses lib/clock.lua, lib/cycle.lua and lib/limits.lua (prepended by the loader).
+-- KEYS[1] account hash   KEYS[2] API key hash   KEYS[3] holds hash   KEYS[4] hold expiry zset
+-- KEYS[5] limits hash (see lib/limits.lua)
+-- ARGV[1] request id     ARGV[2] plan the caller priced with
+-- ARGV[3] full credits: prompt bound + every output token   ARGV[4] minimum credits: prompt + 1 token
+-- ARGV[5] lease (ms)     ARGV[6] clock offset (ms; 0 outside tests)   ARGV[7] key id
+-- ARGV[8] full tokens    ARGV[9] minimum tokens   ARGV[10] full micro-USD   ARGV[11] minimum micro-USD
+-- ARGV[12] limit rows as JSON ('' for none)
+-- ARGV[13] start and ARGV[14] end (ms) of the billing cycle the caller computed for now
+-- ARGV[15] the priced plan's allowance per cycle   ARGV[16] fallback plan   ARGV[17] its allowance
+-- Returns {status, credits held, available_after, plan, tokens held, micro-USD held, detail...};
+-- status 0 full hold, 1 lowered, 10 no account, 11 disabled, 12 key revoked, 13 key expired,
+-- 14 plan changed, 15 duplicate request id, 16 stale cycle bounds (detail: Redis now),
+-- 20 insufficient credits, 21 limit reached (detail: limit id, used, cap, ms until it frees, scope).
+local now = now_ms(ARGV[6])
+local a = redis.call('HMGET', KEYS[1], 'plan', 'status', 'allow', 'extra', 'held', 'cycle_end_ms',
+                     'plan_expires_ms', 'next_plan', 'next_allow')
+if not a[1] then return {10, 0, 0, ''} end
+if a[2] ~= 'active' then return {11, 0, 0, a[1]} end
+local k = redis.call('HMGET', KEYS[2], 'status', 'expires_ms')
+if k[1] ~= 'active' then return {12, 0, 0, a[1]} end
+local expires = tonumber(k[2] or '0')
+if expires > 0 and now >= expires then return {13, 0, 0, a[1]} end
+local status, plan, allow = roll_cycle(KEYS[1], KEYS[5], a, now, ARGV)
+if status == 16 then return {16, 0, 0, plan, 0, 0, now} end
+if status == 14 or plan ~= ARGV[2] then return {14, 0, 0, plan} end
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return {15, 0, 0, plan} end
+
+local available = allow + tonumber(a[4] or '0') - tonumber(a[5] or '0')
+local want = {c = tonumber(ARGV[3]), t = tonumber(ARGV[8]), u = tonumber(ARGV[10]), n = 1}
+local least = {c = tonumber(ARGV[4]), t = tonumber(ARGV[9]), u = tonumber(ARGV[11]), n = 1}
+if available < least.c then return {20, 0, available, plan} end
+if available < want.c then want.c = available end
+local rows = {}
+if ARGV[12] ~= '' then rows = cjson.decode(ARGV[12]) end
+local cycle_end = tonumber(redis.call('HGET', KEYS[1], 'cycle_end_ms'))
+local refused = check_limits(KEYS[5], rows, ARGV[7], want, least, now, cycle_end)
+if refused then
+  return {21, 0, available, plan, 0, 0, refused[1], refused[2], refused[3], refused[4], refused[5]}
+end
+local lowered = 0
+if want.c < tonumber(ARGV[3]) or want.t < tonumber(ARGV[8]) or want.u < tonumber(ARGV[10]) then lowered = 1 end
+hold_limits(KEYS[5], rows, ARGV[7], want, ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'held', want.c)
+redis.call('HSET', KEYS[3], ARGV[1], want.c)
+redis.call('ZADD', KEYS[4], now + tonumber(ARGV[5]), ARGV[1])
+return {lowered, want.c, available - want.c, plan, want.t, want.u}
