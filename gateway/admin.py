@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.config import key_limits
 from gateway.errors import BadRequest, Unauthorized
 from gateway.money import credits_number, credits_to_micro
 from gateway.state import GATEWAY, Gateway
@@ -65,14 +66,21 @@ async def get_account(request: web.Request) -> web.Response:
 
 
 async def create_key(request: web.Request) -> web.Response:
-    _gw, store = _check_admin(request)
+    gw, store = _check_admin(request)
     body = await _json(request)
     label = _string(body, "label", required=False)
     scopes = body.get("scopes") or []
     if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
         raise BadRequest("'scopes' must be a list of strings.", param="scopes")
-    new = await store.create_key(request.match_info["account_id"], label, parse_expiry(body.get("expires_at")),
-                                 tuple(scopes))
+    limits = body.get("limits") or {}
+    try:
+        key_limits(limits)
+    except ValueError as exc:
+        raise BadRequest(f"Invalid key limits: {exc}.", param="limits") from None
+    account_id = request.match_info["account_id"]
+    plan = gw.config.plans.get((await store.account_raw(account_id)).get("plan", ""))
+    new = await store.create_key(account_id, label, parse_expiry(body.get("expires_at")), tuple(scopes),
+                                 limits, plan.max_keys if plan else None)
     view = key_view(new.id, new.account_id, {"prefix": new.prefix, "label": new.label, "status": "active",
                                              "expires_ms": str(new.expires_ms), "scopes": ",".join(scopes)})
     return web.json_response({**view, "key": new.key}, status=201)
@@ -107,7 +115,27 @@ async def set_plan(request: web.Request) -> web.Response:
     gw, store = _check_admin(request)
     body = await _json(request)
     account_id = request.match_info["account_id"]
-    await store.set_plan(gw.config, account_id, _string(body, "plan"))
+    expires = body.get("expires_at")
+    change = await store.change_plan(gw.config, account_id, _string(body, "plan"), body.get("effective"),
+                                     -1 if expires is None else parse_expiry(expires))
+    return web.json_response({**account_view(account_id, await store.account_raw(account_id), gw.config),
+                              "change": change})
+
+
+async def buy_pack(request: web.Request) -> web.Response:
+    gw, store = _check_admin(request)
+    body = await _json(request)
+    account_id = request.match_info["account_id"]
+    available = await store.buy_pack(gw.config, account_id, _string(body, "pack"))
+    return web.json_response({"account_id": account_id, "pack": body["pack"],
+                              "credits_remaining": credits_number(available)})
+
+
+async def renew(request: web.Request) -> web.Response:
+    gw, store = _check_admin(request)
+    body = await _json(request)
+    account_id = request.match_info["account_id"]
+    await store.renew(gw.config, account_id, body.get("months", 1))
     return web.json_response(account_view(account_id, await store.account_raw(account_id), gw.config))
 
 
@@ -119,3 +147,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/admin/keys/{key_id}", revoke_key)
     app.router.add_post("/admin/accounts/{account_id}/credits", grant_credits)
     app.router.add_put("/admin/accounts/{account_id}/plan", set_plan)
+    app.router.add_post("/admin/accounts/{account_id}/packs", buy_pack)
+    app.router.add_post("/admin/accounts/{account_id}/renew", renew)

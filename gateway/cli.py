@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.app import AccessLogger
-from gateway.config import ConfigError, load_config
+from gateway.config import Config, ConfigError, key_limits, load_config
 from gateway.embedded import EmbeddedRedis, discover_url
 from gateway.errors import GatewayError
 from gateway.keys import KeySchema
@@ -163,9 +163,21 @@ async def _accounts_show(args: argparse.Namespace) -> None:
     _output(args, view, "\n".join(f"{k}: {v}" for k, v in view.items()))
 
 
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(Settings.from_env(config_dir=args.config_dir).config_dir)
+
+
 async def _keys_create(args: argparse.Namespace) -> None:
+    config = _config(args)
+    try:
+        limits = json.loads(args.limits) if args.limits else {}
+        key_limits(limits)
+    except ValueError as exc:
+        raise GatewayError(f"invalid --limits: {exc}") from None
     async with _store(args) as store:
-        new = await store.create_key(args.account, args.label or "", parse_expiry(args.expires_at))
+        plan = config.plans.get((await store.account_raw(args.account)).get("plan", ""))
+        new = await store.create_key(args.account, args.label or "", parse_expiry(args.expires_at), (), limits,
+                                     plan.max_keys if plan else None)
     view = key_view(new.id, new.account_id, {"prefix": new.prefix, "label": new.label, "status": "active",
                                              "expires_ms": str(new.expires_ms)})
     _output(args, {**view, "key": new.key},
@@ -195,6 +207,31 @@ async def _credits_grant(args: argparse.Namespace) -> None:
     _output(args, {"account_id": args.account, "granted": credits_number(micro),
                    "credits_remaining": credits_number(available)},
             f"granted {args.credits} credits to {args.account}; {credits_number(available)} available")
+
+
+async def _plans_change(args: argparse.Namespace) -> None:
+    config = _config(args)
+    async with _store(args) as store:
+        change = await store.change_plan(config, args.account, args.plan, args.effective,
+                                         -1 if args.expires_at is None else parse_expiry(args.expires_at))
+    _output(args, change, f"{args.account}: plan {change['plan']}"
+            + (f", {change['next_plan']} from the next cycle" if change["next_plan"] else "")
+            + f" ({change['credited']} credits added)")
+
+
+async def _plans_renew(args: argparse.Namespace) -> None:
+    config = _config(args)
+    async with _store(args) as store:
+        end = await store.renew(config, args.account, args.months)
+    _output(args, {"account_id": args.account, "plan_expires_ms": end}, f"{args.account}: renewed until {end} ms")
+
+
+async def _packs_buy(args: argparse.Namespace) -> None:
+    config = _config(args)
+    async with _store(args) as store:
+        available = await store.buy_pack(config, args.account, args.pack)
+    _output(args, {"account_id": args.account, "pack": args.pack, "credits_remaining": credits_number(available)},
+            f"added pack {args.pack} to {args.account}; {credits_number(available)} credits available")
 
 
 def _run(coro: Callable[[argparse.Namespace], Coroutine[Any, Any, None]]) -> Callable[[argparse.Namespace], int]:
@@ -256,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     kcreate.add_argument("--account", required=True)
     kcreate.add_argument("--label", default="")
     kcreate.add_argument("--expires-at", default=None, help="ISO 8601 time")
+    kcreate.add_argument("--limits", default=None,
+                         help='the key\'s own rate limits as JSON, e.g. \'{"requests_per_minute": 20}\'')
     kcreate.set_defaults(func=_run(_keys_create))
     klist = common(keys.add_parser("list", help="list an account's keys"))
     klist.add_argument("--account", required=True)
@@ -270,6 +309,24 @@ def build_parser() -> argparse.ArgumentParser:
     grant.add_argument("--credits", required=True)
     grant.add_argument("--note", default="")
     grant.set_defaults(func=_run(_credits_grant))
+
+    plans = sub.add_parser("plans", help="change subscriptions").add_subparsers(dest="action", required=True)
+    change = common(plans.add_parser("change", help="upgrade (at once) or downgrade (next cycle) an account"))
+    change.add_argument("--account", required=True)
+    change.add_argument("--plan", required=True)
+    change.add_argument("--effective", choices=("now", "next_cycle"), default=None)
+    change.add_argument("--expires-at", default=None, help="subscription end, ISO 8601 (then: the default plan)")
+    change.set_defaults(func=_run(_plans_change))
+    renew = common(plans.add_parser("renew", help="extend a subscription by whole months"))
+    renew.add_argument("--account", required=True)
+    renew.add_argument("--months", type=int, default=1)
+    renew.set_defaults(func=_run(_plans_renew))
+
+    packs = sub.add_parser("packs", help="credit packs").add_subparsers(dest="action", required=True)
+    buy = common(packs.add_parser("buy", help="add a pack from plans.yaml (its credits never expire)"))
+    buy.add_argument("--account", required=True)
+    buy.add_argument("--pack", required=True)
+    buy.set_defaults(func=_run(_packs_buy))
     return parser
 
 

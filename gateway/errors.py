@@ -96,13 +96,14 @@ class ScriptStatus(IntEnum):
     CYCLE_STALE = 16  # reserve: the cycle boundaries sent were computed for another moment
     INSUFFICIENT = 20
     LIMIT_REACHED = 21
+    TOO_MANY_KEYS = 30
 
 
 def error_for_status(status: int, *, available_micro: int = 0) -> GatewayError | None:
     """Map a script status to the exception the caller sees; None for the non-error codes."""
     code = ScriptStatus(status)
     if code in (ScriptStatus.OK, ScriptStatus.LOWERED, ScriptStatus.ALREADY_DONE, ScriptStatus.PLAN_CHANGED,
-                ScriptStatus.CYCLE_STALE, ScriptStatus.LIMIT_REACHED):
+                ScriptStatus.CYCLE_STALE, ScriptStatus.LIMIT_REACHED, ScriptStatus.TOO_MANY_KEYS):
         return None
     if code is ScriptStatus.INSUFFICIENT:
         return InsufficientCredits(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import calendar
 import hashlib
+import json
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway.config import Config
-from gateway.errors import BadRequest, NotFound, StoreUnavailable
+from gateway.errors import BadRequest, Forbidden, NotFound, ScriptStatus, StoreUnavailable
 from gateway.keys import KeySchema
 from gateway.limits import cycle_bounds
 from gateway.money import credits_number, format_credits
@@ -120,13 +121,6 @@ class Store:
             raise NotFound(f"No account {account_id!r}.")
         return data
 
-    async def set_plan(self, config: Config, account_id: str, plan: str) -> None:
-        if plan not in config.plans:
-            raise BadRequest(f"Unknown plan {plan!r} (configured: {', '.join(config.plans)}).", param="plan")
-        await self.account_raw(account_id)
-        async with redis_guard():
-            await self.redis.hset(self.schema.for_account(account_id).account, "plan", plan)
-
     async def grant(self, account_id: str, micro: int, note: str = "") -> int:
         """Add non-expiring credits; returns micro-credits available afterwards."""
         if micro <= 0:
@@ -139,23 +133,80 @@ class Store:
         return int(available)
 
     async def create_key(self, account_id: str, label: str = "", expires_ms: int = 0,
-                         scopes: tuple[str, ...] = ()) -> NewKey:
-        await self.account_raw(account_id)
+                         scopes: tuple[str, ...] = (), limits: dict[str, int] | None = None,
+                         max_keys: int | None = None) -> NewKey:
+        """A new key; refused when the account already has `max_keys` active keys (atomic)."""
         raw = KEY_PREFIX + secrets.token_urlsafe(32)
         key_id = "key_" + secrets.token_hex(8)
         prefix = raw[:12]
         keys = self.schema.for_account(account_id)
-        async with redis_guard():
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hset(keys.api_key(key_id), mapping={
-                "status": "active", "expires_ms": expires_ms, "label": label, "prefix": prefix,
-                "created_ms": now_ms(), "scopes": ",".join(scopes), "sha256": hash_key(raw),
-            })
+        record: dict[str, Any] = {
+            "status": "active", "expires_ms": expires_ms, "label": label, "prefix": prefix,
+            "created_ms": now_ms(), "scopes": ",".join(scopes), "sha256": hash_key(raw),
+        }
+        if limits:
+            record["limits"] = json.dumps(limits, separators=(",", ":"))
+        pairs = [str(item) for field_value in record.items() for item in field_value]
+        status, active = await self.runner.run(
+            "addkey", [keys.account, keys.key_ids, keys.api_key(key_id)], [key_id, max_keys or 0, *pairs])
+        if status == ScriptStatus.NO_ACCOUNT:
+            raise NotFound(f"No account {account_id!r}.")
+        if status == ScriptStatus.TOO_MANY_KEYS:
+            raise Forbidden(f"The account already has {active} active keys, the most its plan allows; "
+                            "revoke one first.")
+        async with redis_guard():  # the global lookups, once the record exists
+            pipe = self.redis.pipeline(transaction=False)
             pipe.set(self.schema.key_hash(hash_key(raw)), f"{account_id}:{key_id}")
             pipe.set(self.schema.key_id(key_id), account_id)
-            pipe.sadd(keys.key_ids, key_id)
             await pipe.execute()
         return NewKey(key_id, raw, prefix, account_id, label, expires_ms)
+
+    async def change_plan(self, config: Config, account_id: str, plan: str, when: str | None = None,
+                          expires_ms: int = -1) -> dict[str, Any]:
+        """Upgrade at once (the allowance difference credited for this cycle), downgrade at the next
+        cycle, unless `when` says otherwise; `expires_ms` sets the subscription's end (0: none)."""
+        if plan not in config.plans:
+            raise BadRequest(f"Unknown plan {plan!r} (configured: {', '.join(config.plans)}).", param="plan")
+        if when not in (None, "now", "next_cycle"):
+            raise BadRequest("'effective' must be 'now' or 'next_cycle'.", param="effective")
+        keys = self.schema.for_account(account_id)
+        for _ in range(3):
+            current = (await self.account_raw(account_id)).get("plan", "")
+            old = config.plans.get(current)
+            old_allow = old.monthly_credits if old else 0
+            new_allow = config.plans[plan].monthly_credits
+            effective = when or ("now" if new_allow >= old_allow else "next_cycle")
+            status, credited = await self.runner.run(
+                "plan", [keys.account, keys.ledger],
+                [current, plan, effective, new_allow, old_allow, expires_ms, self.clock_offset_ms])
+            if status == ScriptStatus.OK:
+                return {"plan": plan if effective == "now" else current, "next_plan": None if effective == "now"
+                        else plan, "effective": effective, "credited": credits_number(int(credited))}
+            if status == ScriptStatus.NO_ACCOUNT:
+                raise NotFound(f"No account {account_id!r}.")
+        raise BadRequest("The account's plan changed while it was being changed; try again.")
+
+    async def renew(self, config: Config, account_id: str, months: int) -> int:
+        """Extend the subscription by whole months from its current end (or from now); returns the new end."""
+        if not isinstance(months, int) or isinstance(months, bool) or not 1 <= months <= 120:
+            raise BadRequest("'months' must be a whole number from 1 to 120.", param="months")
+        rec = await self.account_raw(account_id)
+        start = max(int(rec.get("plan_expires_ms") or 0), now_ms() + self.clock_offset_ms)
+        moment = datetime.fromtimestamp(start / 1000, UTC)
+        for _ in range(months):
+            moment = add_month(moment)
+        end = int(moment.timestamp() * 1000)
+        plan = rec.get("plan", "")
+        await self.change_plan(config, account_id, plan, "next_cycle" if rec.get("next_plan") else "now", end)
+        return end
+
+    async def buy_pack(self, config: Config, account_id: str, pack: str) -> int:
+        """Add a pack's credits (they never expire); returns micro-credits available afterwards."""
+        if pack not in config.packs:
+            raise BadRequest(f"Unknown pack {pack!r} (configured: {', '.join(config.packs) or 'none'}).",
+                             param="pack")
+        chosen = config.packs[pack]
+        return await self.grant(account_id, chosen.credits, f"pack:{pack} usd:{chosen.price_usd}")
 
     async def list_keys(self, account_id: str) -> list[dict[str, Any]]:
         await self.account_raw(account_id)
@@ -174,8 +225,10 @@ class Store:
             account_id = await self.redis.get(self.schema.key_id(key_id))
             if not account_id:
                 raise NotFound(f"No key {key_id!r}.")
-            record_key = self.schema.for_account(account_id).api_key(key_id)
-            await self.redis.hset(record_key, "status", "revoked")
+        keys = self.schema.for_account(account_id)
+        record_key = keys.api_key(key_id)
+        await self.runner.run("revokekey", [keys.account, record_key], [0])
+        async with redis_guard():
             record = await self.redis.hgetall(record_key)
             if record.get("sha256"):
                 await self.redis.delete(self.schema.key_hash(record["sha256"]))
