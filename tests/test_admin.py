@@ -50,7 +50,8 @@ async def test_account_lifecycle_through_the_admin_api(harness: Harness) -> None
     account_id = account["id"]
     resp = await harness.client.post(f"/admin/accounts/{account_id}/credits", json={"credits": "2.5"}, headers=ADMIN)
     assert resp.status == 200 and (await resp.json())["credits_remaining"] == 7.5
-    resp = await harness.client.put(f"/admin/accounts/{account_id}/plan", json={"plan": "pro", "effective": "now"}, headers=ADMIN)
+    resp = await harness.client.put(f"/admin/accounts/{account_id}/plan", json={"plan": "pro", "effective": "now"},
+                                    headers=ADMIN)
     assert resp.status == 200 and (await resp.json())["plan"] == "pro"
     resp = await harness.client.get(f"/admin/accounts/{account_id}", headers=ADMIN)
     view = await resp.json()
@@ -152,7 +153,8 @@ async def test_a_plan_change_applies_to_the_next_request_even_when_cached(harnes
     account, key = await harness.account(credits=100)
     sdk = harness.sdk(key)
     await sdk.chat.completions.create(**BODY)  # cached as plan "free"
-    resp = await harness.client.put(f"/admin/accounts/{account}/plan", json={"plan": "starter", "effective": "now"}, headers=ADMIN)
+    resp = await harness.client.put(f"/admin/accounts/{account}/plan", json={"plan": "starter", "effective": "now"},
+                                    headers=ADMIN)
     assert resp.status == 200
     with pytest.raises(openai.PermissionDeniedError):  # starter allows demo-mini only
         await sdk.chat.completions.create(model="demo-large", messages=BODY["messages"])
