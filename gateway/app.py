@@ -27,6 +27,7 @@ from gateway.keys import KeySchema
 from gateway.metering import Meter
 from gateway.metrics import Metrics
 from gateway.proxy import make_free_handler, make_handler
+from gateway.reload import reload_ctx
 from gateway.scripts import REDIS_DOWN, ScriptRunner, load_scripts
 from gateway.settings import Settings
 from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway
@@ -255,7 +256,7 @@ def create_app(settings: Settings, config: Config | None = None) -> web.Applicat
     )
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[GATEWAY] = gw
-    app.cleanup_ctx.extend([redis_ctx, session_ctx, reaper_ctx])
+    app.cleanup_ctx.extend([redis_ctx, session_ctx, reaper_ctx, reload_ctx])
     openai, anthropic = gw.dialects["openai"], gw.dialects["anthropic"]
     for prefix in ("/v1", ""):
         app.router.add_post(f"{prefix}/chat/completions", make_handler(openai, "chat"))

@@ -86,6 +86,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 worker.start()
             children += workers
             signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+            # SIGHUP to the master reloads every worker's configuration
+            def forward_hup(*_: Any) -> None:
+                for worker in workers:
+                    if worker.pid:
+                        os.kill(worker.pid, signal.SIGHUP)
+
+            signal.signal(signal.SIGHUP, forward_hup)
             with contextlib.suppress(KeyboardInterrupt):
                 for worker in workers:
                     worker.join()

@@ -362,10 +362,14 @@ def _micro(r: _Reader, value: Any, path: str) -> int:
 
 
 def _limits(r: _Reader, raw: Any, path: str, upstream_names: set[str] | None) -> tuple[tuple[Limit, ...], int | None]:
-    allowed = set(RATE_LIMITS) | {"max_keys", "max_cost_usd_per_cycle", "spend_windows", "providers"}
+    allowed = set(RATE_LIMITS) | {"max_keys", "max_cost_usd_per_cycle", "spend_windows", "providers",
+                                  "requests_per_cycle", "tokens_per_cycle"}
     m = r.mapping(raw, path, allowed)
     rates = {k: r.integer(v, _join(path, k), minimum=1) for k, v in m.items() if k in RATE_LIMITS}
     limits = list(rate_limits(rates, "a"))
+    for cap_name, metric in (("requests_per_cycle", "n"), ("tokens_per_cycle", "t")):
+        if cap_name in m:
+            limits.append(Limit(cap_name, metric, r.integer(m[cap_name], _join(path, cap_name), minimum=1), "a", 0, 0))
     if "max_cost_usd_per_cycle" in m:
         limits.append(Limit("max_cost_usd_per_cycle", "u", _micro(r, m["max_cost_usd_per_cycle"],
                                                                     _join(path, "max_cost_usd_per_cycle")), "a", 0, 0))

@@ -24,6 +24,7 @@ class Settings:
     reap_interval_seconds: float = 5.0
     auth_cache_seconds: float = 30.0
     redis_timeout_seconds: float = 0.5  # fail closed well within a second
+    config_poll_seconds: float = 2.0  # how often plans.yaml and providers.yaml are checked for changes
     clock_offset_ms: int = 0  # test-only: shifts the scripts' Redis clock; 0 in production
 
     @classmethod
@@ -39,6 +40,7 @@ class Settings:
             "max_choices": int(env.get("GATEWAY_MAX_CHOICES", 1)),
             "hold_lease_seconds": float(env.get("GATEWAY_HOLD_LEASE_SECONDS", 3600)),
             "redis_timeout_seconds": float(env.get("GATEWAY_REDIS_TIMEOUT_SECONDS", 0.5)),
+            "config_poll_seconds": float(env.get("GATEWAY_CONFIG_POLL_SECONDS", 2.0)),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

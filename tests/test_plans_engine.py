@@ -34,6 +34,7 @@ plans:
   windows: {monthly_credits: 100, models: ["demo-*"], limits: {spend_windows: {5h: 0.0003, 1d: 0.0005}}}
   provider: {monthly_credits: 100, models: ["demo-*"], limits: {providers: {demo: {calls_per_cycle: 5}}}}
   twokeys: {monthly_credits: 1, models: ["demo-*"], limits: {max_keys: 2}}
+  quota: {monthly_credits: 100, models: ["demo-*"], limits: {requests_per_cycle: 3, tokens_per_cycle: 100000}}
 """
 BODY = {"model": "demo-mini", "max_tokens": 20, "messages": [{"role": "user", "content": "hi [[emu out=10]]"}]}
 
@@ -196,6 +197,19 @@ async def test_provider_call_quota_applies_to_that_provider_only(harness: Harnes
     claude = {"model": "demo-claude", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
     assert (await _post(harness, key, claude, "/v1/messages", {"x-api-key": key}))[0] == 200
     assert _limits_hash(harness, account)["c:a:demo.calls_per_cycle"] == 5  # the refusal counted nothing
+
+
+async def test_count_quotas_reset_with_the_cycle(harness: Harness) -> None:
+    account, key = await harness.account(plan="quota")
+    for _ in range(3):
+        assert (await _post(harness, key))[0] == 200
+    status, body, headers = await _post(harness, key)
+    assert status == 429 and "requests_per_cycle (3 of 3 requests)" in body["error"]["message"]
+    assert int(headers["Retry-After"]) > 86_400 and headers["x-should-retry"] == "false"  # frees at the reset
+    _shift(harness, 32 * DAY)
+    assert (await _post(harness, key))[0] == 200
+    assert _limits_hash(harness, account)["c:a:requests_per_cycle"] == 1
+    await harness.assert_conserved(account)
 
 
 async def test_upstream_failure_counts_in_no_limit(harness: Harness) -> None:
