@@ -55,7 +55,10 @@ async def create_account(request: web.Request) -> web.Response:
     body = await _json(request)
     name = _string(body, "name")
     plan = _string(body, "plan", required=False, default=gw.config.default_plan)
-    account_id = await store.create_account(gw.config, name, plan)
+    timezone = body.get("timezone")
+    if timezone is not None and not isinstance(timezone, str):
+        raise BadRequest("'timezone' must be an IANA time zone name.", param="timezone")
+    account_id = await store.create_account(gw.config, name, plan, timezone)
     return web.json_response(account_view(account_id, await store.account_raw(account_id), gw.config), status=201)
 
 

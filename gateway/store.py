@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.config import Config
 from gateway.errors import BadRequest, Forbidden, NotFound, ScriptStatus, StoreUnavailable
@@ -94,20 +95,27 @@ class Store:
         self.runner = runner
         self.clock_offset_ms = clock_offset_ms
 
-    async def create_account(self, config: Config, name: str, plan: str) -> str:
+    async def create_account(self, config: Config, name: str, plan: str, timezone: str | None = None) -> str:
+        """A new account on `plan`, its billing cycle anchored now in `timezone` (default: the plan's)."""
         if plan not in config.plans:
             raise BadRequest(f"Unknown plan {plan!r} (configured: {', '.join(config.plans)}).", param="plan")
+        if timezone is not None:
+            try:
+                ZoneInfo(timezone)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise BadRequest(f"Unknown timezone {timezone!r}: use an IANA name such as Europe/Paris.",
+                                 param="timezone") from None
         account_id = "acct_" + secrets.token_hex(8)
         allowance = config.plans[plan].monthly_credits
         start_ms = now_ms() + self.clock_offset_ms
-        cycle = cycle_bounds(start_ms, config.plans[plan].timezone, start_ms)
+        cycle = cycle_bounds(start_ms, timezone or config.plans[plan].timezone, start_ms)
         keys = self.schema.for_account(account_id)
         async with redis_guard():
             pipe = self.redis.pipeline(transaction=False)
             pipe.hset(keys.account, mapping={
                 "name": name, "plan": plan, "status": "active", "allow": allowance, "extra": 0, "held": 0,
                 "charged": 0, "granted": allowance, "cycle_used": 0, "requests": 0,
-                "created_ms": start_ms, "anchor_ms": start_ms, "expired": 0,
+                "created_ms": start_ms, "anchor_ms": start_ms, "expired": 0, "timezone": timezone or "",
                 "cycle_start_ms": cycle[0], "cycle_end_ms": cycle[1],
             })
             pipe.sadd(self.schema.accounts, account_id)
@@ -277,7 +285,12 @@ def account_view(account_id: str, rec: dict[str, str], config: Config) -> dict[s
         "lifetime_credits_used": credits_number(int(rec.get("charged") or 0)),
         "lifetime_credits_granted": credits_number(int(rec.get("granted") or 0)),
         "requests": int(rec.get("requests") or 0),
+        "requests_this_cycle": int(rec.get("cycle_requests") or 0),
+        "cycle_start": _iso(int(rec.get("cycle_start_ms") or 0)) if rec.get("cycle_start_ms") else None,
         "reset_date": _iso(end_ms) if end_ms else None,
+        "timezone": rec.get("timezone") or (plan.timezone if plan else "UTC"),
+        "next_plan": rec.get("next_plan") or None,
+        "plan_expires_at": _iso(int(rec["plan_expires_ms"])) if int(rec.get("plan_expires_ms") or 0) else None,
         "days_until_reset": days,
         "warnings": warnings,
         "created_at": _iso(int(rec.get("created_ms") or 0)),

@@ -85,3 +85,16 @@ def test_check_config_and_serve_exit_non_zero_on_a_bad_file(folder: Path) -> Non
                              cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert out.returncode == 2, (command, out.stderr)
         assert "plans.yaml: plans: define at least one plan" in out.stderr
+
+
+def test_the_readme_plans_example_is_a_valid_plans_yaml(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("#### plans.yaml", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "providers.yaml").write_text((ROOT / "config" / "providers.yaml").read_text())
+    (tmp_path / "plans.yaml").write_text(example)
+    config = load_config(tmp_path)
+    team = config.plans["team"]
+    assert team.timezone == "Europe/Paris" and team.max_keys == 10
+    assert {limit.id for limit in team.limits} >= {"requests_per_minute", "spend_5h", "openai.calls_per_cycle",
+                                                    "max_cost_usd_per_cycle", "requests_per_cycle"}
+    assert config.packs["starter-pack"].credits == 100_000_000

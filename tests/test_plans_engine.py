@@ -285,6 +285,29 @@ async def test_the_first_request_after_the_boundary_resets_the_allowance_and_cyc
         start.day == anchor.day
 
 
+async def test_an_account_may_have_its_own_cycle_timezone(harness: Harness) -> None:
+    async with harness.client.post("/admin/accounts", json={"name": "t", "plan": "basic", "timezone": "Asia/Tokyo"},
+                                   headers=ADMIN) as resp:
+        view = await resp.json()
+    assert resp.status == 201 and view["timezone"] == "Asia/Tokyo"
+    start = datetime.fromisoformat(view["cycle_start"].replace("Z", "+00:00")).astimezone(ZoneInfo("Asia/Tokyo"))
+    end = datetime.fromisoformat(view["reset_date"].replace("Z", "+00:00")).astimezone(ZoneInfo("Asia/Tokyo"))
+    assert (end.hour, end.minute) == (start.hour, start.minute)  # the same local time, a month on
+    async with harness.client.post("/admin/accounts", json={"name": "t", "timezone": "Mars/Olympus"},
+                                   headers=ADMIN) as resp:
+        assert resp.status == 400 and "Unknown timezone" in (await resp.json())["error"]["message"]
+
+
+async def test_gemini_routes_get_resource_exhausted(harness: Harness) -> None:
+    _account, key = await harness.account(plan="rpm")
+    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}], "generationConfig": {"maxOutputTokens": 5}}
+    path = "/v1beta/models/demo-gemini:generateContent"
+    results = [await _post(harness, key, body, path, {"x-goog-api-key": key}) for _ in range(21)]
+    assert [r[0] for r in results].count(200) == 20
+    status, error, headers = results[-1]
+    assert status == 429 and error["error"]["status"] == "RESOURCE_EXHAUSTED" and "Retry-After" in headers
+
+
 async def test_packs_are_spent_after_the_allowance_and_survive_the_reset(harness: Harness) -> None:
     account, key = await harness.account(plan="free")  # 1 credit allowance
     async with harness.client.post(f"/admin/accounts/{account}/packs", json={"pack": "small"}, headers=ADMIN) as r:
