@@ -15,7 +15,7 @@ from gateway.state import GATEWAY, Gateway
 from gateway.store import Store, account_view, key_view, parse_expiry
 
 
-def _check_admin(request: web.Request) -> tuple[Gateway, Store]:
+def check_admin(request: web.Request) -> tuple[Gateway, Store]:
     gw = request.app[GATEWAY]
     expected = gw.settings.admin_key.reveal()
     if not expected:
@@ -51,7 +51,7 @@ def _string(body: dict[str, Any], name: str, *, required: bool = True, default: 
 
 
 async def create_account(request: web.Request) -> web.Response:
-    gw, store = _check_admin(request)
+    gw, store = check_admin(request)
     body = await _json(request)
     name = _string(body, "name")
     plan = _string(body, "plan", required=False, default=gw.config.default_plan)
@@ -63,13 +63,13 @@ async def create_account(request: web.Request) -> web.Response:
 
 
 async def get_account(request: web.Request) -> web.Response:
-    gw, store = _check_admin(request)
+    gw, store = check_admin(request)
     account_id = request.match_info["account_id"]
     return web.json_response(account_view(account_id, await store.account_raw(account_id), gw.config))
 
 
 async def create_key(request: web.Request) -> web.Response:
-    gw, store = _check_admin(request)
+    gw, store = check_admin(request)
     body = await _json(request)
     label = _string(body, "label", required=False)
     scopes = body.get("scopes") or []
@@ -90,17 +90,17 @@ async def create_key(request: web.Request) -> web.Response:
 
 
 async def list_keys(request: web.Request) -> web.Response:
-    _gw, store = _check_admin(request)
+    _gw, store = check_admin(request)
     return web.json_response({"data": await store.list_keys(request.match_info["account_id"])})
 
 
 async def revoke_key(request: web.Request) -> web.Response:
-    _gw, store = _check_admin(request)
+    _gw, store = check_admin(request)
     return web.json_response(await store.revoke_key(request.match_info["key_id"]))
 
 
 async def grant_credits(request: web.Request) -> web.Response:
-    _gw, store = _check_admin(request)
+    _gw, store = check_admin(request)
     body = await _json(request)
     if "credits" not in body:
         raise BadRequest("'credits' is required.", param="credits")
@@ -115,7 +115,7 @@ async def grant_credits(request: web.Request) -> web.Response:
 
 
 async def set_plan(request: web.Request) -> web.Response:
-    gw, store = _check_admin(request)
+    gw, store = check_admin(request)
     body = await _json(request)
     account_id = request.match_info["account_id"]
     expires = body.get("expires_at")
@@ -126,7 +126,7 @@ async def set_plan(request: web.Request) -> web.Response:
 
 
 async def buy_pack(request: web.Request) -> web.Response:
-    gw, store = _check_admin(request)
+    gw, store = check_admin(request)
     body = await _json(request)
     account_id = request.match_info["account_id"]
     available = await store.buy_pack(gw.config, account_id, _string(body, "pack"))
@@ -135,7 +135,7 @@ async def buy_pack(request: web.Request) -> web.Response:
 
 
 async def renew(request: web.Request) -> web.Response:
-    gw, store = _check_admin(request)
+    gw, store = check_admin(request)
     body = await _json(request)
     account_id = request.match_info["account_id"]
     await store.renew(gw.config, account_id, body.get("months", 1))

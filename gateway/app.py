@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,7 +17,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from gateway import admin
+from gateway import admin, usage_routes
 from gateway.auth import Authenticator
 from gateway.config import Config, load_config
 from gateway.dialects import all_dialects
@@ -24,6 +25,7 @@ from gateway.dialects.base import Dialect
 from gateway.embedded import EmbeddedRedis
 from gateway.errors import GatewayError, NotFound, StoreUnavailable
 from gateway.keys import KeySchema
+from gateway.ledger import trim_all
 from gateway.metering import Meter
 from gateway.metrics import Metrics
 from gateway.proxy import make_free_handler, make_handler
@@ -151,10 +153,15 @@ async def reap_once(gw: Gateway) -> int:
 
 
 async def _reap_forever(gw: Gateway) -> None:
+    last_trim = 0.0
     while True:
         await asyncio.sleep(gw.settings.reap_interval_seconds)
         try:
             await reap_once(gw)
+            if time.monotonic() - last_trim >= 3600:  # ledger retention: hourly is plenty
+                last_trim = time.monotonic()
+                await trim_all(gw.redis, gw.schema, int(gw.settings.ledger_retention_days * 86_400_000),
+                               list(gw.settings.ledger_protect_exports), int(time.time() * 1000))
         except (StoreUnavailable, *REDIS_DOWN):
             log.warning("reaper: Redis unavailable, will retry")
 
@@ -281,4 +288,5 @@ def create_app(settings: Settings, config: Config | None = None) -> web.Applicat
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
     admin.add_routes(app)
+    usage_routes.add_routes(app)
     return app

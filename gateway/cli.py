@@ -27,6 +27,7 @@ from gateway.config import Config, ConfigError, key_limits, load_config
 from gateway.embedded import EmbeddedRedis, discover_url
 from gateway.errors import GatewayError
 from gateway.keys import KeySchema
+from gateway.ledger import export_cursor_key, export_events, render
 from gateway.money import credits_number, credits_to_micro
 from gateway.scripts import ScriptRunner, load_scripts
 from gateway.settings import Settings
@@ -241,6 +242,32 @@ async def _packs_buy(args: argparse.Namespace) -> None:
             f"added pack {args.pack} to {args.account}; {credits_number(available)} credits available")
 
 
+def _write_text(path: Path, text: str, append: bool) -> None:
+    with path.open("a" if append else "w", encoding="utf-8") as out:
+        out.write(text)
+
+
+async def _usage_export(args: argparse.Namespace) -> None:
+    async with _store(args) as store:
+        redis, schema = store.redis, store.schema
+        accounts = [args.account] if args.account else sorted(await redis.smembers(schema.accounts))
+        cursor_key = export_cursor_key(schema, args.resume) if args.resume else None
+        cursors = await redis.hgetall(cursor_key) if cursor_key else {}
+        views, last = [], {}
+        until = None if args.until is None else parse_expiry(args.until)
+        async for account_id, stream_id, view in export_events(redis, schema, accounts, cursors, until):
+            views.append(view)
+            last[account_id] = stream_id
+        text = render(views, args.format, header=not (args.resume and cursors))
+        if args.output:
+            await asyncio.to_thread(_write_text, Path(args.output), text, args.append)
+        else:
+            sys.stdout.write(text)
+        if cursor_key and last:  # only once the events are written: an export is at least once, never lossy
+            await redis.hset(cursor_key, mapping=last)
+    print(f"exported {len(views)} usage event(s)", file=sys.stderr)
+
+
 def _run(coro: Callable[[argparse.Namespace], Coroutine[Any, Any, None]]) -> Callable[[argparse.Namespace], int]:
     def runner(args: argparse.Namespace) -> int:
         try:
@@ -328,6 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
     renew.add_argument("--account", required=True)
     renew.add_argument("--months", type=int, default=1)
     renew.set_defaults(func=_run(_plans_renew))
+
+    usage = sub.add_parser("usage", help="the usage ledger").add_subparsers(dest="action", required=True)
+    export = common(usage.add_parser("export", help="usage events as JSONL, CSV or CloudEvents 1.0"))
+    export.add_argument("--format", choices=("jsonl", "csv", "cloudevents"), default="jsonl")
+    export.add_argument("--output", default=None, help="file to write (default: standard output)")
+    export.add_argument("--append", action="store_true", help="append to --output instead of replacing it")
+    export.add_argument("--resume", default=None, metavar="NAME",
+                        help="continue the export NAME where it stopped, and remember where this one stops")
+    export.add_argument("--account", default=None, help="one account only")
+    export.add_argument("--until", default=None, help="events up to this ISO 8601 time")
+    export.set_defaults(func=_run(_usage_export))
 
     packs = sub.add_parser("packs", help="credit packs").add_subparsers(dest="action", required=True)
     buy = common(packs.add_parser("buy", help="add a pack from plans.yaml (its credits never expire)"))

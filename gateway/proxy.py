@@ -436,7 +436,8 @@ async def _settle(call: Call, usage: Usage | None, outcome: str, http_status: in
     }
     tokens = sum(n or 0 for n in (bill.input_tokens, bill.cached_input_tokens, bill.cache_write_tokens,
                                   bill.cache_write_1h_tokens, bill.output_tokens))
-    usd = cost_of(gw.config.usd_rates(call.route), bill) if call.limits else 0
+    usd = cost_of(gw.config.usd_rates(call.route), bill)
+    event["usd_micro"] = usd  # the provider's list cost, for billing exports
     _settled, charged, available = await gw.meter.settle(keys, call.request_id, call.principal.key_id, cost, event,
                                                          call.limits, tokens, usd)
     gw.metrics.requests.labels(call.dialect.name, model, str(http_status)).inc()

@@ -25,6 +25,8 @@ class Settings:
     auth_cache_seconds: float = 30.0
     redis_timeout_seconds: float = 0.5  # fail closed well within a second
     config_poll_seconds: float = 2.0  # how often plans.yaml and providers.yaml are checked for changes
+    ledger_retention_days: float = 400.0  # ledger events older than this are trimmed (hourly) ...
+    ledger_protect_exports: tuple[str, ...] = ()  # ... unless one of these exports has not read them yet
     clock_offset_ms: int = 0  # test-only: shifts the scripts' Redis clock; 0 in production
 
     @classmethod
@@ -41,6 +43,8 @@ class Settings:
             "hold_lease_seconds": float(env.get("GATEWAY_HOLD_LEASE_SECONDS", 3600)),
             "redis_timeout_seconds": float(env.get("GATEWAY_REDIS_TIMEOUT_SECONDS", 0.5)),
             "config_poll_seconds": float(env.get("GATEWAY_CONFIG_POLL_SECONDS", 2.0)),
+            "ledger_retention_days": float(env.get("GATEWAY_LEDGER_RETENTION_DAYS", 400)),
+            "ledger_protect_exports": tuple(n for n in env.get("GATEWAY_LEDGER_PROTECT_EXPORTS", "").split(",") if n),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

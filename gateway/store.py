@@ -156,7 +156,8 @@ class Store:
             record["limits"] = json.dumps(limits, separators=(",", ":"))
         pairs = [str(item) for field_value in record.items() for item in field_value]
         status, active = await self.runner.run(
-            "addkey", [keys.account, keys.key_ids, keys.api_key(key_id)], [key_id, max_keys or 0, *pairs])
+            "addkey", [keys.account, keys.key_ids, keys.api_key(key_id), keys.ledger],
+            [key_id, max_keys or 0, self.clock_offset_ms, label, *pairs])
         if status == ScriptStatus.NO_ACCOUNT:
             raise NotFound(f"No account {account_id!r}.")
         if status == ScriptStatus.TOO_MANY_KEYS:
@@ -227,7 +228,7 @@ class Store:
             records = await pipe.execute()
         return [key_view(key_id, account_id, rec) for key_id, rec in zip(ids, records, strict=True) if rec]
 
-    async def revoke_key(self, key_id: str) -> dict[str, Any]:
+    async def revoke_key(self, key_id: str, note: str = "revoked") -> dict[str, Any]:
         """Revoke a key at once: the reserve script refuses it on every gateway process."""
         async with redis_guard():
             account_id = await self.redis.get(self.schema.key_id(key_id))
@@ -235,7 +236,8 @@ class Store:
                 raise NotFound(f"No key {key_id!r}.")
         keys = self.schema.for_account(account_id)
         record_key = keys.api_key(key_id)
-        await self.runner.run("revokekey", [keys.account, record_key], [0])
+        await self.runner.run("revokekey", [keys.account, record_key, keys.ledger],
+                              [self.clock_offset_ms, key_id, note])
         async with redis_guard():
             record = await self.redis.hgetall(record_key)
             if record.get("sha256"):

@@ -1,0 +1,216 @@
+"""Reading the per-account ledger streams: event views, usage queries, cycle summaries, exports, retention.
+
+Every settlement appends one `usage` event in the same Lua call as the charge; admin actions append
+`grant`, `plan_change`, `key_created` and `key_revoked` events; holds ended without a charge append
+`released` / `reaped`. Stream ids are Redis-clock milliseconds, so time ranges are id ranges.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.keys import AccountKeys, KeySchema
+from gateway.money import credits_number
+
+PAGE_MAX = 1000
+EVENT_SOURCE = "metering-gateway"
+CSV_FIELDS = ("id", "time", "account_id", "key_id", "provider", "model", "endpoint", "input_tokens",
+              "cached_input_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens", "credits",
+              "cost_usd", "latency_ms", "status", "cap_lowered", "estimated", "stream")
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def parse_entry(stream_id: str, fields: dict[str, str]) -> dict[str, Any]:
+    """One raw stream entry with its JSON details merged in."""
+    event: dict[str, Any] = dict(fields)
+    event.update(json.loads(event.pop("data", "{}") or "{}"))
+    event["_id"] = stream_id
+    return event
+
+
+def usage_view(account_id: str, event: dict[str, Any]) -> dict[str, Any]:
+    """A usage event as the API and exports show it (`id` is the request id: a dedup key downstream)."""
+    return {
+        "id": event.get("rid"), "time": _iso(_int(event.get("ts"))), "account_id": account_id,
+        "key_id": event.get("key_id"), "provider": event.get("upstream"), "model": event.get("model"),
+        "endpoint": event.get("endpoint"), "input_tokens": _int(event.get("in")),
+        "cached_input_tokens": _int(event.get("cached_in")),
+        "cache_write_tokens": _int(event.get("cache_write")) + _int(event.get("cache_write_1h")),
+        "output_tokens": _int(event.get("out")), "reasoning_tokens": _int(event.get("reasoning")),
+        "credits": credits_number(_int(event.get("cost"))), "cost_usd": _int(event.get("usd_micro")) / 1_000_000,
+        "latency_ms": _int(event.get("latency_ms")), "status": _int(event.get("status")),
+        "cap_lowered": event.get("lowered_cap") is not None, "estimated": bool(_int(event.get("estimated"))),
+        "stream": bool(_int(event.get("stream"))),
+    }
+
+
+def admin_view(account_id: str, event: dict[str, Any]) -> dict[str, Any]:
+    extra = {k: v for k, v in event.items() if k not in ("type", "ts", "_id")}
+    return {"id": f"{account_id}:{event['_id']}", "type": event.get("type"), "time": _iso(_int(event.get("ts"))),
+            "account_id": account_id, **extra}
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    start_ms: int | None = None
+    end_ms: int | None = None
+    model: str | None = None
+    provider: str | None = None
+    limit: int = 100
+    cursor: str | None = None  # the last stream id of the previous page
+
+    def matches(self, event: dict[str, Any]) -> bool:
+        return (event.get("type") == "usage" and (self.model is None or event.get("model") == self.model)
+                and (self.provider is None or event.get("upstream") == self.provider))
+
+
+async def query_usage(redis: Any, account_id: str, keys: AccountKeys, q: Query) -> tuple[list[dict[str, Any]],
+                                                                                           str | None]:
+    """One page of usage events, oldest first; returns (events, cursor of the next page or None)."""
+    start = f"({q.cursor}" if q.cursor else (str(q.start_ms) if q.start_ms is not None else "-")
+    end = str(q.end_ms) if q.end_ms is not None else "+"
+    found: list[dict[str, Any]] = []
+    while len(found) < q.limit:
+        batch = await redis.xrange(keys.ledger, start, end, count=max(q.limit * 2, 100))
+        if not batch:
+            return found, None
+        for stream_id, fields in batch:
+            event = parse_entry(stream_id, fields)
+            if q.matches(event):
+                found.append(usage_view(account_id, event))
+                if len(found) == q.limit:
+                    return found, stream_id
+        start = f"({batch[-1][0]}"
+    return found, None
+
+
+async def cycle_summary(redis: Any, account_id: str, keys: AccountKeys, account: dict[str, str],
+                        now_ms: int | None = None) -> dict[str, Any]:
+    """Usage of the current cycle by provider and model, a month-end projection at the current rate,
+    and lifetime totals."""
+    start, end = _int(account.get("cycle_start_ms")), _int(account.get("cycle_end_ms"))
+    now = now_ms if now_ms is not None else int(time.time() * 1000)
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    cursor = str(start)
+    while True:
+        batch = await redis.xrange(keys.ledger, cursor, "+", count=1000)
+        for stream_id, fields in batch:
+            event = parse_entry(stream_id, fields)
+            if event.get("type") != "usage":
+                continue
+            key = (str(event.get("upstream")), str(event.get("model")))
+            group = groups.setdefault(key, {"provider": key[0], "model": key[1], "requests": 0, "input_tokens": 0,
+                                            "output_tokens": 0, "micro": 0, "usd_micro": 0})
+            group["requests"] += 1
+            group["input_tokens"] += _int(event.get("in")) + _int(event.get("cached_in")) + _int(
+                event.get("cache_write")) + _int(event.get("cache_write_1h"))
+            group["output_tokens"] += _int(event.get("out"))
+            group["micro"] += _int(event.get("cost"))
+            group["usd_micro"] += _int(event.get("usd_micro"))
+        if len(batch) < 1000:
+            break
+        cursor = f"({batch[-1][0]}"
+    used = sum(g["micro"] for g in groups.values())
+    elapsed = max(now - start, 86_400_000)  # at least a day: a few minutes in, a rate means little
+    projected = used if now >= end or start == 0 else used * (end - start) // elapsed
+    by_model = [{**{k: v for k, v in g.items() if k not in ("micro", "usd_micro")},
+                 "credits": credits_number(g["micro"]), "cost_usd": g["usd_micro"] / 1_000_000}
+                for g in sorted(groups.values(), key=lambda g: -g["micro"])]
+    return {
+        "account_id": account_id, "cycle_start": _iso(start) if start else None,
+        "cycle_end": _iso(end) if end else None,
+        "credits_used": credits_number(used), "projected_credits_at_cycle_end": credits_number(projected),
+        "by_model": by_model,
+        "lifetime": {"credits_used": credits_number(_int(account.get("charged"))),
+                     "credits_granted": credits_number(_int(account.get("granted"))),
+                     "requests": _int(account.get("requests"))},
+    }
+
+
+# ---------------------------------------------------------------- exports
+
+
+async def export_events(redis: Any, schema: KeySchema, accounts: Iterable[str], cursors: dict[str, str],
+                        end_ms: int | None = None) -> AsyncIterator[tuple[str, str, dict[str, Any]]]:
+    """Usage events of the accounts after their cursors, oldest first per account:
+    yields (account id, stream id, view)."""
+    for account_id in sorted(accounts):
+        keys = schema.for_account(account_id)
+        start = f"({cursors[account_id]}" if account_id in cursors else "-"
+        end = str(end_ms) if end_ms is not None else "+"
+        while True:
+            batch = await redis.xrange(keys.ledger, start, end, count=1000)
+            for stream_id, fields in batch:
+                event = parse_entry(stream_id, fields)
+                if event.get("type") == "usage":
+                    yield account_id, stream_id, usage_view(account_id, event)
+            if len(batch) < 1000:
+                break
+            start = f"({batch[-1][0]}"
+
+
+def cloudevent(view: dict[str, Any]) -> dict[str, Any]:
+    """CloudEvents 1.0 (structured JSON): `id` is the request id, so OpenMeter, Lago
+    (`transaction_id`) and Stripe meters (`identifier`) deduplicate a re-sent event."""
+    return {"specversion": "1.0", "type": "gateway.usage", "source": EVENT_SOURCE, "id": view["id"],
+            "time": view["time"], "subject": view["account_id"], "datacontenttype": "application/json",
+            "data": {k: v for k, v in view.items() if k not in ("id", "time", "account_id")}}
+
+
+def render(views: list[dict[str, Any]], fmt: str, header: bool = True) -> str:
+    if fmt == "jsonl":
+        return "".join(json.dumps(v, separators=(",", ":")) + "\n" for v in views)
+    if fmt == "cloudevents":
+        return "".join(json.dumps(cloudevent(v), separators=(",", ":")) + "\n" for v in views)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
+        if header:
+            writer.writeheader()
+        writer.writerows(views)
+        return out.getvalue()
+    raise ValueError(f"unknown format {fmt!r} (jsonl, csv or cloudevents)")
+
+
+def export_cursor_key(schema: KeySchema, name: str) -> str:
+    """Hash: account id -> the last stream id exported under this export name."""
+    return f"{schema.prefix}export:{name}"
+
+
+async def trim(redis: Any, schema: KeySchema, account_id: str, retention_ms: int, protect: list[str],
+               now_ms: int) -> int:
+    """Drop ledger events older than the retention, but never one an export in `protect` has not
+    yet read. Returns the number of entries removed."""
+    cutoff = now_ms - retention_ms
+    for name in protect:
+        exported = await redis.hget(export_cursor_key(schema, name), account_id)
+        exported_ms = int(exported.split("-")[0]) if exported else 0
+        cutoff = min(cutoff, exported_ms)  # an entry at or after the cursor's millisecond stays
+    if cutoff <= 0:
+        return 0
+    return int(await redis.xtrim(schema.for_account(account_id).ledger, minid=str(cutoff), approximate=False))
+
+
+async def trim_all(redis: Any, schema: KeySchema, retention_ms: int, protect: list[str], now_ms: int) -> int:
+    """`trim` every account's ledger; returns the entries removed."""
+    removed = 0
+    for account_id in await redis.smembers(schema.accounts):
+        removed += await trim(redis, schema, account_id, retention_ms, protect, now_ms)
+    return removed

@@ -1,0 +1,95 @@
+"""Usage over HTTP: `GET /gateway/usage[/summary]` for a key holder, `GET /admin/accounts/{id}/usage[/summary]`
+for an operator. Filters: `from`/`to` (ISO 8601 or unix ms), `model`, `provider`; pages of `limit`
+events (at most 1000) continued with `cursor`."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from gateway.admin import check_admin
+from gateway.errors import BadRequest
+from gateway.ledger import PAGE_MAX, Query, cycle_summary, query_usage
+from gateway.state import GATEWAY, Gateway
+from gateway.store import redis_guard
+
+_CURSOR = re.compile(r"^\d{1,15}-\d{1,9}$")
+
+
+def _time(value: str | None, name: str) -> int | None:
+    if value is None or value == "":
+        return None
+    if value.isdigit():
+        return int(value)
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(f"'{name}' must be an ISO 8601 time or unix milliseconds.", param=name) from None
+    return int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp() * 1000)
+
+
+def parse_query(params: Any) -> Query:
+    limit_text = params.get("limit", "100")
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= PAGE_MAX:
+        raise BadRequest(f"'limit' must be a whole number from 1 to {PAGE_MAX}.", param="limit")
+    cursor = params.get("cursor") or None
+    if cursor is not None and not _CURSOR.match(cursor):
+        raise BadRequest("'cursor' is not one this API returned.", param="cursor")
+    return Query(_time(params.get("from"), "from"), _time(params.get("to"), "to"), params.get("model") or None,
+                 params.get("provider") or None, int(limit_text), cursor)
+
+
+async def key_holder(request: web.Request) -> tuple[Gateway, str, dict[str, str]]:
+    """The calling key's account id and account record (any dialect's key header)."""
+    gw = request.app[GATEWAY]
+    assert gw.auth is not None
+    raw = (gw.dialects["openai"].client_key(request.headers, request.query)
+           or request.headers.get("x-api-key") or request.headers.get("x-goog-api-key"))
+    principal = await gw.auth.authenticate(raw)
+    return gw, principal.account_id, await gw.auth.live_account(principal)
+
+
+async def _usage(gw: Gateway, account_id: str, request: web.Request) -> web.Response:
+    q = parse_query(request.query)
+    async with redis_guard():
+        events, cursor = await query_usage(gw.redis, account_id, gw.schema.for_account(account_id), q)
+    return web.json_response({"data": events, "next_cursor": cursor, "has_more": cursor is not None})
+
+
+async def _summary(gw: Gateway, account_id: str, account: dict[str, str]) -> web.Response:
+    async with redis_guard():
+        summary = await cycle_summary(gw.redis, account_id, gw.schema.for_account(account_id), account)
+    return web.json_response(summary)
+
+
+async def my_usage(request: web.Request) -> web.Response:
+    gw, account_id, _account = await key_holder(request)
+    return await _usage(gw, account_id, request)
+
+
+async def my_summary(request: web.Request) -> web.Response:
+    gw, account_id, account = await key_holder(request)
+    return await _summary(gw, account_id, account)
+
+
+async def account_usage(request: web.Request) -> web.Response:
+    gw, store = check_admin(request)
+    account_id = request.match_info["account_id"]
+    await store.account_raw(account_id)
+    return await _usage(gw, account_id, request)
+
+
+async def account_summary(request: web.Request) -> web.Response:
+    gw, store = check_admin(request)
+    account_id = request.match_info["account_id"]
+    return await _summary(gw, account_id, await store.account_raw(account_id))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/gateway/usage", my_usage)
+    app.router.add_get("/gateway/usage/summary", my_summary)
+    app.router.add_get("/admin/accounts/{account_id}/usage", account_usage)
+    app.router.add_get("/admin/accounts/{account_id}/usage/summary", account_summary)

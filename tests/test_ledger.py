@@ -1,0 +1,166 @@
+"""Issue 5: the ledger (one event per request, admin actions), the usage API, exports and retention."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from conftest import ADMIN_KEY, ROOT, Harness
+
+from gateway.keys import KeySchema
+from gateway.ledger import export_cursor_key, trim
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def _body(text: str, stream: bool = False, model: str = "demo-mini") -> dict[str, Any]:
+    return {"model": model, "max_tokens": 30, "stream": stream, "messages": [{"role": "user", "content": text}]}
+
+
+async def _call(harness: Harness, key: str, body: dict[str, Any]) -> tuple[int, str]:
+    async with harness.client.post("/v1/chat/completions", json=body,
+                                   headers={"Authorization": f"Bearer {key}"}) as resp:
+        await resp.read()
+        return resp.status, resp.headers.get("x-request-id", "")
+
+
+async def _workload(harness: Harness, keys: list[str]) -> list[tuple[int, str]]:
+    texts = ["plain [[emu out=4]]", "long [[emu out=25]]", "cached [[emu cached=3 out=2]]", "bad [[emu fail=500]]",
+             "cut [[emu fail=cut]]", "quiet [[emu fail=nousage]]"]
+    calls = [_call(harness, keys[i % len(keys)], _body(texts[i % len(texts)], stream=i % 2 == 0,
+                                                       model="demo-large" if i % 5 == 0 else "demo-mini"))
+             for i in range(60)]
+    return list(await asyncio.gather(*calls))
+
+
+async def _get(harness: Harness, path: str, headers: dict[str, str]) -> tuple[int, Any]:
+    async with harness.client.get(path, headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_every_request_has_exactly_one_event_and_events_sum_to_the_charges(harness: Harness) -> None:
+    account, key = await harness.account(credits=5)
+    async with harness.client.post(f"/admin/accounts/{account}/keys", json={"label": "second"}, headers=ADMIN) as r:
+        second = (await r.json())["key"]
+    results = await _workload(harness, [key, second])
+    state = await harness.assert_conserved(account)  # usage events sum to exactly the charges
+    events = harness.ledger(account)
+    per_request = [e for e in events if e["type"] in ("usage", "released")]
+    assert sorted(e["rid"] for e in per_request) == sorted(rid for _, rid in results)  # one each, none twice
+    usage = [e for e in events if e["type"] == "usage"]
+    assert sum(int(e["cost"]) for e in usage) == state["charged"]
+    assert {e["rid"] for e in usage} == {rid for status, rid in results if status == 200}
+    assert {e["key_id"] for e in usage} == {k.decode() for k in harness.redis.smembers(
+        KeySchema().for_account(account).key_ids)}
+    sample = next(e for e in usage if e["outcome"] == "ok")
+    for field in ("ts", "model", "upstream", "endpoint", "in", "out", "cost", "usd_micro", "latency_ms", "status"):
+        assert field in sample, field
+
+
+async def test_admin_actions_are_ledger_events(harness: Harness) -> None:
+    account, key = await harness.account(credits=1)  # a grant and a key
+    async with harness.client.put(f"/admin/accounts/{account}/plan", json={"plan": "pro", "effective": "now"},
+                                  headers=ADMIN) as r:
+        assert r.status == 200
+    key_id = next(k.decode() for k in harness.redis.smembers(KeySchema().for_account(account).key_ids))
+    async with harness.client.delete(f"/admin/keys/{key_id}", headers=ADMIN) as r:
+        assert r.status == 200
+    types = [e["type"] for e in harness.ledger(account)]
+    assert types == ["grant", "key_created", "plan_change", "key_revoked"]
+    assert key  # the raw key itself is in no event
+    assert all(key not in json.dumps(e) for e in harness.ledger(account))
+
+
+async def test_usage_api_filters_pages_and_summarises(harness: Harness) -> None:
+    account, key = await harness.account(credits=5)
+    results = await _workload(harness, [key])
+    served = {rid for status, rid in results if status == 200}
+    me = {"Authorization": f"Bearer {key}"}
+    seen: list[str] = []
+    cursor = ""
+    while True:
+        status, page = await _get(harness, f"/gateway/usage?limit=7{cursor}", me)
+        assert status == 200 and len(page["data"]) <= 7
+        seen += [e["id"] for e in page["data"]]
+        if not page["has_more"]:
+            break
+        cursor = f"&cursor={page['next_cursor']}"
+    assert sorted(seen) == sorted(served)  # pages cover every event once
+    status, large = await _get(harness, "/gateway/usage?model=demo-large&limit=1000", me)
+    assert {e["model"] for e in large["data"]} == {"demo-large"} and large["data"]
+    status, none = await _get(harness, "/gateway/usage?from=2000-01-01T00:00:00Z&to=2000-02-01T00:00:00Z", me)
+    assert status == 200 and none["data"] == []
+    status, summary = await _get(harness, "/gateway/usage/summary", me)
+    state = harness.state(account)
+    assert summary["credits_used"] == state["charged"] / 1_000_000
+    assert sum(m["requests"] for m in summary["by_model"]) == len(served)
+    assert {m["model"] for m in summary["by_model"]} == {"demo-mini", "demo-large"}
+    assert summary["projected_credits_at_cycle_end"] >= summary["credits_used"]
+    assert summary["lifetime"]["requests"] == len(served)
+    status, as_admin = await _get(harness, f"/admin/accounts/{account}/usage?provider=demo&limit=1000", ADMIN)
+    assert status == 200 and sorted(e["id"] for e in as_admin["data"]) == sorted(served)
+    operator_view = (await _get(harness, f"/admin/accounts/{account}/usage/summary", ADMIN))[1]
+    assert operator_view["by_model"] == summary["by_model"] and operator_view["lifetime"] == summary["lifetime"]
+    assert (await _get(harness, "/gateway/usage?limit=0", me))[0] == 400
+    assert (await _get(harness, "/gateway/usage?cursor=abc", me))[0] == 400
+    assert (await _get(harness, "/gateway/usage?from=yesterday", me))[0] == 400
+    assert (await _get(harness, f"/admin/accounts/{account}/usage", me))[0] == 401
+
+
+async def _export(config_dir: Path, redis_url: str, *args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "usage", "export", "--config-dir", str(config_dir), "--redis-url",
+        redis_url, *args, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def test_exports_round_trip_are_idempotent_and_resume_without_duplicates(harness: Harness, config_dir: Path,
+                                                                                redis_url: str) -> None:
+    account, key = await harness.account(credits=5)
+    first = {rid for status, rid in await _workload(harness, [key]) if status == 200}
+    jsonl = [json.loads(line) for line in (await _export(config_dir, redis_url, "--format", "jsonl")).splitlines()]
+    assert {e["id"] for e in jsonl} == first and len(jsonl) == len(first)
+    again = [json.loads(line) for line in (await _export(config_dir, redis_url)).splitlines()]
+    assert again == jsonl  # the same events, the same ids
+    rows = list(csv.DictReader(io.StringIO(await _export(config_dir, redis_url, "--format", "csv"))))
+    assert {r["id"] for r in rows} == first and sum(float(r["credits"]) for r in rows) > 0
+    events = [json.loads(line) for line in (await _export(config_dir, redis_url, "--format", "cloudevents"))
+              .splitlines()]
+    assert {e["id"] for e in events} == first
+    assert all(e["specversion"] == "1.0" and e["subject"] == account and e["source"] and e["type"] for e in events)
+    # resumable: the first run takes everything, the second only what came after it
+    resumed = await _export(config_dir, redis_url, "--resume", "billing")
+    assert {json.loads(line)["id"] for line in resumed.splitlines()} == first
+    assert await _export(config_dir, redis_url, "--resume", "billing") == ""
+    later = {rid for status, rid in await _workload(harness, [key]) if status == 200}
+    tail = [json.loads(line)["id"] for line in (await _export(config_dir, redis_url, "--resume", "billing"))
+            .splitlines()]
+    assert sorted(tail) == sorted(later)
+
+
+async def test_retention_never_trims_an_event_an_export_has_not_read(harness: Harness, config_dir: Path,
+                                                                     redis_url: str) -> None:
+    account, key = await harness.account(credits=5)
+    await _workload(harness, [key])
+    schema = KeySchema()
+    stream = schema.for_account(account).ledger
+    total = harness.redis.xlen(stream)
+    far_future = 10**13
+    # the export "billing" has read nothing yet: nothing may go, however old
+    assert await trim(harness.gw.redis, schema, account, 1000, ["billing"], far_future) == 0
+    assert harness.redis.xlen(stream) == total
+    await _export(config_dir, redis_url, "--resume", "billing")
+    cursor = harness.redis.hget(export_cursor_key(schema, "billing"), account).decode()
+    removed = await trim(harness.gw.redis, schema, account, 1000, ["billing"], far_future)
+    assert 0 < removed < total  # everything before the cursor's millisecond, nothing at or after it
+    assert all(entry_id.decode() >= cursor.split("-")[0] for entry_id, _ in harness.redis.xrange(stream))
+    # with no export to protect, the retention alone decides
+    await trim(harness.gw.redis, schema, account, 1000, [], far_future)
+    assert harness.redis.xlen(stream) == 0
