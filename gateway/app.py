@@ -18,6 +18,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from gateway import admin, usage_routes
+from gateway.alerts import list_alerts, webhooks_ctx
 from gateway.auth import Authenticator
 from gateway.config import Config, load_config
 from gateway.dialects import all_dialects
@@ -32,7 +33,7 @@ from gateway.proxy import make_free_handler, make_handler
 from gateway.reload import reload_ctx
 from gateway.scripts import REDIS_DOWN, ScriptRunner, load_scripts
 from gateway.settings import Settings
-from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway
+from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway, stopping
 from gateway.store import Store, account_view
 
 log = logging.getLogger("gateway")
@@ -154,7 +155,7 @@ async def reap_once(gw: Gateway) -> int:
 
 async def _reap_forever(gw: Gateway) -> None:
     last_trim = 0.0
-    while True:
+    while not stopping():
         await asyncio.sleep(gw.settings.reap_interval_seconds)
         try:
             await reap_once(gw)
@@ -163,6 +164,8 @@ async def _reap_forever(gw: Gateway) -> None:
                 await trim_all(gw.redis, gw.schema, int(gw.settings.ledger_retention_days * 86_400_000),
                                list(gw.settings.ledger_protect_exports), int(time.time() * 1000))
         except (StoreUnavailable, *REDIS_DOWN):
+            if stopping():
+                raise
             log.warning("reaper: Redis unavailable, will retry")
 
 
@@ -231,7 +234,12 @@ async def credits(request: web.Request) -> web.Response:
            or request.headers.get("x-api-key") or request.headers.get("x-goog-api-key"))
     principal = await gw.auth.authenticate(raw)
     account = await gw.auth.live_account(principal)
-    return web.json_response(account_view(principal.account_id, account, gw.config))
+    view = account_view(principal.account_id, account, gw.config)
+    cycle = f"{principal.account_id}:{account.get('cycle_start_ms', '')}:"
+    unread = [a for a in await list_alerts(gw, principal.account_id) if not a["read"] and a["id"].startswith(cycle)]
+    view["warnings"] += [a["message"] for a in unread if a["kind"] != "low_credit"]  # low credit: already there
+    view["alerts"] = unread
+    return web.json_response(view)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -263,7 +271,7 @@ def create_app(settings: Settings, config: Config | None = None) -> web.Applicat
     )
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[GATEWAY] = gw
-    app.cleanup_ctx.extend([redis_ctx, session_ctx, reaper_ctx, reload_ctx])
+    app.cleanup_ctx.extend([redis_ctx, session_ctx, reaper_ctx, reload_ctx, webhooks_ctx])
     openai, anthropic = gw.dialects["openai"], gw.dialects["anthropic"]
     for prefix in ("/v1", ""):
         app.router.add_post(f"{prefix}/chat/completions", make_handler(openai, "chat"))

@@ -109,6 +109,16 @@ class PlanPrice:
 
 
 @dataclass(frozen=True, slots=True)
+class AlertPolicy:
+    """When a plan's accounts are warned, and where the warnings are POSTed."""
+
+    low_credit_share: float = 0.25
+    thresholds: tuple[int, ...] = (80, 90, 100)  # % of the allowance and of each per-cycle cap
+    webhook_url: str = ""
+    webhook_secret: Secret = field(default_factory=lambda: Secret(""))
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     name: str
     monthly_credits: int  # micro-credits
@@ -119,6 +129,7 @@ class Plan:
     limits: tuple[Limit, ...] = ()  # checked in the reserve script (see gateway.limits)
     max_keys: int | None = None
     timezone: str = "UTC"  # the billing cycle's calendar
+    alerts: AlertPolicy = field(default_factory=AlertPolicy)
 
     def price_for(self, route: str) -> PlanPrice | None:
         return next((p for p in self.pricing if p.matches(route)), None)
@@ -415,9 +426,27 @@ def _timezone(r: _Reader, value: Any, path: str) -> str:
     return name
 
 
+def _alerts(r: _Reader, raw: Any, path: str) -> AlertPolicy:
+    m = r.mapping(raw, path, {"low_credit_share", "thresholds", "webhook_url", "webhook_secret"})
+    share = r.decimal(m.get("low_credit_share", "0.25"), _join(path, "low_credit_share"))
+    if share > 1:
+        raise r.fail(_join(path, "low_credit_share"), "must be between 0 and 1")
+    thresholds = m.get("thresholds", [80, 90, 100])
+    if not isinstance(thresholds, list) or not thresholds:
+        raise r.fail(_join(path, "thresholds"), "expected a non-empty list of percentages")
+    values = tuple(r.integer(t, f"{_join(path, 'thresholds')}[{i}]", minimum=1) for i, t in enumerate(thresholds))
+    url = m.get("webhook_url", "")
+    if url and (not isinstance(url, str) or not url.startswith(("http://", "https://"))):
+        raise r.fail(_join(path, "webhook_url"), "must be an http:// or https:// URL")
+    secret = m.get("webhook_secret", "")
+    if not isinstance(secret, str):
+        raise r.fail(_join(path, "webhook_secret"), "expected a string (use ${ENV_VAR})")
+    return AlertPolicy(float(share), values, url, Secret(secret))
+
+
 def _plan(r: _Reader, name: str, raw: Any, path: str, upstream_names: set[str] | None = None) -> Plan:
-    m = r.mapping(raw, path, {"monthly_credits", "credit_usd", "markup", "models", "pricing", "limits", "timezone"},
-                  {"monthly_credits", "models"})
+    m = r.mapping(raw, path, {"monthly_credits", "credit_usd", "markup", "models", "pricing", "limits", "timezone",
+                              "alerts"}, {"monthly_credits", "models"})
     pricing = r.mapping(m.get("pricing", {}), _join(path, "pricing"), set())
     limits, max_keys = _limits(r, m.get("limits", {}), _join(path, "limits"), upstream_names)
     monthly = r.decimal(m["monthly_credits"], _join(path, "monthly_credits")) * MICRO
@@ -436,6 +465,7 @@ def _plan(r: _Reader, name: str, raw: Any, path: str, upstream_names: set[str] |
         limits=limits,
         max_keys=max_keys,
         timezone=_timezone(r, m.get("timezone", "UTC"), _join(path, "timezone")),
+        alerts=_alerts(r, m.get("alerts", {}), _join(path, "alerts")),
     )
 
 

@@ -37,6 +37,8 @@ class Unauthorized(GatewayError):
 class InsufficientCredits(GatewayError):
     status = 402
     kind = "insufficient_credits"
+    available_micro: int | None = None  # the balance that was too small, when known
+    held_micro: int = 0  # ... and what requests in flight held of it
 
 
 class Forbidden(GatewayError):
@@ -106,10 +108,12 @@ def error_for_status(status: int, *, available_micro: int = 0) -> GatewayError |
                 ScriptStatus.CYCLE_STALE, ScriptStatus.LIMIT_REACHED, ScriptStatus.TOO_MANY_KEYS):
         return None
     if code is ScriptStatus.INSUFFICIENT:
-        return InsufficientCredits(
+        refusal = InsufficientCredits(
             f"Insufficient credits: {format_credits(available_micro)} credits available, "
             "not enough to cover this request's prompt. Add credits to continue."
         )
+        refusal.available_micro = available_micro
+        return refusal
     messages = {
         ScriptStatus.NO_ACCOUNT: (Unauthorized, "The account for this API key no longer exists."),
         ScriptStatus.ACCOUNT_DISABLED: (Forbidden, "This account is disabled."),

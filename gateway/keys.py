@@ -41,6 +41,11 @@ class AccountKeys:
         return self._k("lim")
 
     @property
+    def alerts(self) -> str:
+        """Hash: `<cycle start>:<kind>[:<threshold>]` -> the alert (JSON); one per cycle each."""
+        return self._k("alerts")
+
+    @property
     def ledger(self) -> str:
         """Stream: one usage event per settled request, plus admin events."""
         return self._k("ledger")

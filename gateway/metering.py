@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.config import Rates
-from gateway.errors import GatewayError, ScriptStatus, error_for_status
+from gateway.errors import GatewayError, InsufficientCredits, ScriptStatus, error_for_status
 from gateway.keys import AccountKeys
 from gateway.money import MAX_SAFE, MICRO, ceil_div
 from gateway.scripts import ScriptRunner
@@ -97,6 +97,18 @@ class ReserveSpec:
     fallback_allowance: int
 
 
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What a settle call did, and the account's cycle counters right after it (for alerts)."""
+
+    settled: bool
+    charged: int
+    available: int
+    cycle_used: int = 0
+    cycle_start_ms: int = 0
+    cycle_limits: tuple[tuple[str, int, int], ...] = ()  # (limit id, value after, cap)
+
+
 class CycleStale(Exception):
     """The billing cycle ended at a moment the caller's cycle bounds do not cover."""
 
@@ -147,6 +159,8 @@ class Meter:
         if status == ScriptStatus.LIMIT_REACHED:
             raise LimitReached(str(reply[6]), int(reply[7]), int(reply[8]), int(reply[9]), str(reply[10]))
         error: GatewayError | None = error_for_status(int(status), available_micro=int(available))
+        if isinstance(error, InsufficientCredits):
+            error.held_micro = int(reply[4])
         if error is not None:
             raise error
         return Reservation(request_id, int(hold), int(available), status == ScriptStatus.LOWERED,
@@ -155,19 +169,22 @@ class Meter:
     async def settle(
         self, keys: AccountKeys, request_id: str, key_id: str, cost: int, event: dict[str, Any],
         limits: str = "", tokens: int = 0, usd: int = 0,
-    ) -> tuple[bool, int, int]:
+    ) -> Settlement:
         """Charge `cost`, release the rest of the hold and append one ledger event whose
         descriptive fields (`event`, None values dropped) travel as one JSON field.
-
-        Returns (settled now, charged, available after). Settling twice has no effect.
+        Settling twice has no effect (`settled` False the second time).
         """
         data = json.dumps({k: v for k, v in event.items() if v is not None}, separators=(",", ":"))
-        status, charged, available = await self.runner.run(
+        reply = await self.runner.run(
             "settle",
             [keys.account, keys.holds, keys.hold_expiry, keys.ledger, keys.limits],
             [request_id, cost, self.clock_offset_ms, key_id, data, limits, tokens, usd],
         )
-        return status == ScriptStatus.OK, int(charged), int(available)
+        if reply[0] != ScriptStatus.OK:
+            return Settlement(False, 0, 0)
+        rest = reply[5:]
+        counters = tuple((str(rest[i]), int(rest[i + 1]), int(rest[i + 2])) for i in range(0, len(rest), 3))
+        return Settlement(True, int(reply[1]), int(reply[2]), int(reply[3]), int(reply[4]), counters)
 
     async def release(self, keys: AccountKeys, request_id: str, reason: str) -> bool:
         """End a hold without charge; returns False when it had already ended."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.config import ConfigError, load_config
-from gateway.state import GATEWAY, Gateway
+from gateway.state import GATEWAY, Gateway, stopping
 
 log = logging.getLogger("gateway.config")
 FILES = ("providers.yaml", "plans.yaml")
@@ -53,7 +53,7 @@ async def reload_config(gw: Gateway) -> bool:
 async def _watch(gw: Gateway, wake: asyncio.Event) -> None:
     folder = Path(gw.settings.config_dir)
     seen = _fingerprint(folder)
-    while True:
+    while not stopping():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), gw.settings.config_poll_seconds)
         signalled = wake.is_set()

@@ -27,6 +27,8 @@ class Settings:
     config_poll_seconds: float = 2.0  # how often plans.yaml and providers.yaml are checked for changes
     ledger_retention_days: float = 400.0  # ledger events older than this are trimmed (hourly) ...
     ledger_protect_exports: tuple[str, ...] = ()  # ... unless one of these exports has not read them yet
+    webhook_poll_seconds: float = 0.5  # how often due webhook deliveries are looked for
+    webhook_backoff_seconds: float = 2.0  # the first retry's delay; doubled on each further failure
     clock_offset_ms: int = 0  # test-only: shifts the scripts' Redis clock; 0 in production
 
     @classmethod

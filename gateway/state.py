@@ -36,6 +36,7 @@ class Gateway:
     pending: set[asyncio.Task[Any]] = field(default_factory=set)
     inflight: set[asyncio.Task[Any]] = field(default_factory=set)
     cycle_cache: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)  # (anchor, tz) -> cycle
+    fired_alerts: set[tuple[str, str]] = field(default_factory=set)  # (account, alert field) known fired
 
     def track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
         """Keep a settlement task alive until it finishes, even if its request is gone."""
@@ -52,6 +53,14 @@ class Gateway:
         """Wait until every metered request in flight and every settlement has finished."""
         while self.inflight or self.pending:
             await asyncio.gather(*self.inflight, *self.pending, return_exceptions=True)
+
+
+def stopping() -> bool:
+    """True in a background task that was asked to stop. A loop checks it on every turn: redis-py can
+    swallow the cancellation of a command in flight (or turn it into a connection error), so the
+    CancelledError a loop counts on may never arrive."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

@@ -1,6 +1,7 @@
-"""Usage over HTTP: `GET /gateway/usage[/summary]` for a key holder, `GET /admin/accounts/{id}/usage[/summary]`
-for an operator. Filters: `from`/`to` (ISO 8601 or unix ms), `model`, `provider`; pages of `limit`
-events (at most 1000) continued with `cursor`."""
+"""Usage and alerts over HTTP: `GET /gateway/usage[/summary]` and `/gateway/alerts` for a key holder,
+`GET /admin/accounts/{id}/usage[/summary]` and `/alerts` for an operator. Usage filters: `from`/`to`
+(ISO 8601 or unix ms), `model`, `provider`; pages of `limit` events (at most 1000) continued with
+`cursor`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any
 from aiohttp import web
 
 from gateway.admin import check_admin
-from gateway.errors import BadRequest
+from gateway.alerts import list_alerts, mark_read
+from gateway.errors import BadRequest, NotFound
 from gateway.ledger import PAGE_MAX, Query, cycle_summary, query_usage
 from gateway.state import GATEWAY, Gateway
 from gateway.store import redis_guard
@@ -88,7 +90,51 @@ async def account_summary(request: web.Request) -> web.Response:
     return await _summary(gw, account_id, await store.account_raw(account_id))
 
 
+async def my_alerts(request: web.Request) -> web.Response:
+    gw, account_id, _account = await key_holder(request)
+    async with redis_guard():
+        return web.json_response({"data": await list_alerts(gw, account_id)})
+
+
+async def read_alert(request: web.Request) -> web.Response:
+    gw, account_id, _account = await key_holder(request)
+    async with redis_guard():
+        if not await mark_read(gw, account_id, request.match_info["alert_id"]):
+            raise NotFound("No such alert.")
+    return web.json_response({"id": request.match_info["alert_id"], "read": True})
+
+
+async def account_alerts(request: web.Request) -> web.Response:
+    gw, store = check_admin(request)
+    account_id = request.match_info["account_id"]
+    await store.account_raw(account_id)
+    async with redis_guard():
+        return web.json_response({"data": await list_alerts(gw, account_id)})
+
+
+async def set_webhook(request: web.Request) -> web.Response:
+    """PUT /admin/accounts/{id}/webhook {url, secret}: the account's own alert webhook (over the plan's)."""
+    gw, store = check_admin(request)
+    account_id = request.match_info["account_id"]
+    await store.account_raw(account_id)
+    try:
+        body = await request.json()
+    except ValueError:
+        raise BadRequest("The request body is not valid JSON.") from None
+    url, secret = body.get("url") if isinstance(body, dict) else None, body.get("secret", "")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")) or not isinstance(secret, str):
+        raise BadRequest("'url' must be an http(s) URL and 'secret' a string.", param="url")
+    async with redis_guard():
+        await gw.redis.hset(gw.schema.for_account(account_id).account,
+                            mapping={"webhook_url": url, "webhook_secret": secret})
+    return web.json_response({"account_id": account_id, "webhook_url": url})
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/gateway/alerts", my_alerts)
+    app.router.add_post("/gateway/alerts/{alert_id}/read", read_alert)
+    app.router.add_get("/admin/accounts/{account_id}/alerts", account_alerts)
+    app.router.add_put("/admin/accounts/{account_id}/webhook", set_webhook)
     app.router.add_get("/gateway/usage", my_usage)
     app.router.add_get("/gateway/usage/summary", my_summary)
     app.router.add_get("/admin/accounts/{account_id}/usage", account_usage)

@@ -12,7 +12,7 @@
 -- Returns {status, credits held, available_after, plan, tokens held, micro-USD held, detail...};
 -- status 0 full hold, 1 lowered, 10 no account, 11 disabled, 12 key revoked, 13 key expired,
 -- 14 plan changed, 15 duplicate request id, 16 stale cycle bounds (detail: Redis now),
--- 20 insufficient credits, 21 limit reached (detail: limit id, used, cap, ms until it frees, scope).
+-- 20 insufficient credits (reply[5]: credits held by requests in flight), 21 limit reached (detail: limit id, used, cap, ms until it frees, scope).
 local now = now_ms(ARGV[6])
 local a = redis.call('HMGET', KEYS[1], 'plan', 'status', 'allow', 'extra', 'held', 'cycle_end_ms',
                      'plan_expires_ms', 'next_plan', 'next_allow')
@@ -30,7 +30,7 @@ if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return {15, 0, 0, plan} end
 local available = allow + tonumber(a[4] or '0') - tonumber(a[5] or '0')
 local want = {c = tonumber(ARGV[3]), t = tonumber(ARGV[8]), u = tonumber(ARGV[10]), n = 1}
 local least = {c = tonumber(ARGV[4]), t = tonumber(ARGV[9]), u = tonumber(ARGV[11]), n = 1}
-if available < least.c then return {20, 0, available, plan} end
+if available < least.c then return {20, 0, available, plan, tonumber(a[5] or '0')} end
 if available < want.c then want.c = available end
 local rows = {}
 if ARGV[12] ~= '' then rows = cjson.decode(ARGV[12]) end

@@ -6,7 +6,8 @@
 -- ARGV[4] key id         ARGV[5] the event's descriptive fields as one JSON object
 -- ARGV[6] the limits the request was reserved under (JSON, as reserve-5 ARGV[12]; '' for none)
 -- ARGV[7] actual tokens  ARGV[8] actual micro-USD
--- Returns {status, charged, available_after}; status 0 settled, 2 hold already ended (no effect).
+-- Returns {status, charged, available_after, cycle used, cycle start, per-cycle limits as id, value,
+-- cap...}; status 0 settled, 2 hold already ended (no effect).
 -- The charge exceeds the hold only out of credits no other hold claims, and never below zero;
 -- what could not be collected is recorded in the event as `uncollected`.
 local hold = redis.call('HGET', KEYS[2], ARGV[1])
@@ -36,10 +37,14 @@ redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 local now = now_ms(ARGV[3])
 give_back(KEYS[5], ARGV[1])
+local counted = {}
 if ARGV[6] ~= '' then
   local used = {c = charge, t = tonumber(ARGV[7]), u = tonumber(ARGV[8]), n = 1}
-  count_usage(KEYS[5], cjson.decode(ARGV[6]), ARGV[4], used, now)
+  counted = count_usage(KEYS[5], cjson.decode(ARGV[6]), ARGV[4], used, now)
 end
 redis.call('XADD', KEYS[4], '*', 'type', 'usage', 'ts', now, 'rid', ARGV[1], 'key_id', ARGV[4],
            'cost', charge, 'hold', hold, 'uncollected', actual - charge, 'data', ARGV[5])
-return {0, charge, allow + extra - held}
+local c = redis.call('HMGET', KEYS[1], 'cycle_used', 'cycle_start_ms')
+local reply = {0, charge, allow + extra - held, tonumber(c[1] or '0'), tonumber(c[2] or '0')}
+for _, v in ipairs(counted) do reply[#reply + 1] = v end
+return reply

@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import ADMIN_KEY, ROOT, Harness, make_settings
+from conftest import ADMIN_KEY, LOOP_LAG_TOLERANT, ROOT, Harness, make_settings
 
 from gateway.app import create_app
 from gateway.dialects.openai import OpenAIDialect
@@ -20,12 +20,10 @@ from gateway.embedded import free_port
 from gateway.metering import quote
 from gateway.state import GATEWAY
 
+
 # These tests run the client, the gateways and the fake provider in one event loop: hundreds of requests
 # at once lag that loop by more than the half-second fail-closed deadline on a slow machine, which would
 # turn healthy Redis answers into 503s. The deadline itself is tested in test_redis_failure.
-LOOP_LAG_TOLERANT = {"redis_timeout_seconds": 10.0}
-
-
 @pytest.fixture
 def settings_overrides() -> dict[str, Any]:
     return LOOP_LAG_TOLERANT

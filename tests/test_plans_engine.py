@@ -12,7 +12,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from conftest import ADMIN_KEY, PROVIDER_KEY, ROOT, Harness
+from conftest import ADMIN_KEY, LOOP_LAG_TOLERANT, PROVIDER_KEY, ROOT, Harness
 
 from gateway.keys import KeySchema
 from gateway.limits import cycle_bounds
@@ -37,6 +37,11 @@ plans:
   quota: {monthly_credits: 100, models: ["demo-*"], limits: {requests_per_cycle: 3, tokens_per_cycle: 100000}}
 """
 BODY = {"model": "demo-mini", "max_tokens": 20, "messages": [{"role": "user", "content": "hi [[emu out=10]]"}]}
+
+
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    return LOOP_LAG_TOLERANT  # 200-request bursts
 
 
 @pytest.fixture

@@ -140,8 +140,8 @@ async def test_reaper_returns_expired_holds_exactly_once(redis_url: str, config_
     assert await later.reap(keys) == (1, reservation.hold)
     assert await later.reap(keys) == (0, 0)  # idempotent: a second reaper finds nothing
     # the crashed process comes back and tries to settle: no effect, no double release
-    settled, charged, _ = await crashed.settle(keys, "req_crashed", new_key.id, 50, {"outcome": "late"})
-    assert (settled, charged) == (False, 0)
+    late = await crashed.settle(keys, "req_crashed", new_key.id, 50, {"outcome": "late"})
+    assert (late.settled, late.charged) == (False, 0)
     raw = await client.hgetall(keys.account)
     assert int(raw["held"]) == 0 and int(raw["charged"]) == 0
     ended = [f for _id, f in await client.xrange(keys.ledger) if f["type"] not in ("grant", "key_created")]
@@ -180,8 +180,8 @@ async def test_settling_twice_has_no_effect_the_second_time(harness: Harness) ->
     keys = harness.gw.schema.for_account(account)
     first = await meter.settle(keys, "req_twice", principal.key_id, 5, {"outcome": "ok"})
     second = await meter.settle(keys, "req_twice", principal.key_id, 5, {"outcome": "ok"})
-    assert first[0] is True and first[1] == 5
-    assert second[0] is False and second[1] == 0
+    assert first.settled is True and first.charged == 5
+    assert second.settled is False and second.charged == 0
     assert await meter.release(keys, "req_twice", "late") is False
     state = await harness.assert_conserved(account)
     assert state["charged"] == 5

@@ -1,0 +1,218 @@
+"""Alerts: a low-credit warning and 80/90/100 % thresholds of the allowance and of each per-cycle cap.
+
+Each alert fires once per billing cycle (HSETNX on `gw:{acct}:alerts`, so concurrent settlements
+cannot fire it twice), is listed at `GET /gateway/alerts`, can be marked read, and is POSTed to the
+account's or the plan's webhook by a background deliverer: signed with HMAC-SHA256, retried with
+exponential backoff, at least once, with an `id` receivers deduplicate on. Nothing here runs on a
+request's path: detection runs in the settlement task, delivery in its own task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from gateway.config import Plan
+from gateway.errors import InsufficientCredits
+from gateway.metering import LimitReached, Settlement
+from gateway.money import format_credits
+from gateway.state import GATEWAY, Gateway, stopping
+
+log = logging.getLogger("gateway.alerts")
+MAX_ATTEMPTS = 10
+
+
+def due(plan: Plan, s: Settlement) -> list[tuple[str, str]]:
+    """(alert field, message) for every threshold this settlement's counters have reached."""
+    policy = plan.alerts
+    found: list[tuple[str, str]] = []
+    allowance = plan.monthly_credits
+    if allowance > 0:
+        for threshold in policy.thresholds:
+            if s.cycle_used * 100 >= threshold * allowance:
+                found.append((f"{s.cycle_start_ms}:allowance:{threshold}",
+                              f"{threshold}% of this cycle's {format_credits(allowance)}-credit allowance is used."))
+        if s.available < allowance * policy.low_credit_share:
+            found.append((f"{s.cycle_start_ms}:low_credit", f"Low credits: {format_credits(max(s.available, 0))} "
+                          f"remaining, under {policy.low_credit_share:.0%} of the allowance."))
+    for limit_id, value, cap in s.cycle_limits:
+        for threshold in policy.thresholds:
+            if cap > 0 and value * 100 >= threshold * cap:
+                found.append((f"{s.cycle_start_ms}:{limit_id}:{threshold}",
+                              f"{threshold}% of the plan's {limit_id} limit is used this cycle."))
+    return found
+
+
+def due_on_refusal(plan: Plan, cycle_start_ms: int, *, refused: InsufficientCredits | None = None,
+                   min_cost: int = 0, reached: LimitReached | None = None) -> list[tuple[str, str]]:
+    """The 100 % alert of a refusal. Charges are lowered to fit, so an allowance or a cap is seldom used
+    to the last unit: what is left can be too little for any request. A request the balance could not
+    pay even with nothing in flight, or that a per-cycle cap refused, counts as 100 % used when what is
+    left is under the low-credit share (not one oversized prompt on a full balance)."""
+    policy = plan.alerts
+    if 100 not in policy.thresholds:
+        return []
+    if refused is not None:
+        allowance = plan.monthly_credits
+        if refused.available_micro is None or allowance <= 0:
+            return []
+        balance = refused.available_micro + refused.held_micro  # without what requests in flight hold
+        if balance >= min_cost or balance >= allowance * policy.low_credit_share:
+            return []  # refused for what is in flight, or for one oversized prompt
+        return [(f"{cycle_start_ms}:allowance:100",
+                 f"This cycle's {format_credits(allowance)}-credit allowance is used up: "
+                 f"{format_credits(max(balance, 0))} remaining could not pay for a request.")]
+    if reached is None or reached.cap <= 0:
+        return []
+    cycle_cap = any(lim.id == reached.limit_id and lim.window_ms == 0 for lim in plan.limits)
+    if not cycle_cap or reached.cap - reached.used >= reached.cap * policy.low_credit_share:
+        return []
+    return [(f"{cycle_start_ms}:{reached.limit_id}:100",
+             f"100% of the plan's {reached.limit_id} limit is used this cycle.")]
+
+
+async def fire(gw: Gateway, account_id: str, plan: Plan, found: list[tuple[str, str]],
+               request_id: str) -> list[dict[str, Any]]:
+    """Record the alerts in `found` (from `due`) not yet fired this cycle; queue their webhooks. Never
+    raises: a failure here (Redis away) must not touch the request, and the next settlement retries."""
+    try:
+        return await _fire(gw, account_id, plan, found, request_id)
+    except Exception:
+        log.warning("alerts for %s not recorded (Redis unavailable?); the next settlement retries", account_id)
+        return []
+
+
+async def _fire(gw: Gateway, account_id: str, plan: Plan, found: list[tuple[str, str]],
+                request_id: str) -> list[dict[str, Any]]:
+    candidates = [(f, m) for f, m in found if (account_id, f) not in gw.fired_alerts]
+    if not candidates:
+        return []
+    keys = gw.schema.for_account(account_id)
+    now = int(time.time() * 1000)
+    alerts = [{"id": f"{account_id}:{field}", "account_id": account_id, "kind": field.split(":")[1],
+               "threshold": field.rsplit(":", 1)[-1] if field.count(":") >= 2 else None, "message": message,
+               "request_id": request_id, "created_ms": now, "read": False} for field, message in candidates]
+    pipe = gw.redis.pipeline(transaction=False)
+    for (field, _), alert in zip(candidates, alerts, strict=True):
+        pipe.hsetnx(keys.alerts, field, json.dumps(alert))
+    created = await pipe.execute()
+    new = [a for a, ok in zip(alerts, created, strict=True) if ok]
+    if len(gw.fired_alerts) > 1_000_000:
+        gw.fired_alerts.clear()  # only a cache: HSETNX is what makes an alert fire once
+    for field, _ in candidates:
+        gw.fired_alerts.add((account_id, field))
+    if new:
+        account = await gw.redis.hmget(keys.account, ["webhook_url", "webhook_secret"])
+        url = account[0] or plan.alerts.webhook_url
+        secret = account[1] or plan.alerts.webhook_secret.reveal()
+        if url:
+            await enqueue(gw, url, secret, new)
+    return new
+
+
+async def enqueue(gw: Gateway, url: str, secret: str, alerts: list[dict[str, Any]]) -> None:
+    pipe = gw.redis.pipeline(transaction=False)
+    for alert in alerts:
+        delivery = "dlv_" + secrets.token_hex(8)
+        body = json.dumps({"type": "gateway.alert", **alert}, separators=(",", ":"))
+        pipe.hset(f"{gw.schema.prefix}webhook:{delivery}", mapping={"url": url, "secret": secret, "body": body,
+                                                                      "attempts": 0})
+        pipe.zadd(f"{gw.schema.prefix}webhooks", {delivery: int(time.time() * 1000)})
+    await pipe.execute()
+
+
+def signature(secret: str, timestamp: int, body: str) -> str:
+    """`t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`, as receivers verify it."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.{body}".encode(), hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
+
+
+async def _deliver(gw: Gateway, delivery: str) -> None:
+    record_key = f"{gw.schema.prefix}webhook:{delivery}"
+    queue = f"{gw.schema.prefix}webhooks"
+    rec = await gw.redis.hgetall(record_key)
+    if not rec:
+        await gw.redis.zrem(queue, delivery)
+        return
+    timestamp = int(time.time())
+    headers = {"Content-Type": "application/json", "X-Gateway-Delivery": delivery,
+               "X-Gateway-Signature": signature(rec.get("secret", ""), timestamp, rec["body"])}
+    ok = False
+    assert gw.session is not None
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+        async with gw.session.post(rec["url"], data=rec["body"], headers=headers,
+                                   timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            ok = 200 <= resp.status < 300
+    if ok:
+        await gw.redis.zrem(queue, delivery)
+        await gw.redis.delete(record_key)
+        return
+    attempts = int(await gw.redis.hincrby(record_key, "attempts", 1))
+    if attempts >= MAX_ATTEMPTS:
+        log.error("webhook delivery %s dropped after %d attempts", delivery, attempts)
+        await gw.redis.zrem(queue, delivery)
+        await gw.redis.delete(record_key)
+        return
+    backoff = min(gw.settings.webhook_backoff_seconds * 2 ** (attempts - 1), 3600)
+    await gw.redis.zadd(queue, {delivery: int((time.time() + backoff) * 1000)})
+
+
+async def _deliver_forever(gw: Gateway) -> None:
+    queue = f"{gw.schema.prefix}webhooks"
+    running: set[asyncio.Task[None]] = set()
+    try:
+        while not stopping():
+            await asyncio.sleep(gw.settings.webhook_poll_seconds)
+            try:
+                now = int(time.time() * 1000)
+                for delivery in await gw.redis.zrangebyscore(queue, "-inf", now, start=0, num=20):
+                    # a 60 s lease: another process takes it over only if this one dies mid-delivery
+                    await gw.redis.zadd(queue, {delivery: now + 60_000}, xx=True)
+                    task = asyncio.create_task(_deliver(gw, delivery))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+            except Exception:  # Redis away: try again on the next tick
+                if stopping():
+                    raise
+                log.warning("webhook deliverer: Redis unavailable, will retry")
+    finally:
+        for task in running:  # leased: another process (or the next start) delivers them
+            task.cancel()
+
+
+async def webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
+    gw = app[GATEWAY]
+    task = asyncio.create_task(_deliver_forever(gw))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def list_alerts(gw: Gateway, account_id: str) -> list[dict[str, Any]]:
+    raw = await gw.redis.hgetall(gw.schema.for_account(account_id).alerts)
+    alerts = [json.loads(v) for v in raw.values()]
+    return sorted(alerts, key=lambda a: (a["created_ms"], a["id"]))
+
+
+async def mark_read(gw: Gateway, account_id: str, alert_id: str) -> bool:
+    keys = gw.schema.for_account(account_id)
+    field = alert_id.removeprefix(f"{account_id}:")
+    raw = await gw.redis.hget(keys.alerts, field)
+    if raw is None:
+        return False
+    alert = json.loads(raw)
+    alert["read"] = True
+    await gw.redis.hset(keys.alerts, field, json.dumps(alert))
+    return True
