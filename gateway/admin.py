@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.auth import check_scopes
 from gateway.config import key_limits
 from gateway.errors import BadRequest, Unauthorized
 from gateway.money import credits_number, credits_to_micro
@@ -28,7 +29,7 @@ def check_admin(request: web.Request) -> tuple[Gateway, Store]:
     return gw, gw.store
 
 
-async def _json(request: web.Request) -> dict[str, Any]:
+async def read_json(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     if not raw.strip():
         return {}
@@ -52,7 +53,7 @@ def _string(body: dict[str, Any], name: str, *, required: bool = True, default: 
 
 async def create_account(request: web.Request) -> web.Response:
     gw, store = check_admin(request)
-    body = await _json(request)
+    body = await read_json(request)
     name = _string(body, "name")
     plan = _string(body, "plan", required=False, default=gw.config.default_plan)
     timezone = body.get("timezone")
@@ -70,11 +71,12 @@ async def get_account(request: web.Request) -> web.Response:
 
 async def create_key(request: web.Request) -> web.Response:
     gw, store = check_admin(request)
-    body = await _json(request)
+    body = await read_json(request)
     label = _string(body, "label", required=False)
-    scopes = body.get("scopes") or []
-    if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
-        raise BadRequest("'scopes' must be a list of strings.", param="scopes")
+    try:
+        scopes = check_scopes(body.get("scopes") or [])
+    except ValueError as exc:
+        raise BadRequest(f"Invalid scopes: {exc}.", param="scopes") from None
     limits = body.get("limits") or {}
     try:
         key_limits(limits)
@@ -82,11 +84,10 @@ async def create_key(request: web.Request) -> web.Response:
         raise BadRequest(f"Invalid key limits: {exc}.", param="limits") from None
     account_id = request.match_info["account_id"]
     plan = gw.config.plans.get((await store.account_raw(account_id)).get("plan", ""))
-    new = await store.create_key(account_id, label, parse_expiry(body.get("expires_at")), tuple(scopes),
+    new = await store.create_key(account_id, label, parse_expiry(body.get("expires_at")), scopes,
                                  limits, plan.max_keys if plan else None)
-    view = key_view(new.id, new.account_id, {"prefix": new.prefix, "label": new.label, "status": "active",
-                                             "expires_ms": str(new.expires_ms), "scopes": ",".join(scopes)})
-    return web.json_response({**view, "key": new.key}, status=201)
+    _, record = await store.key_record(new.id)
+    return web.json_response({**key_view(new.id, new.account_id, record), "key": new.key}, status=201)
 
 
 async def list_keys(request: web.Request) -> web.Response:
@@ -101,7 +102,7 @@ async def revoke_key(request: web.Request) -> web.Response:
 
 async def grant_credits(request: web.Request) -> web.Response:
     _gw, store = check_admin(request)
-    body = await _json(request)
+    body = await read_json(request)
     if "credits" not in body:
         raise BadRequest("'credits' is required.", param="credits")
     try:
@@ -116,7 +117,7 @@ async def grant_credits(request: web.Request) -> web.Response:
 
 async def set_plan(request: web.Request) -> web.Response:
     gw, store = check_admin(request)
-    body = await _json(request)
+    body = await read_json(request)
     account_id = request.match_info["account_id"]
     expires = body.get("expires_at")
     change = await store.change_plan(gw.config, account_id, _string(body, "plan"), body.get("effective"),
@@ -127,7 +128,7 @@ async def set_plan(request: web.Request) -> web.Response:
 
 async def buy_pack(request: web.Request) -> web.Response:
     gw, store = check_admin(request)
-    body = await _json(request)
+    body = await read_json(request)
     account_id = request.match_info["account_id"]
     available = await store.buy_pack(gw.config, account_id, _string(body, "pack"))
     return web.json_response({"account_id": account_id, "pack": body["pack"],
@@ -136,13 +137,63 @@ async def buy_pack(request: web.Request) -> web.Response:
 
 async def renew(request: web.Request) -> web.Response:
     gw, store = check_admin(request)
-    body = await _json(request)
+    body = await read_json(request)
     account_id = request.match_info["account_id"]
     await store.renew(gw.config, account_id, body.get("months", 1))
     return web.json_response(account_view(account_id, await store.account_raw(account_id), gw.config))
 
 
+async def list_accounts(request: web.Request) -> web.Response:
+    """GET /admin/accounts?plan=&status=&name=&limit=&after=: a page of accounts in id order."""
+    gw, store = check_admin(request)
+    q = request.query
+    try:
+        limit = int(q.get("limit", "50"))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 500:
+        raise BadRequest("'limit' must be a whole number from 1 to 500.", param="limit")
+    found, more = await store.list_accounts(q.get("plan") or None, q.get("status") or None, q.get("name") or None,
+                                            limit, q.get("after") or None)
+    data = [account_view(account_id, rec, gw.config) for account_id, rec in found]
+    return web.json_response({"data": data, "has_more": more, "next_after": data[-1]["id"] if more else None})
+
+
+async def stats(request: web.Request) -> web.Response:
+    _gw, store = check_admin(request)
+    return web.json_response(await store.stats())
+
+
+async def rotate_key(request: web.Request) -> web.Response:
+    """POST /admin/keys/{id}/rotate {grace_seconds}: a new key (shown once); the old one expires after
+    the grace period (an hour by default)."""
+    _gw, store = check_admin(request)
+    body = await read_json(request)
+    grace = body.get("grace_seconds", 3600)
+    if not isinstance(grace, int | float) or isinstance(grace, bool):
+        raise BadRequest("'grace_seconds' must be a number.", param="grace_seconds")
+    new, old = await store.rotate_key(request.match_info["key_id"], int(grace * 1000))
+    _, record = await store.key_record(new.id)
+    return web.json_response({**key_view(new.id, new.account_id, record), "key": new.key, "previous": old},
+                             status=201)
+
+
+async def update_key(request: web.Request) -> web.Response:
+    """PATCH /admin/keys/{id} {label, expires_at}: expires_at null means never."""
+    _gw, store = check_admin(request)
+    body = await read_json(request)
+    label = body.get("label")
+    if label is not None and not isinstance(label, str):
+        raise BadRequest("'label' must be a string.", param="label")
+    expires = parse_expiry(body["expires_at"]) if "expires_at" in body else None
+    return web.json_response(await store.update_key(request.match_info["key_id"], label=label, expires_ms=expires))
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/admin/accounts", list_accounts)
+    app.router.add_get("/admin/stats", stats)
+    app.router.add_post("/admin/keys/{key_id}/rotate", rotate_key)
+    app.router.add_patch("/admin/keys/{key_id}", update_key)
     app.router.add_post("/admin/accounts", create_account)
     app.router.add_get("/admin/accounts/{account_id}", get_account)
     app.router.add_post("/admin/accounts/{account_id}/keys", create_key)

@@ -11,6 +11,7 @@ import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+from fnmatch import fnmatchcase
 from typing import Any
 
 from gateway.config import key_limits
@@ -34,6 +35,32 @@ class Principal:
     anchor_ms: int = 0  # the subscription start the billing cycle is anchored to
     timezone: str = ""  # the account's own cycle timezone ("" : the plan's)
     key_limits: tuple[Limit, ...] = ()  # the key's own rate limits
+    scopes: tuple[str, ...] = ()  # what the key may call (empty: everything its plan allows)
+
+    def check_scope(self, api: str, model: str) -> None:
+        """Refuse a call outside the key's scopes: `api:<openai|anthropic|gemini|http>` and
+        `model:<glob>` scopes each narrow what the key may call; none of a kind means no limit."""
+        apis = [s[4:] for s in self.scopes if s.startswith("api:")]
+        if apis and api not in apis:
+            raise Forbidden(f"This API key's scopes do not include the {api} API.")
+        models = [s[6:] for s in self.scopes if s.startswith("model:")]
+        if models and not any(fnmatchcase(model, glob) for glob in models):
+            raise Forbidden(f"This API key's scopes do not include the model '{model}'.", param="model")
+
+
+SCOPE_APIS = ("openai", "anthropic", "gemini", "http")
+
+
+def check_scopes(scopes: Any) -> tuple[str, ...]:
+    """Validate the scopes an operator gives a key (ValueError names the bad one)."""
+    if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+        raise ValueError("'scopes' must be a list of strings")
+    for scope in scopes:
+        kind, _, value = scope.partition(":")
+        if (kind == "api" and value in SCOPE_APIS) or (kind == "model" and value and "," not in value):
+            continue
+        raise ValueError(f"unknown scope {scope!r}: use api:<{'|'.join(SCOPE_APIS)}> or model:<name or glob>")
+    return tuple(scopes)
 
 
 def check_key_shape(raw: str | None) -> str:
@@ -69,12 +96,13 @@ class Authenticator:
             keys = self._schema.for_account(account_id)
             pipe = self._redis.pipeline(transaction=False)
             pipe.hmget(keys.account, ["plan", "anchor_ms", "timezone", "created_ms"])
-            pipe.hget(keys.api_key(key_id), "limits")
-            (plan, anchor, zone, created), limits = await pipe.execute()
+            pipe.hmget(keys.api_key(key_id), ["limits", "scopes"])
+            (plan, anchor, zone, created), (limits, scopes) = await pipe.execute()
         if plan is None:
             raise Unauthorized("The account for this API key no longer exists.")
         principal = Principal(digest, account_id, key_id, plan, int(anchor or created or 0), zone or "",
-                              key_limits(json.loads(limits)) if limits else ())
+                              key_limits(json.loads(limits)) if limits else (),
+                              tuple(s for s in (scopes or "").split(",") if s))
         self._remember(principal)
         return principal
 

@@ -23,6 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.app import AccessLogger
+from gateway.auth import check_scopes
 from gateway.config import Config, ConfigError, key_limits, load_config
 from gateway.embedded import EmbeddedRedis, discover_url
 from gateway.errors import GatewayError
@@ -180,16 +181,42 @@ async def _keys_create(args: argparse.Namespace) -> None:
     try:
         limits = json.loads(args.limits) if args.limits else {}
         key_limits(limits)
+        scopes = check_scopes(args.scope)
     except ValueError as exc:
-        raise GatewayError(f"invalid --limits: {exc}") from None
+        raise GatewayError(f"invalid --limits or --scope: {exc}") from None
     async with _store(args) as store:
         plan = config.plans.get((await store.account_raw(args.account)).get("plan", ""))
-        new = await store.create_key(args.account, args.label or "", parse_expiry(args.expires_at), (), limits,
+        new = await store.create_key(args.account, args.label or "", parse_expiry(args.expires_at), scopes, limits,
                                      plan.max_keys if plan else None)
-    view = key_view(new.id, new.account_id, {"prefix": new.prefix, "label": new.label, "status": "active",
-                                             "expires_ms": str(new.expires_ms)})
+        _, record = await store.key_record(new.id)
+    view = key_view(new.id, new.account_id, record)
     _output(args, {**view, "key": new.key},
             f"created key {new.id} for {new.account_id}\n{new.key}\n(shown once: store it now)")
+
+
+async def _keys_rotate(args: argparse.Namespace) -> None:
+    async with _store(args) as store:
+        new, old = await store.rotate_key(args.key_id, args.grace_seconds * 1000)
+    _output(args, {"id": new.id, "key": new.key, "previous": old},
+            f"created key {new.id} for {new.account_id}\n{new.key}\n(shown once: store it now)\n"
+            f"{old['id']} stays valid until {old['expires_at']}")
+
+
+async def _accounts_list(args: argparse.Namespace) -> None:
+    config = _config(args)
+    async with _store(args) as store:
+        found, more = await store.list_accounts(args.plan, args.status, args.name, args.limit, args.after)
+    views = [account_view(account_id, rec, config) for account_id, rec in found]
+    lines = [f"{v['id']}  {v['plan']:<12} {v['status']:<9} {v['credits_remaining']:>14}  {v['name']}" for v in views]
+    if more:
+        lines.append(f"(more: --after {views[-1]['id']})")
+    _output(args, {"data": views, "has_more": more}, "\n".join(lines) or "no accounts")
+
+
+async def _stats(args: argparse.Namespace) -> None:
+    async with _store(args) as store:
+        totals = await store.stats()
+    _output(args, totals, "\n".join(f"{k}: {v}" for k, v in totals.items()))
 
 
 async def _keys_list(args: argparse.Namespace) -> None:
@@ -321,6 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
     show = common(accounts.add_parser("show", help="show an account's balance"))
     show.add_argument("account_id")
     show.set_defaults(func=_run(_accounts_show))
+    alist = common(accounts.add_parser("list", help="list accounts (filters, pages)"))
+    alist.add_argument("--plan", default=None)
+    alist.add_argument("--status", default=None)
+    alist.add_argument("--name", default=None, help="a substring of the name")
+    alist.add_argument("--limit", type=int, default=50)
+    alist.add_argument("--after", default=None, help="the last account id of the previous page")
+    alist.set_defaults(func=_run(_accounts_list))
+    common(sub.add_parser("stats", help="platform totals: accounts by plan, spend, requests, tokens")
+           ).set_defaults(func=_run(_stats))
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
     kcreate = common(keys.add_parser("create", help="create a key (shown once)"))
@@ -329,7 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     kcreate.add_argument("--expires-at", default=None, help="ISO 8601 time")
     kcreate.add_argument("--limits", default=None,
                          help='the key\'s own rate limits as JSON, e.g. \'{"requests_per_minute": 20}\'')
+    kcreate.add_argument("--scope", action="append", default=[],
+                         help="narrow the key: api:<openai|anthropic|gemini|http> or model:<glob> (repeatable)")
     kcreate.set_defaults(func=_run(_keys_create))
+    krotate = common(keys.add_parser("rotate", help="a new key; the old one stays valid for a grace period"))
+    krotate.add_argument("key_id")
+    krotate.add_argument("--grace-seconds", type=int, default=3600)
+    krotate.set_defaults(func=_run(_keys_rotate))
     klist = common(keys.add_parser("list", help="list an account's keys"))
     klist.add_argument("--account", required=True)
     klist.set_defaults(func=_run(_keys_list))

@@ -121,6 +121,7 @@ def route_for(gw: Gateway, dialect: Dialect, principal: Principal, model: str) -
         raise Forbidden(f"Your account's plan '{principal.plan}' is not configured on this gateway.")
     if not plan.allows(model):
         raise Forbidden(f"Your plan '{plan.name}' does not include the model '{model}'.", param="model")
+    principal.check_scope(dialect.name, model)
     return route, plan
 
 

@@ -6,6 +6,7 @@ module creates records and reads them back as external views in decimal credits.
 
 from __future__ import annotations
 
+import bisect
 import calendar
 import hashlib
 import json
@@ -25,7 +26,6 @@ from gateway.money import credits_number, format_credits
 from gateway.scripts import REDIS_DOWN, ScriptRunner
 
 KEY_PREFIX = "gwk_"  # every raw gateway key starts with this, so it is recognisable in a leak scan
-LOW_CREDIT_SHARE = 0.25
 
 
 def hash_key(raw: str) -> str:
@@ -111,14 +111,16 @@ class Store:
         cycle = cycle_bounds(start_ms, timezone or config.plans[plan].timezone, start_ms)
         keys = self.schema.for_account(account_id)
         async with redis_guard():
-            pipe = self.redis.pipeline(transaction=False)
+            await self.redis.sadd(self.schema.accounts, account_id)  # listed first: a bare id is skipped
+            pipe = self.redis.pipeline(transaction=True)  # the record and its ledger event together
             pipe.hset(keys.account, mapping={
                 "name": name, "plan": plan, "status": "active", "allow": allowance, "extra": 0, "held": 0,
                 "charged": 0, "granted": allowance, "cycle_used": 0, "requests": 0,
                 "created_ms": start_ms, "anchor_ms": start_ms, "expired": 0, "timezone": timezone or "",
                 "cycle_start_ms": cycle[0], "cycle_end_ms": cycle[1],
             })
-            pipe.sadd(self.schema.accounts, account_id)
+            pipe.xadd(keys.ledger, {"type": "account_created", "ts": start_ms, "plan": plan, "name": name,
+                                    "allowance": allowance})
             await pipe.execute()
         return account_id
 
@@ -245,6 +247,117 @@ class Store:
         return key_view(key_id, account_id, record)
 
 
+    async def admin_event(self, account_id: str, event: dict[str, Any], record: str | None = None,
+                          changes: dict[str, Any] | None = None) -> None:
+        """Apply `changes` to `record` (a hash of the account) and append the admin `event` to the
+        account's ledger in one MULTI/EXEC: the change and its record never part."""
+        keys = self.schema.for_account(account_id)
+        async with redis_guard():
+            pipe = self.redis.pipeline(transaction=True)
+            if record is not None and changes:
+                pipe.hset(record, mapping=changes)
+            pipe.xadd(keys.ledger, {"ts": now_ms() + self.clock_offset_ms,
+                                    **{k: str(v) for k, v in event.items()}})
+            await pipe.execute()
+
+    async def key_record(self, key_id: str) -> tuple[str, dict[str, str]]:
+        async with redis_guard():
+            account_id = await self.redis.get(self.schema.key_id(key_id))
+            record = await self.redis.hgetall(self.schema.for_account(account_id).api_key(key_id)) \
+                if account_id else {}
+        if not account_id or not record:
+            raise NotFound(f"No key {key_id!r}.")
+        return account_id, record
+
+    async def rotate_key(self, key_id: str, grace_ms: int) -> tuple[NewKey, dict[str, Any]]:
+        """A new key with the old one's label, scopes, limits and expiry; the old key stays valid for
+        `grace_ms` more (never longer than it already would), so clients can switch without an outage."""
+        if not 0 <= grace_ms <= 30 * 86_400_000:
+            raise BadRequest("'grace_seconds' must be between 0 and 30 days.", param="grace_seconds")
+        account_id, old = await self.key_record(key_id)
+        if old.get("status") != "active":
+            raise BadRequest(f"The key {key_id!r} is {old.get('status')}: only an active key can be rotated.")
+        limits = json.loads(old["limits"]) if old.get("limits") else None
+        scopes = tuple(s for s in old.get("scopes", "").split(",") if s)
+        expires = int(old.get("expires_ms") or 0)
+        new = await self.create_key(account_id, old.get("label", ""), expires, scopes, limits)
+        until = now_ms() + self.clock_offset_ms + grace_ms
+        if expires:
+            until = min(until, expires)
+        keys = self.schema.for_account(account_id)
+        await self.admin_event(account_id, {"type": "key_rotated", "key_id": key_id, "new_key_id": new.id,
+                                            "old_key_expires_ms": until},
+                               keys.api_key(key_id), {"expires_ms": until, "rotated_to": new.id})
+        _, record = await self.key_record(key_id)
+        return new, key_view(key_id, account_id, record)
+
+    async def update_key(self, key_id: str, *, label: str | None = None, expires_ms: int | None = None
+                         ) -> dict[str, Any]:
+        """Change a key's label or expiry (0: never); the reserve script applies a new expiry at once."""
+        account_id, _ = await self.key_record(key_id)
+        changes: dict[str, Any] = {}
+        if label is not None:
+            changes["label"] = label
+        if expires_ms is not None:
+            changes["expires_ms"] = expires_ms
+        if not changes:
+            raise BadRequest("Nothing to change: give 'label' or 'expires_at'.")
+        keys = self.schema.for_account(account_id)
+        await self.admin_event(account_id, {"type": "key_updated", "key_id": key_id, **changes},
+                               keys.api_key(key_id), changes)
+        _, record = await self.key_record(key_id)
+        return key_view(key_id, account_id, record)
+
+    async def list_accounts(self, plan: str | None = None, status: str | None = None, name: str | None = None,
+                            limit: int = 50, after: str | None = None) -> tuple[list[tuple[str, dict[str, str]]], bool]:
+        """Accounts in id order after `after`, filtered by plan, status and a name substring; and
+        whether more follow. Reads the account set and pipelines the records a page at a time."""
+        async with redis_guard():
+            ids = sorted(await self.redis.smembers(self.schema.accounts))
+        if after:
+            ids = ids[bisect.bisect_right(ids, after):]
+        found: list[tuple[str, dict[str, str]]] = []
+        needle = (name or "").lower()
+        for start in range(0, len(ids), 200):
+            batch = ids[start:start + 200]
+            async with redis_guard():
+                pipe = self.redis.pipeline(transaction=False)
+                for account_id in batch:
+                    pipe.hgetall(self.schema.for_account(account_id).account)
+                records = await pipe.execute()
+            for account_id, rec in zip(batch, records, strict=True):
+                if not rec or (plan and rec.get("plan") != plan) or (status and rec.get("status") != status) \
+                        or (needle and needle not in rec.get("name", "").lower()):
+                    continue
+                if len(found) == limit:
+                    return found, True
+                found.append((account_id, rec))
+        return found, False
+
+    async def stats(self) -> dict[str, Any]:
+        """Platform totals over every account: by plan and status, spend, requests and tokens."""
+        by_plan: dict[str, int] = {}
+        by_status: dict[str, int] = {}
+        sums = {f: 0 for f in ("cycle_used", "charged", "requests", "cycle_requests", "tokens", "cycle_tokens",
+                               "held")}
+        remaining = 0
+        accounts, _ = await self.list_accounts(limit=10**9)
+        for _, rec in accounts:
+            by_plan[rec.get("plan", "")] = by_plan.get(rec.get("plan", ""), 0) + 1
+            by_status[rec.get("status", "")] = by_status.get(rec.get("status", ""), 0) + 1
+            for field in sums:
+                sums[field] += int(rec.get(field) or 0)
+            remaining += int(rec.get("allow") or 0) + int(rec.get("extra") or 0) - int(rec.get("held") or 0)
+        return {
+            "accounts": len(accounts), "accounts_by_plan": by_plan, "accounts_by_status": by_status,
+            "credits_used_this_cycle": credits_number(sums["cycle_used"]),
+            "credits_used_lifetime": credits_number(sums["charged"]),
+            "credits_remaining": credits_number(remaining), "credits_held": credits_number(sums["held"]),
+            "requests_this_cycle": sums["cycle_requests"], "requests_lifetime": sums["requests"],
+            "tokens_this_cycle": sums["cycle_tokens"], "tokens_lifetime": sums["tokens"],
+        }
+
+
 def key_view(key_id: str, account_id: str, rec: dict[str, str]) -> dict[str, Any]:
     """A key record as the admin API shows it (never the hash, never the raw key)."""
     expires_ms = int(rec.get("expires_ms") or 0)
@@ -253,10 +366,13 @@ def key_view(key_id: str, account_id: str, rec: dict[str, str]) -> dict[str, Any
         "account_id": account_id,
         "prefix": rec.get("prefix", ""),
         "label": rec.get("label", ""),
-        "status": rec.get("status", "unknown"),
+        "status": "expired" if rec.get("status") == "active" and 0 < expires_ms <= now_ms() else
+        rec.get("status", "unknown"),
         "scopes": [s for s in rec.get("scopes", "").split(",") if s],
         "created_at": _iso(int(rec.get("created_ms") or 0)),
         "expires_at": _iso(expires_ms) if expires_ms else None,
+        "last_used_at": _iso(int(rec["last_used_ms"])) if rec.get("last_used_ms") else None,
+        "rotated_to": rec.get("rotated_to"),
     }
 
 
@@ -270,7 +386,7 @@ def account_view(account_id: str, rec: dict[str, str], config: Config) -> dict[s
     days = max(0, -(-(end_ms - now_ms()) // 86_400_000))
     percent = 100.0 if limit == 0 else round(min(100.0, 100.0 * max(available, 0) / limit), 2)
     warnings = []
-    if limit and available < limit * LOW_CREDIT_SHARE:
+    if limit and plan and available < limit * plan.alerts.low_credit_share:
         warnings.append(f"Low credits: {format_credits(max(available, 0))} of {format_credits(limit)} remaining.")
     return {
         "id": account_id,

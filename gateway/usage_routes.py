@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.admin import check_admin
+from gateway.admin import check_admin, read_json
 from gateway.alerts import list_alerts, mark_read
 from gateway.errors import BadRequest, NotFound
 from gateway.ledger import PAGE_MAX, Query, cycle_summary, query_usage
@@ -117,16 +117,12 @@ async def set_webhook(request: web.Request) -> web.Response:
     gw, store = check_admin(request)
     account_id = request.match_info["account_id"]
     await store.account_raw(account_id)
-    try:
-        body = await request.json()
-    except ValueError:
-        raise BadRequest("The request body is not valid JSON.") from None
-    url, secret = body.get("url") if isinstance(body, dict) else None, body.get("secret", "")
+    body = await read_json(request)
+    url, secret = body.get("url"), body.get("secret", "")
     if not isinstance(url, str) or not url.startswith(("http://", "https://")) or not isinstance(secret, str):
         raise BadRequest("'url' must be an http(s) URL and 'secret' a string.", param="url")
-    async with redis_guard():
-        await gw.redis.hset(gw.schema.for_account(account_id).account,
-                            mapping={"webhook_url": url, "webhook_secret": secret})
+    await store.admin_event(account_id, {"type": "webhook_set", "url": url},  # never the secret
+                            gw.schema.for_account(account_id).account, {"webhook_url": url, "webhook_secret": secret})
     return web.json_response({"account_id": account_id, "webhook_url": url})
 
 

@@ -45,4 +45,5 @@ hold_limits(KEYS[5], rows, ARGV[7], want, ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'held', want.c)
 redis.call('HSET', KEYS[3], ARGV[1], want.c)
 redis.call('ZADD', KEYS[4], now + tonumber(ARGV[5]), ARGV[1])
+redis.call('HSET', KEYS[2], 'last_used_ms', now)
 return {lowered, want.c, available - want.c, plan, want.t, want.u}

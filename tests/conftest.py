@@ -240,6 +240,9 @@ class Harness:
         return s
 
 
+# The ledger events an account and key made by `Harness.account` start with.
+SETUP_EVENTS = ("account_created", "grant", "key_created")
+
 # Hundreds of requests on one test event loop can stall it for longer than the production Redis
 # timeout (0.5 s, the fail-closed budget): modules that run such bursts use this.
 LOOP_LAG_TOLERANT: dict[str, Any] = {"redis_timeout_seconds": 10.0}

@@ -57,8 +57,9 @@ async def test_account_lifecycle_through_the_admin_api(harness: Harness) -> None
     view = await resp.json()
     assert (view["plan"], view["credits_remaining"], view["purchased_remaining"]) == ("pro", 7.5, 2.5)
     ledger = harness.ledger(account_id)
-    assert [e["type"] for e in ledger] == ["grant", "plan_change"] and ledger[0]["amount"] == "2500000"
-    assert (ledger[1]["from"], ledger[1]["to"], ledger[1]["when"]) == ("starter", "pro", "now")
+    assert [e["type"] for e in ledger] == ["account_created", "grant", "plan_change"]
+    assert ledger[1]["amount"] == "2500000"
+    assert (ledger[2]["from"], ledger[2]["to"], ledger[2]["when"]) == ("starter", "pro", "now")
 
 
 @pytest.mark.parametrize(("body", "param"), [

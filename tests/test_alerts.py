@@ -192,11 +192,11 @@ async def test_cap_thresholds(harness: Harness) -> None:
 async def test_one_oversized_prompt_on_a_full_balance_is_not_the_allowance_used_up(harness: Harness) -> None:
     account, key = await harness.account()
     huge = {**BIG, "messages": [{"role": "user", "content": "x" * 200_000}]}
-    rid, status = await _send(harness, key, huge)
+    _rid, status = await _send(harness, key, huge)
     assert status == 402
     await harness.gw.quiesce()
     assert _alerts(harness, account) == {}
-    rid, status = await _send(harness, key)  # an ordinary request still runs, and fires nothing yet
+    _rid, status = await _send(harness, key)  # an ordinary request still runs, and fires nothing yet
     assert status == 200
     await harness.gw.quiesce()
     assert not any(a["threshold"] == "100" for a in _alerts(harness, account).values())

@@ -68,12 +68,22 @@ async def test_admin_actions_are_ledger_events(harness: Harness) -> None:
                                   headers=ADMIN) as r:
         assert r.status == 200
     key_id = next(k.decode() for k in harness.redis.smembers(KeySchema().for_account(account).key_ids))
+    async with harness.client.post(f"/admin/keys/{key_id}/rotate", json={"grace_seconds": 60}, headers=ADMIN) as r:
+        assert r.status == 201
+        new_key = await r.json()
+    async with harness.client.patch(f"/admin/keys/{new_key['id']}", json={"label": "ci"}, headers=ADMIN) as r:
+        assert r.status == 200
+    async with harness.client.put(f"/admin/accounts/{account}/webhook", headers=ADMIN,
+                                  json={"url": "https://hooks.example/x", "secret": "whsec-ledger"}) as r:
+        assert r.status == 200
     async with harness.client.delete(f"/admin/keys/{key_id}", headers=ADMIN) as r:
         assert r.status == 200
     types = [e["type"] for e in harness.ledger(account)]
-    assert types == ["grant", "key_created", "plan_change", "key_revoked"]
-    assert key  # the raw key itself is in no event
-    assert all(key not in json.dumps(e) for e in harness.ledger(account))
+    assert types == ["account_created", "grant", "key_created", "plan_change", "key_created", "key_rotated",
+                     "key_updated", "webhook_set", "key_revoked"]
+    assert key and new_key["key"]  # neither raw key nor the webhook secret is in any event
+    assert all(secret not in json.dumps(e) for e in harness.ledger(account)
+               for secret in (key, new_key["key"], "whsec-ledger"))
 
 
 async def test_usage_api_filters_pages_and_summarises(harness: Harness) -> None:

@@ -6,7 +6,7 @@ from decimal import ROUND_CEILING, Decimal
 
 import openai
 import pytest
-from conftest import ADMIN_KEY, PROVIDER_KEY, Harness, emulator_state, run_sync
+from conftest import ADMIN_KEY, PROVIDER_KEY, SETUP_EVENTS, Harness, emulator_state, run_sync
 
 from gateway.emulator import prompt_tokens
 
@@ -119,7 +119,7 @@ async def test_out_of_credits_is_402_and_the_sdk_does_not_retry(harness: Harness
     assert info.value.body["type"] == "insufficient_quota"
     assert info.value.body["code"] == "insufficient_credits"
     assert emulator_state(harness.emulator).total_requests == before  # never forwarded
-    ledger_requests = [e for e in harness.ledger(account) if e["type"] not in ("grant", "key_created")]
+    ledger_requests = [e for e in harness.ledger(account) if e["type"] not in SETUP_EVENTS]
     assert ledger_requests == []  # refused before any hold: nothing to record
     assert harness.holds(account) == {}
 
@@ -172,7 +172,7 @@ async def test_upstream_500_releases_the_whole_hold(harness: Harness) -> None:
         await client.chat.completions.create(model="demo-mini", messages=messages("[[emu fail=500]]"))
     state = await harness.assert_conserved(account)
     assert state["charged"] == 0
-    assert [e["type"] for e in harness.ledger(account)] == ["grant", "key_created", "released"]
+    assert [e["type"] for e in harness.ledger(account)] == ["account_created", "grant", "key_created", "released"]
 
 
 async def test_upstream_credentials_rejected_is_a_502_not_the_clients_401(harness: Harness) -> None:

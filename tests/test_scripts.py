@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import redis as sync_redis
-from conftest import Harness, make_settings, no_limits
+from conftest import SETUP_EVENTS, Harness, make_settings, no_limits
 
 from gateway.app import connect_redis, create_app, reap_once
 from gateway.config import load_config
@@ -144,7 +144,7 @@ async def test_reaper_returns_expired_holds_exactly_once(redis_url: str, config_
     assert (late.settled, late.charged) == (False, 0)
     raw = await client.hgetall(keys.account)
     assert int(raw["held"]) == 0 and int(raw["charged"]) == 0
-    ended = [f for _id, f in await client.xrange(keys.ledger) if f["type"] not in ("grant", "key_created")]
+    ended = [f for _id, f in await client.xrange(keys.ledger) if f["type"] not in SETUP_EVENTS]
     assert [e["type"] for e in ended] == ["reaped"]
     await client.aclose()
 

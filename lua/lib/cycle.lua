@@ -22,7 +22,7 @@ local function roll_cycle(acct, lim, a, now, argv)
     return 14, plan, allow  -- priced with another plan's allowance: let the caller re-price first
   end
   redis.call('HSET', acct, 'plan', new_plan, 'allow', new_allow, 'cycle_start_ms', cs, 'cycle_end_ms', ce,
-             'cycle_used', 0, 'cycle_requests', 0)
+             'cycle_used', 0, 'cycle_requests', 0, 'cycle_tokens', 0)
   redis.call('HINCRBY', acct, 'granted', new_allow)
   redis.call('HINCRBY', acct, 'expired', allow)
   redis.call('HDEL', acct, 'next_plan', 'next_allow')

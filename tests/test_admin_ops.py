@@ -1,0 +1,166 @@
+"""The operator's side of the admin API: account listing with filters and pages, platform stats, key
+rotation with a grace period, key scopes and expiry, last-used times; each through HTTP and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import anthropic
+import openai
+from conftest import ADMIN_KEY, ROOT, Harness, run_sync
+
+from gateway.keys import KeySchema
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+CHAT = {"model": "demo-mini", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def _admin(harness: Harness, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+    async with harness.client.request(method, path, headers=ADMIN, **kw) as resp:
+        return resp.status, await resp.json()
+
+
+async def _chat(harness: Harness, key: str, body: dict[str, Any] = CHAT) -> int:
+    async with harness.client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+        await r.read()
+        return r.status
+
+
+async def _new_account(harness: Harness, name: str, plan: str) -> str:
+    status, body = await _admin(harness, "POST", "/admin/accounts", json={"name": name, "plan": plan})
+    assert status == 201
+    return str(body["id"])
+
+
+async def test_accounts_are_listed_with_filters_and_pages(harness: Harness) -> None:
+    made = {await _new_account(harness, f"acme-{i}" if i % 2 else f"globex-{i}", "pro" if i < 3 else "free")
+            for i in range(7)}
+    seen: list[str] = []
+    after = ""
+    while True:
+        status, page = await _admin(harness, "GET", f"/admin/accounts?limit=2&after={after}")
+        assert status == 200 and len(page["data"]) <= 2
+        seen += [a["id"] for a in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["next_after"]
+    assert seen == sorted(made)  # every account once, in id order
+    status, pro = await _admin(harness, "GET", "/admin/accounts?plan=pro")
+    assert {a["plan"] for a in pro["data"]} == {"pro"} and len(pro["data"]) == 3
+    status, acme = await _admin(harness, "GET", "/admin/accounts?name=ACME&plan=free")
+    assert {a["name"] for a in acme["data"]} == {"acme-3", "acme-5"}  # case-insensitive substring, and plan
+    for bad in ("0", "501", "x"):
+        status, err = await _admin(harness, "GET", f"/admin/accounts?limit={bad}")
+        assert status == 400 and err["error"]["param"] == "limit"
+    async with harness.client.get("/admin/accounts") as resp:
+        assert resp.status == 401
+
+
+async def test_platform_stats_add_up_to_the_accounts_and_the_ledger(harness: Harness) -> None:
+    accounts = [await harness.account(credits=2, plan=plan) for plan in ("free", "free", "pro")]
+    await asyncio.gather(*(_chat(harness, key) for _ in range(5) for _, key in accounts))
+    await harness.gw.quiesce()
+    status, stats = await _admin(harness, "GET", "/admin/stats")
+    assert status == 200
+    assert stats["accounts"] == 3 and stats["accounts_by_plan"] == {"free": 2, "pro": 1}
+    usage = [e for account, _ in accounts for e in harness.ledger(account) if e["type"] == "usage"]
+    assert stats["requests_lifetime"] == stats["requests_this_cycle"] == len(usage) == 15
+    tokens = sum(int(e["in"]) + int(e["out"]) for e in usage)
+    assert stats["tokens_lifetime"] == stats["tokens_this_cycle"] == tokens > 0
+    spent = sum(int(e["cost"]) for e in usage)
+    assert round(stats["credits_used_this_cycle"] * 1_000_000) == spent > 0
+    states = [harness.state(account) for account, _ in accounts]
+    remaining = sum(s["allow"] + s["extra"] - s["held"] for s in states)
+    assert round(stats["credits_remaining"] * 1_000_000) == remaining
+
+
+async def test_rotation_keeps_the_old_key_for_the_grace_period_only(harness: Harness) -> None:
+    account, old_key = await harness.account(credits=5)
+    [old] = (await _admin(harness, "GET", f"/admin/accounts/{account}/keys"))[1]["data"]
+    assert old["last_used_at"] is None
+    assert await _chat(harness, old_key) == 200
+    [old] = (await _admin(harness, "GET", f"/admin/accounts/{account}/keys"))[1]["data"]
+    assert old["last_used_at"] is not None
+    status, rotated = await _admin(harness, "POST", f"/admin/keys/{old['id']}/rotate", json={"grace_seconds": 600})
+    assert status == 201 and rotated["key"].startswith(old_key[:3]) and rotated["id"] != old["id"]
+    assert rotated["label"] == old["label"] and rotated["previous"]["rotated_to"] == rotated["id"]
+    assert rotated["previous"]["expires_at"] is not None
+    assert await _chat(harness, old_key) == 200 and await _chat(harness, rotated["key"]) == 200  # both, in grace
+    assert harness.gw.meter is not None and harness.gw.store is not None
+    harness.gw.meter.clock_offset_ms += 601_000  # past the grace period
+    assert await _chat(harness, rotated["key"]) == 200
+    assert await _chat(harness, old_key) == 401
+    status, err = await _admin(harness, "POST", "/admin/keys/key_nope/rotate", json={})
+    assert status == 404
+    status, err = await _admin(harness, "POST", f"/admin/keys/{rotated['id']}/rotate", json={"grace_seconds": -1})
+    assert status == 400 and err["error"]["param"] == "grace_seconds"
+    await harness.assert_conserved(account)
+
+
+async def test_key_scopes_narrow_apis_and_models(harness: Harness) -> None:
+    account, _ = await harness.account(credits=5, plan="pro")
+    status, key = await _admin(harness, "POST", f"/admin/accounts/{account}/keys",
+                               json={"label": "mini only", "scopes": ["api:openai", "model:demo-mini*"]})
+    assert status == 201 and key["scopes"] == ["api:openai", "model:demo-mini*"]
+    assert await _chat(harness, key["key"]) == 200
+    before = harness.state(account)
+    client = openai.OpenAI(base_url=str(harness.client.make_url("/v1")), api_key=key["key"], max_retries=0)
+    try:
+        await run_sync(client.chat.completions.create, **{**CHAT, "model": "demo-large"})
+        raise AssertionError("a model outside the key's scopes was served")
+    except openai.PermissionDeniedError as exc:
+        assert "scopes do not include the model 'demo-large'" in str(exc)
+    claude = anthropic.Anthropic(base_url=str(harness.client.make_url("")), api_key=key["key"], max_retries=0)
+    try:
+        await run_sync(claude.messages.create, model="demo-claude", max_tokens=8,
+                       messages=[{"role": "user", "content": "hi"}])
+        raise AssertionError("an API outside the key's scopes was served")
+    except anthropic.PermissionDeniedError as exc:
+        assert "scopes do not include the anthropic API" in str(exc)
+    assert harness.state(account) == before and harness.holds(account) == {}  # refusals leave nothing
+    for bad in (["admin"], ["api:nope"], "api:openai", [1], ["model:"]):
+        status, err = await _admin(harness, "POST", f"/admin/accounts/{account}/keys", json={"scopes": bad})
+        assert status == 400 and err["error"]["param"] == "scopes"
+
+
+async def test_key_expiry_can_be_changed_and_applies_at_once(harness: Harness) -> None:
+    account, raw = await harness.account(credits=5)
+    [key] = (await _admin(harness, "GET", f"/admin/accounts/{account}/keys"))[1]["data"]
+    status, view = await _admin(harness, "PATCH", f"/admin/keys/{key['id']}",
+                                json={"expires_at": "2020-01-01T00:00:00Z", "label": "old"})
+    assert status == 200 and view["status"] == "expired" and view["label"] == "old"
+    assert await _chat(harness, raw) == 401
+    status, view = await _admin(harness, "PATCH", f"/admin/keys/{key['id']}", json={"expires_at": None})
+    assert status == 200 and view["status"] == "active" and view["expires_at"] is None
+    assert await _chat(harness, raw) == 200
+    for bad in ({}, {"expires_at": "soon"}, {"label": 3}):
+        status, err = await _admin(harness, "PATCH", f"/admin/keys/{key['id']}", json=bad)
+        assert status == 400 and err["error"]["message"]
+
+
+def _cli(redis_url: str, *args: str) -> Any:
+    env = {**os.environ, "REDIS_URL": redis_url}
+    done = subprocess.run([sys.executable, "-m", "gateway", *args, "--json"], cwd=ROOT, env=env,  # noqa: S603
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+async def test_cli_lists_accounts_shows_stats_and_rotates_keys(harness: Harness, redis_url: str) -> None:
+    account, _ = await harness.account(credits=1)
+    listed = await asyncio.to_thread(_cli, redis_url, "accounts", "list", "--plan", "free")
+    assert [a["id"] for a in listed["data"]] == [account]
+    stats = await asyncio.to_thread(_cli, redis_url, "stats")
+    assert stats["accounts"] == 1
+    key_id = next(k.decode() for k in harness.redis.smembers(KeySchema().for_account(account).key_ids))
+    rotated = await asyncio.to_thread(_cli, redis_url, "keys", "rotate", key_id, "--grace-seconds", "0")
+    assert rotated["previous"]["id"] == key_id and rotated["key"]
+    assert await _chat(harness, rotated["key"]) == 200
+    scoped = await asyncio.to_thread(_cli, redis_url, "keys", "create", "--account", account,
+                                     "--scope", "model:demo-mini")
+    assert scoped["scopes"] == ["model:demo-mini"]
