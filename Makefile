@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint bench clean
+.PHONY: help install browser run test lint bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -25,7 +25,15 @@ install: $(STAMP) ## build .venv/ with the gateway and its test tools
 run: $(STAMP) ## start the gateway on embedded Redis, with the demo provider emulator
 	$(BIN)/gateway serve --host $(HOST) --port $(PORT) --with-emulator
 
-test: $(STAMP) ## run the whole test suite (starts its own redis-server)
+browser: ## Debian's chromium, for the dashboard test (apt-get, as root; that test is skipped without it)
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the dashboard test"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "chromium could not be installed: the dashboard test will be skipped"; \
+	  else echo "chromium is not installed (needs root for apt-get): the dashboard test will be skipped"; fi; }
+
+test: $(STAMP) browser ## run the whole test suite (starts its own redis-server)
 	$(BIN)/pytest -q
 
 lint: $(STAMP) ## ruff and strict mypy

@@ -189,7 +189,22 @@ async def update_key(request: web.Request) -> web.Response:
     return web.json_response(await store.update_key(request.match_info["key_id"], label=label, expires_ms=expires))
 
 
+async def list_plans(request: web.Request) -> web.Response:
+    """GET /admin/plans: the plans configured now (as plans.yaml says, after the last reload)."""
+    gw, _store = check_admin(request)
+    data = [{"name": p.name, "monthly_credits": credits_number(p.monthly_credits), "credit_usd": float(p.credit_usd),
+             "models": list(p.models), "max_keys": p.max_keys, "timezone": p.timezone,
+             "default": p.name == gw.config.default_plan,
+             "limits": [{"id": lim.id, "cap": credits_number(lim.cap) if lim.metric == "c" else lim.cap,
+                         "metric": lim.metric, "provider": lim.provider} for lim in p.limits]}
+            for p in gw.config.plans.values()]
+    packs = [{"name": k.name, "credits": credits_number(k.credits), "price_usd": float(k.price_usd)}
+             for k in gw.config.packs.values()]
+    return web.json_response({"data": data, "packs": packs})
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/admin/plans", list_plans)
     app.router.add_get("/admin/accounts", list_accounts)
     app.router.add_get("/admin/stats", stats)
     app.router.add_post("/admin/keys/{key_id}/rotate", rotate_key)

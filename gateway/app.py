@@ -17,7 +17,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from gateway import admin, usage_routes
+from gateway import admin, dashboard, usage_routes
 from gateway.alerts import list_alerts, webhooks_ctx
 from gateway.auth import Authenticator
 from gateway.config import Config, load_config
@@ -297,4 +297,5 @@ def create_app(settings: Settings, config: Config | None = None) -> web.Applicat
     app.router.add_get("/metrics", metrics)
     admin.add_routes(app)
     usage_routes.add_routes(app)
+    dashboard.add_routes(app)
     return app

@@ -126,7 +126,15 @@ async def set_webhook(request: web.Request) -> web.Response:
     return web.json_response({"account_id": account_id, "webhook_url": url})
 
 
+async def my_keys(request: web.Request) -> web.Response:
+    """GET /gateway/keys: the calling account's keys (prefix, label, status, scopes, last use; never a secret)."""
+    gw, account_id, _account = await key_holder(request)
+    assert gw.store is not None
+    return web.json_response({"data": await gw.store.list_keys(account_id)})
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/gateway/keys", my_keys)
     app.router.add_get("/gateway/alerts", my_alerts)
     app.router.add_post("/gateway/alerts/{alert_id}/read", read_alert)
     app.router.add_get("/admin/accounts/{account_id}/alerts", account_alerts)
