@@ -98,3 +98,14 @@ def test_the_readme_plans_example_is_a_valid_plans_yaml(tmp_path: Path) -> None:
     assert {limit.id for limit in team.limits} >= {"requests_per_minute", "spend_5h", "openai.calls_per_cycle",
                                                     "max_cost_usd_per_cycle", "requests_per_cycle"}
     assert config.packs["starter-pack"].credits == 100_000_000
+
+
+def test_the_readme_alerts_example_is_a_valid_plans_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("### Alerts and webhooks", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "providers.yaml").write_text((ROOT / "config" / "providers.yaml").read_text())
+    (tmp_path / "plans.yaml").write_text(example)
+    monkeypatch.setenv("ALERTS_WEBHOOK_URL", "https://billing.example/hooks/gateway")
+    policy = load_config(tmp_path).plans["pro"].alerts
+    assert (policy.low_credit_share, policy.thresholds) == (0.25, (80, 90, 100))
+    assert policy.webhook_url == "https://billing.example/hooks/gateway"
