@@ -170,8 +170,8 @@ async def rotate_key(request: web.Request) -> web.Response:
     _gw, store = check_admin(request)
     body = await read_json(request)
     grace = body.get("grace_seconds", 3600)
-    if not isinstance(grace, int | float) or isinstance(grace, bool):
-        raise BadRequest("'grace_seconds' must be a number.", param="grace_seconds")
+    if not isinstance(grace, int | float) or isinstance(grace, bool) or not 0 <= grace <= 30 * 86_400:
+        raise BadRequest("'grace_seconds' must be a number of seconds from 0 to 30 days.", param="grace_seconds")
     new, old = await store.rotate_key(request.match_info["key_id"], int(grace * 1000))
     _, record = await store.key_record(new.id)
     return web.json_response({**key_view(new.id, new.account_id, record), "key": new.key, "previous": old},
