@@ -27,7 +27,7 @@ from gateway.config import Plan
 from gateway.errors import InsufficientCredits
 from gateway.metering import LimitReached, Settlement
 from gateway.money import format_credits
-from gateway.state import GATEWAY, Gateway, stopping
+from gateway.state import GATEWAY, Gateway, in_background, stopping
 
 log = logging.getLogger("gateway.alerts")
 MAX_ATTEMPTS = 10
@@ -192,12 +192,8 @@ async def _deliver_forever(gw: Gateway) -> None:
 
 
 async def webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
-    gw = app[GATEWAY]
-    task = asyncio.create_task(_deliver_forever(gw))
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with in_background(_deliver_forever(app[GATEWAY])):
+        yield
 
 
 async def list_alerts(gw: Gateway, account_id: str) -> list[dict[str, Any]]:

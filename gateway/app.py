@@ -33,7 +33,7 @@ from gateway.proxy import make_free_handler, make_handler
 from gateway.reload import reload_ctx
 from gateway.scripts import REDIS_DOWN, ScriptRunner, load_scripts
 from gateway.settings import Settings
-from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway, stopping
+from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway, in_background, stopping
 from gateway.store import Store, account_view
 
 log = logging.getLogger("gateway")
@@ -132,12 +132,8 @@ async def session_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def reaper_ctx(app: web.Application) -> AsyncIterator[None]:
     """Every process reaps expired holds; the script is idempotent, so no leader is needed."""
-    gw = app[GATEWAY]
-    task = asyncio.create_task(_reap_forever(gw))
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with in_background(_reap_forever(app[GATEWAY])):
+        yield
 
 
 async def reap_once(gw: Gateway) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.config import ConfigError, load_config
-from gateway.state import GATEWAY, Gateway, stopping
+from gateway.state import GATEWAY, Gateway, in_background, stopping
 
 log = logging.getLogger("gateway.config")
 FILES = ("providers.yaml", "plans.yaml")
@@ -73,10 +73,7 @@ async def reload_ctx(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread, or Windows
         loop.add_signal_handler(signal.SIGHUP, wake.set)
         handled = True
-    task = asyncio.create_task(_watch(gw, wake))
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with in_background(_watch(gw, wake)):
+        yield
     if handled:
         loop.remove_signal_handler(signal.SIGHUP)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +55,19 @@ class Gateway:
         """Wait until every metered request in flight and every settlement has finished."""
         while self.inflight or self.pending:
             await asyncio.gather(*self.inflight, *self.pending, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def in_background(loop: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
+    """Run a background loop (reaper, webhook deliverer, config watcher) for the block's duration,
+    then cancel it and wait for it to end."""
+    task = asyncio.create_task(loop)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def stopping() -> bool:

@@ -85,12 +85,18 @@ def redis_url(redis_server: EmbeddedRedis) -> str:
 
 
 @pytest.fixture
-def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def plans_yaml() -> str:
+    """The plans.yaml of the harness gateway (override the fixture in a module for other plans)."""
+    return TEST_PLANS
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plans_yaml: str) -> Path:
     """The shipped providers.yaml (upstream URLs from the environment) with test plans."""
     folder = tmp_path / "config"
     folder.mkdir()
     shutil.copy(ROOT / "config" / "providers.yaml", folder / "providers.yaml")
-    (folder / "plans.yaml").write_text(TEST_PLANS)
+    (folder / "plans.yaml").write_text(plans_yaml)
     monkeypatch.setenv("UPSTREAM_DEMO_API_KEY", PROVIDER_KEY)
     return folder
 

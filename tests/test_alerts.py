@@ -8,13 +8,12 @@ import hashlib
 import hmac
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import ADMIN_KEY, PROVIDER_KEY, ROOT, Harness
+from conftest import ADMIN_KEY, Harness
 
 from gateway.keys import KeySchema
 
@@ -69,13 +68,8 @@ async def receiver(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Receiver]:
 
 
 @pytest.fixture
-def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, receiver: Receiver) -> Path:
-    folder = tmp_path / "config"
-    folder.mkdir()
-    (folder / "providers.yaml").write_text((ROOT / "config" / "providers.yaml").read_text())
-    (folder / "plans.yaml").write_text(PLANS)
-    monkeypatch.setenv("UPSTREAM_DEMO_API_KEY", PROVIDER_KEY)
-    return folder
+def plans_yaml(receiver: Receiver) -> str:
+    return PLANS  # its webhook URL names the receiver (ALERT_URL)
 
 
 @pytest.fixture

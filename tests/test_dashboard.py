@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ADMIN_KEY, PROVIDER_KEY, ROOT, Harness
+from conftest import ADMIN_KEY, ROOT, Harness
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (`make test` "
@@ -32,13 +32,8 @@ SCREENSHOTS = ROOT / "var" / "screenshots"
 
 
 @pytest.fixture
-def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    folder = tmp_path / "config"
-    folder.mkdir()
-    (folder / "providers.yaml").write_text((ROOT / "config" / "providers.yaml").read_text())
-    (folder / "plans.yaml").write_text(PLANS)
-    monkeypatch.setenv("UPSTREAM_DEMO_API_KEY", PROVIDER_KEY)
-    return folder
+def plans_yaml() -> str:
+    return PLANS
 
 
 class Page(HTMLParser):

@@ -31,13 +31,8 @@ SEARCH_MICRO = 1000  # demo-search: USD 0.001 per call, one credit = 1 USD on th
 
 
 @pytest.fixture
-def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    folder = tmp_path / "config"
-    folder.mkdir()
-    (folder / "providers.yaml").write_text((ROOT / "config" / "providers.yaml").read_text())
-    (folder / "plans.yaml").write_text(PLANS)
-    monkeypatch.setenv("UPSTREAM_DEMO_API_KEY", PROVIDER_KEY)
-    return folder
+def plans_yaml() -> str:
+    return PLANS
 
 
 async def _search(harness: Harness, key: str | None, q: str = "metering", path: str = SEARCH

@@ -12,7 +12,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from conftest import ADMIN_KEY, LOOP_LAG_TOLERANT, PROVIDER_KEY, ROOT, Harness
+from conftest import ADMIN_KEY, LOOP_LAG_TOLERANT, ROOT, Harness
 
 from gateway.keys import KeySchema
 from gateway.limits import cycle_bounds
@@ -45,13 +45,8 @@ def settings_overrides() -> dict[str, Any]:
 
 
 @pytest.fixture
-def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    folder = tmp_path / "config"
-    folder.mkdir()
-    (folder / "providers.yaml").write_text((ROOT / "config" / "providers.yaml").read_text())
-    (folder / "plans.yaml").write_text(PLANS)
-    monkeypatch.setenv("UPSTREAM_DEMO_API_KEY", PROVIDER_KEY)
-    return folder
+def plans_yaml() -> str:
+    return PLANS
 
 
 async def _post(harness: Harness, key: str, body: dict[str, Any] | None = None, path: str = "/v1/chat/completions",
