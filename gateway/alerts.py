@@ -82,10 +82,19 @@ def due_on_refusal(plan: Plan, cycle_start_ms: int, *, refused: InsufficientCred
              f"100% of the plan's {reached.limit_id} limit is used this cycle.")]
 
 
+def notify(gw: Gateway, account_id: str, plan: Plan, found: list[tuple[str, str]], request_id: str) -> None:
+    """Record the alerts in `found` (from `due`) that this process has not seen fired, in a background
+    task: once a threshold is passed every later settlement finds it again, and the cache check here
+    keeps those requests from spawning work."""
+    fresh = [(f, m) for f, m in found if (account_id, f) not in gw.fired_alerts]
+    if fresh:
+        gw.track(asyncio.ensure_future(fire(gw, account_id, plan, fresh, request_id)))
+
+
 async def fire(gw: Gateway, account_id: str, plan: Plan, found: list[tuple[str, str]],
                request_id: str) -> list[dict[str, Any]]:
-    """Record the alerts in `found` (from `due`) not yet fired this cycle; queue their webhooks. Never
-    raises: a failure here (Redis away) must not touch the request, and the next settlement retries."""
+    """Record the alerts in `found` not yet fired this cycle; queue their webhooks. Never raises: a
+    failure here (Redis away) must not touch the request, and the next settlement retries."""
     try:
         return await _fire(gw, account_id, plan, found, request_id)
     except Exception:
@@ -95,22 +104,20 @@ async def fire(gw: Gateway, account_id: str, plan: Plan, found: list[tuple[str, 
 
 async def _fire(gw: Gateway, account_id: str, plan: Plan, found: list[tuple[str, str]],
                 request_id: str) -> list[dict[str, Any]]:
-    candidates = [(f, m) for f, m in found if (account_id, f) not in gw.fired_alerts]
-    if not candidates:
-        return []
+    # `notify` skipped what this process saw fired; HSETNX decides across processes
     keys = gw.schema.for_account(account_id)
     now = int(time.time() * 1000)
     alerts = [{"id": f"{account_id}:{field}", "account_id": account_id, "kind": field.split(":")[1],
                "threshold": field.rsplit(":", 1)[-1] if field.count(":") >= 2 else None, "message": message,
-               "request_id": request_id, "created_ms": now, "read": False} for field, message in candidates]
+               "request_id": request_id, "created_ms": now, "read": False} for field, message in found]
     pipe = gw.redis.pipeline(transaction=False)
-    for (field, _), alert in zip(candidates, alerts, strict=True):
+    for (field, _), alert in zip(found, alerts, strict=True):
         pipe.hsetnx(keys.alerts, field, json.dumps(alert))
     created = await pipe.execute()
     new = [a for a, ok in zip(alerts, created, strict=True) if ok]
     if len(gw.fired_alerts) > 1_000_000:
         gw.fired_alerts.clear()  # only a cache: HSETNX is what makes an alert fire once
-    for field, _ in candidates:
+    for field, _ in found:
         gw.fired_alerts.add((account_id, field))
     if new:
         account = await gw.redis.hmget(keys.account, ["webhook_url", "webhook_secret"])

@@ -35,6 +35,7 @@ from gateway.scripts import REDIS_DOWN, ScriptRunner, load_scripts
 from gateway.settings import Settings
 from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway, in_background, stopping
 from gateway.store import Store, account_view
+from gateway.usage_routes import key_holder
 
 log = logging.getLogger("gateway")
 
@@ -223,16 +224,11 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 async def credits(request: web.Request) -> web.Response:
-    """GET /gateway/credits: the key holder's balance and cycle."""
-    gw = request.app[GATEWAY]
-    assert gw.auth is not None
-    raw = (gw.dialects["openai"].client_key(request.headers, request.query)
-           or request.headers.get("x-api-key") or request.headers.get("x-goog-api-key"))
-    principal = await gw.auth.authenticate(raw)
-    account = await gw.auth.live_account(principal)
-    view = account_view(principal.account_id, account, gw.config)
-    cycle = f"{principal.account_id}:{account.get('cycle_start_ms', '')}:"
-    unread = [a for a in await list_alerts(gw, principal.account_id) if not a["read"] and a["id"].startswith(cycle)]
+    """GET /gateway/credits: the key holder's balance and cycle, with this cycle's unread alerts."""
+    gw, account_id, account = await key_holder(request)
+    view = account_view(account_id, account, gw.config)
+    cycle = f"{account_id}:{account.get('cycle_start_ms', '')}:"
+    unread = [a for a in await list_alerts(gw, account_id) if not a["read"] and a["id"].startswith(cycle)]
     view["warnings"] += [a["message"] for a in unread if a["kind"] != "low_credit"]  # low credit: already there
     view["alerts"] = unread
     return web.json_response(view)

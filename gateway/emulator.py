@@ -115,17 +115,26 @@ def plan_answer(body: dict[str, Any], directives: dict[str, str]) -> Answer:
     )
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
+async def _receive(request: web.Request, empty_ok: bool = False) -> dict[str, Any] | None:
+    """Count and record a request; its JSON body (`{}` for an empty one when `empty_ok`), or None when
+    the body is not JSON (such a request is counted, not recorded)."""
     state = request.app[EMULATOR]
     state.total_requests += 1
     raw = await request.read()
     try:
-        body = json.loads(raw)
+        body: dict[str, Any] = json.loads(raw) if raw or not empty_ok else {}
     except ValueError:
-        return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error")
-    state.received.append({"path": request.path, "headers": dict(request.headers), "body": body})
-    if state.expected_key is not None and request.headers.get("Authorization") != f"Bearer {state.expected_key}":
-        return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        return None
+    state.received.append({"path": request.path, "query": dict(request.query), "headers": dict(request.headers),
+                           "body": body})
+    return body
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[EMULATOR]
+    body, refused = await _openai_request(request)
+    if refused is not None:
+        return refused
     directives = _directives(body.get("messages") or [])
     fail = directives.get("fail")
     if state.latency_ms:
@@ -212,12 +221,9 @@ async def models(request: web.Request) -> web.Response:
 
 async def _openai_request(request: web.Request) -> tuple[dict[str, Any], web.Response | None]:
     state = request.app[EMULATOR]
-    state.total_requests += 1
-    try:
-        body = json.loads(await request.read())
-    except ValueError:
+    body = await _receive(request)
+    if body is None:
         return {}, _error(400, "We could not parse the JSON body of your request.", "invalid_request_error")
-    state.received.append({"path": request.path, "headers": dict(request.headers), "body": body})
     if state.expected_key is not None and request.headers.get("Authorization") != f"Bearer {state.expected_key}":
         return body, _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
     return body, None
@@ -343,12 +349,9 @@ def _anthropic_prompt(body: dict[str, Any]) -> int:
 
 async def _anthropic_request(request: web.Request) -> tuple[dict[str, Any], web.Response | None]:
     state = request.app[EMULATOR]
-    state.total_requests += 1
-    try:
-        body = json.loads(await request.read())
-    except ValueError:
+    body = await _receive(request)
+    if body is None:
         return {}, _anthropic_error(400, "invalid_request_error", "invalid JSON body")
-    state.received.append({"path": request.path, "headers": dict(request.headers), "body": body})
     if state.expected_key is not None and request.headers.get("x-api-key") != state.expected_key:
         return body, _anthropic_error(401, "authentication_error", "invalid x-api-key")
     if "anthropic-version" not in request.headers:
@@ -462,13 +465,9 @@ def gemini_prompt(body: dict[str, Any]) -> int:
 
 async def gemini(request: web.Request) -> web.StreamResponse:
     state = request.app[EMULATOR]
-    state.total_requests += 1
-    try:
-        body = json.loads(await request.read())
-    except ValueError:
+    body = await _receive(request)
+    if body is None:
         return _gemini_error(400, "INVALID_ARGUMENT", "Invalid JSON payload received.")
-    state.received.append({"path": request.path, "query": dict(request.query), "headers": dict(request.headers),
-                           "body": body})
     if state.expected_key is not None and request.headers.get("x-goog-api-key") != state.expected_key:
         return _gemini_error(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.",
                              "API_KEY_INVALID")
@@ -546,13 +545,12 @@ async def gemini(request: web.Request) -> web.StreamResponse:
 async def search(request: web.Request) -> web.Response:
     """Serper-style search (`X-API-KEY` header, JSON body `{"q": ...}`); `q` = "fail" answers 500."""
     state = request.app[EMULATOR]
-    state.total_requests += 1
-    raw = await request.read()
-    state.received.append({"path": request.path, "headers": dict(request.headers),
-                           "body": json.loads(raw) if raw else {}, "query": dict(request.query)})
+    body = await _receive(request, empty_ok=True)
+    if body is None:
+        return web.json_response({"message": "Invalid JSON.", "statusCode": 400}, status=400)
     if state.expected_key is not None and request.headers.get("X-API-KEY") != state.expected_key:
         return web.json_response({"message": "Unauthorized.", "statusCode": 403}, status=403)
-    query = (json.loads(raw) if raw else {}).get("q") or request.query.get("q", "")
+    query = body.get("q") or request.query.get("q", "")
     if query == "fail":
         return web.json_response({"message": "Emulated search failure.", "statusCode": 500}, status=500)
     return web.json_response({"searchParameters": {"q": query, "type": "search"},

@@ -198,24 +198,18 @@ async def _reserve(gw: Gateway, dialect: Dialect, principal: Principal, parsed: 
             now_ms = stale.now_ms
         except LimitReached as reached:
             gw.metrics.limited.labels(reached.limit_id).inc()
-            _alert(gw, principal.account_id, plan, alerts.due_on_refusal(plan, spec.cycle[0], reached=reached),
-                   request_id)
+            alerts.notify(gw, principal.account_id, plan,
+                          alerts.due_on_refusal(plan, spec.cycle[0], reached=reached), request_id)
             raise limit_error(gw, dialect, plan.name, reached) from None
         except InsufficientCredits as refused:
-            _alert(gw, principal.account_id, plan,
-                   alerts.due_on_refusal(plan, spec.cycle[0], refused=refused, min_cost=q.min_cost), request_id)
+            alerts.notify(gw, principal.account_id, plan,
+                          alerts.due_on_refusal(plan, spec.cycle[0], refused=refused, min_cost=q.min_cost), request_id)
             raise
         except GatewayError as error:
             if error.status == 401:
                 gw.auth.forget(principal)
             raise
     raise GatewayError("The account's plan changed repeatedly; try again.")
-
-
-def _alert(gw: Gateway, account_id: str, plan: Plan, found: list[tuple[str, str]], request_id: str) -> None:
-    """Record the alerts `found` in the background: never on the request's path."""
-    if found:
-        gw.track(asyncio.ensure_future(alerts.fire(gw, account_id, plan, found, request_id)))
 
 
 def make_handler(dialect: Dialect, endpoint: str) -> Handler:
@@ -457,7 +451,7 @@ async def _settle(call: Call, usage: Usage | None, outcome: str, http_status: in
     charged, available = settlement.charged, settlement.available
     plan = gw.config.plans.get(call.principal.plan)
     if settlement.settled and plan is not None:  # warnings, off the request's path
-        _alert(gw, call.principal.account_id, plan, alerts.due(plan, settlement), call.request_id)
+        alerts.notify(gw, call.principal.account_id, plan, alerts.due(plan, settlement), call.request_id)
     gw.metrics.requests.labels(call.dialect.name, model, str(http_status)).inc()
     gw.metrics.credits.labels(model).inc(charged / 1_000_000)
     for kind, count in (("input", bill.input_tokens), ("cached_input", bill.cached_input_tokens),

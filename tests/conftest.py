@@ -35,6 +35,7 @@ from gateway.state import GATEWAY, Gateway
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_KEY = "test-admin-key-0123456789"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}  # the admin API's headers
 PROVIDER_KEY = "sk-provider-secret-abcdef123456"
 
 TEST_PLANS = """
@@ -199,7 +200,7 @@ class Harness:
 
     async def account(self, credits: str | int = 0, plan: str = "free") -> tuple[str, str]:
         """Create an account with `credits` granted and one key; returns (account id, raw key)."""
-        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        headers = ADMIN
         resp = await self.client.post("/admin/accounts", json={"name": "t", "plan": plan}, headers=headers)
         assert resp.status == 201, await resp.text()
         account_id = (await resp.json())["id"]

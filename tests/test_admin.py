@@ -13,13 +13,12 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import ADMIN_KEY, ROOT, Harness, make_settings
+from conftest import ADMIN, ADMIN_KEY, ROOT, Harness, make_settings
 
 from gateway.app import create_app
 from gateway.keys import KeySchema
 from gateway.state import GATEWAY
 
-ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 BODY = {"model": "demo-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 

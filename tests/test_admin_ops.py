@@ -12,11 +12,10 @@ from typing import Any
 
 import anthropic
 import openai
-from conftest import ADMIN_KEY, ROOT, Harness, run_sync
+from conftest import ADMIN, ROOT, Harness, run_sync
 
 from gateway.keys import KeySchema
 
-ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 CHAT = {"model": "demo-mini", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
 
 

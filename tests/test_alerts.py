@@ -13,11 +13,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import ADMIN_KEY, Harness
+from conftest import ADMIN, Harness
 
 from gateway.keys import KeySchema
 
-ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 SECRET = "whsec-test"
 PLANS = """
 default_plan: free

@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ADMIN_KEY, ROOT, Harness
+from conftest import ADMIN, ADMIN_KEY, ROOT, Harness
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (`make test` "
                                 "installs it with apt-get when it runs as root)")
-ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 PLANS = """
 default_plan: free
 plans:

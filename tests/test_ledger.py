@@ -10,12 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from conftest import ADMIN_KEY, ROOT, Harness
+from conftest import ADMIN, ROOT, Harness
 
 from gateway.keys import KeySchema
 from gateway.ledger import export_cursor_key, trim
-
-ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 def _body(text: str, stream: bool = False, model: str = "demo-mini") -> dict[str, Any]:

@@ -12,12 +12,11 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from conftest import ADMIN_KEY, LOOP_LAG_TOLERANT, ROOT, Harness
+from conftest import ADMIN, LOOP_LAG_TOLERANT, ROOT, Harness
 
 from gateway.keys import KeySchema
 from gateway.limits import cycle_bounds
 
-ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 DAY = 86_400_000
 PLANS = """
 default_plan: free
