@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -16,6 +16,7 @@ from conftest import ADMIN, LOOP_LAG_TOLERANT, ROOT, Harness
 
 from gateway.keys import KeySchema
 from gateway.limits import cycle_bounds
+from gateway.store import add_month
 
 DAY = 86_400_000
 PLANS = """
@@ -345,15 +346,20 @@ async def test_upgrade_credits_the_difference_at_once_and_downgrade_waits_for_th
 async def test_an_expired_subscription_falls_back_to_the_default_plan_and_renewal_extends_it(harness: Harness
                                                                                             ) -> None:
     account, key = await harness.account(plan="free")
+    # an end in the future on any day the suite runs: midnight UTC on the first of the month after next
+    now = datetime.now(UTC)
+    year, month = divmod(now.year * 12 + now.month - 1 + 2, 12)
+    ends = datetime(year, month + 1, 1, tzinfo=UTC)
     async with harness.client.put(f"/admin/accounts/{account}/plan", headers=ADMIN,
-                                  json={"plan": "premium", "expires_at": "2026-12-01T00:00:00Z"}) as r:
+                                  json={"plan": "premium", "expires_at": ends.isoformat()}) as r:
         assert r.status == 200
     async with harness.client.post(f"/admin/accounts/{account}/renew", json={"months": 1}, headers=ADMIN) as r:
         renewed = await r.json()
         assert r.status == 200 and renewed["plan"] == "premium"
     rec = harness.redis.hgetall(KeySchema().for_account(account).account)
-    assert int(rec[b"plan_expires_ms"]) == _ms(2027, 1, 1)
-    _shift(harness, _ms(2027, 1, 2) - int(datetime.now().timestamp() * 1000))
+    renewed_end = add_month(ends)  # renewal extends from the subscription's end, not from now
+    assert int(rec[b"plan_expires_ms"]) == int(renewed_end.timestamp() * 1000)
+    _shift(harness, int((renewed_end - now).total_seconds() * 1000) + DAY)
     assert (await _post(harness, key))[0] == 200
     rec = harness.redis.hgetall(KeySchema().for_account(account).account)
     assert rec[b"plan"] == b"free"
