@@ -33,6 +33,7 @@ from gateway.proxy import make_free_handler, make_handler
 from gateway.reload import reload_ctx
 from gateway.scripts import REDIS_DOWN, ScriptRunner, load_scripts
 from gateway.settings import Settings
+from gateway.settlement import Retries
 from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway, in_background, stopping
 from gateway.store import Store, account_view
 from gateway.usage_routes import key_holder
@@ -112,11 +113,13 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     runner = ScriptRunner(gw.redis, load_scripts())
     with contextlib.suppress(StoreUnavailable):
         await runner.register_all()  # Redis may come later: EVALSHA re-registers on NOSCRIPT
-    gw.meter = Meter(runner, int(gw.settings.hold_lease_seconds * 1000), gw.settings.clock_offset_ms)
+    gw.meter = Meter(runner, int(gw.settings.hold_lease_seconds * 1000), gw.settings.clock_offset_ms,
+                     int(gw.settings.hold_tombstone_seconds * 1000))
     gw.store = Store(gw.redis, gw.schema, runner, gw.settings.clock_offset_ms)
     gw.auth = Authenticator(gw.redis, gw.schema, gw.settings.auth_cache_seconds)
     yield
     await gw.pending_settlements()
+    await gw.retries.drain(gw.settings.settle_drain_seconds)
     await gw.redis.aclose()
     if EMBEDDED in app:
         app[EMBEDDED].stop()
@@ -135,6 +138,25 @@ async def reaper_ctx(app: web.Application) -> AsyncIterator[None]:
     """Every process reaps expired holds; the script is idempotent, so no leader is needed."""
     async with in_background(_reap_forever(app[GATEWAY])):
         yield
+
+
+async def settlement_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Renew the leases of this process's requests in flight, and retry queued settlements."""
+    gw = app[GATEWAY]
+    async with in_background(_renew_forever(gw)), in_background(gw.retries.run_forever(stopping)):
+        yield
+
+
+async def _renew_forever(gw: Gateway) -> None:
+    assert gw.meter is not None
+    while not stopping():
+        await asyncio.sleep(gw.settings.hold_lease_seconds / 4)
+        try:
+            await gw.leases.renew_all(gw.meter, gw.metrics)
+        except (StoreUnavailable, *REDIS_DOWN):
+            if stopping():
+                raise
+            log.warning("lease renewal: Redis unavailable, will retry")
 
 
 async def reap_once(gw: Gateway) -> int:
@@ -254,16 +276,18 @@ async def metrics(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings, config: Config | None = None) -> web.Application:
     """Build the gateway application. Redis, the upstream session and the reaper start with it."""
+    counters = Metrics()
     gw = Gateway(
         settings=settings,
         config=config or load_config(settings.config_dir),
         schema=KeySchema(settings.key_prefix),
-        metrics=Metrics(),
+        metrics=counters,
         dialects=all_dialects(),
+        retries=Retries(counters),
     )
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[GATEWAY] = gw
-    app.cleanup_ctx.extend([redis_ctx, session_ctx, reaper_ctx, reload_ctx, webhooks_ctx])
+    app.cleanup_ctx.extend([redis_ctx, session_ctx, settlement_ctx, reaper_ctx, reload_ctx, webhooks_ctx])
     openai, anthropic = gw.dialects["openai"], gw.dialects["anthropic"]
     for prefix in ("/v1", ""):
         app.router.add_post(f"{prefix}/chat/completions", make_handler(openai, "chat"))

@@ -94,7 +94,7 @@ class ScriptStatus(IntEnum):
     KEY_REVOKED = 12
     KEY_EXPIRED = 13
     PLAN_CHANGED = 14
-    DUPLICATE_REQUEST = 15
+    DUPLICATE_REQUEST = 15  # reserve: the request id already ended (cancelled after a timeout)
     CYCLE_STALE = 16  # reserve: the cycle boundaries sent were computed for another moment
     INSUFFICIENT = 20
     LIMIT_REACHED = 21
@@ -119,7 +119,8 @@ def error_for_status(status: int, *, available_micro: int = 0) -> GatewayError |
         ScriptStatus.ACCOUNT_DISABLED: (Forbidden, "This account is disabled."),
         ScriptStatus.KEY_REVOKED: (Unauthorized, "This API key has been revoked."),
         ScriptStatus.KEY_EXPIRED: (Unauthorized, "This API key has expired."),
-        ScriptStatus.DUPLICATE_REQUEST: (BadRequest, "Duplicate request id."),
+        ScriptStatus.DUPLICATE_REQUEST: (StoreUnavailable, "This request was cancelled while the credit store was "
+                                                           "unavailable; try again."),
     }
     cls, message = messages[code]
     return cls(message)

@@ -136,10 +136,12 @@ class PlanChanged(Exception):
 class Meter:
     """Runs the reserve / settle / release / reap scripts for one gateway process."""
 
-    def __init__(self, runner: ScriptRunner, lease_ms: int, clock_offset_ms: int = 0) -> None:
+    def __init__(self, runner: ScriptRunner, lease_ms: int, clock_offset_ms: int = 0,
+                 tombstone_ms: int = 3_600_000) -> None:
         self.runner = runner
         self.lease_ms = lease_ms
         self.clock_offset_ms = clock_offset_ms
+        self.tombstone_ms = max(tombstone_ms, 2 * lease_ms)  # an ended hold is remembered this long
 
     async def reserve(self, keys: AccountKeys, key_id: str, request_id: str, plan: str, q: Quote,
                       spec: ReserveSpec) -> Reservation:
@@ -178,7 +180,7 @@ class Meter:
         reply = await self.runner.run(
             "settle",
             [keys.account, keys.holds, keys.hold_expiry, keys.ledger, keys.limits],
-            [request_id, cost, self.clock_offset_ms, key_id, data, limits, tokens, usd],
+            [request_id, cost, self.clock_offset_ms, key_id, data, limits, tokens, usd, self.tombstone_ms],
         )
         if reply[0] != ScriptStatus.OK:
             return Settlement(False, 0, 0)
@@ -186,20 +188,30 @@ class Meter:
         counters = tuple((str(rest[i]), int(rest[i + 1]), int(rest[i + 2])) for i in range(0, len(rest), 3))
         return Settlement(True, int(reply[1]), int(reply[2]), int(reply[3]), int(reply[4]), counters)
 
-    async def release(self, keys: AccountKeys, request_id: str, reason: str) -> bool:
-        """End a hold without charge; returns False when it had already ended."""
+    async def release(self, keys: AccountKeys, request_id: str, reason: str, limits: str = "", key_id: str = "",
+                      provider_answered: bool = False) -> bool:
+        """End a hold without charge; returns False when it had already ended (or was never taken:
+        a cancelled reserve that runs later is then refused). A request the provider answered with a
+        refusal still counts in rolling request windows."""
         status, _released = await self.runner.run(
             "release",
             [keys.account, keys.holds, keys.hold_expiry, keys.ledger, keys.limits],
-            [request_id, reason, self.clock_offset_ms],
+            [request_id, reason, self.clock_offset_ms, self.tombstone_ms, limits, key_id,
+             "1" if provider_answered else "0"],
         )
         return bool(status == ScriptStatus.OK)
+
+    async def renew(self, keys: AccountKeys, request_ids: list[str]) -> int:
+        """Extend the leases of holds still in flight; returns how many were renewed."""
+        (renewed,) = await self.runner.run(
+            "renew", [keys.holds, keys.hold_expiry], [self.clock_offset_ms, self.lease_ms, *request_ids])
+        return int(renewed)
 
     async def reap(self, keys: AccountKeys, limit: int = 100) -> tuple[int, int]:
         """Return expired holds of one account; (holds reaped, micro-credits returned)."""
         count, returned = await self.runner.run(
             "reap",
             [keys.account, keys.holds, keys.hold_expiry, keys.ledger, keys.limits],
-            [self.clock_offset_ms, limit],
+            [self.clock_offset_ms, limit, self.tombstone_ms],
         )
         return int(count), int(returned)

@@ -38,6 +38,16 @@ class Metrics:
                                       ["result"], registry=r)
         self.estimated = Counter("gateway_estimated_settlements_total",
                                  "Settlements charged from an estimate (no usage reported)", ["model"], registry=r)
+        self.settle_retries = Counter("gateway_settlement_retries_total",
+                                      "Settlements and cancellations queued in the process because Redis failed",
+                                      ["op"], registry=r)
+        self.settle_abandoned = Counter("gateway_settlements_abandoned_total",
+                                        "Queued settlements or cancellations given up at shutdown", ["op"],
+                                        registry=r)
+        self.uncollected = Counter("gateway_uncollected_credits_total",
+                                   "Credits served but not collectable (the balance could not pay)", registry=r)
+        self.lease_renewals = Counter("gateway_lease_renewals_total", "Hold leases renewed for requests in flight",
+                                      registry=r)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

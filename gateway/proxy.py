@@ -11,7 +11,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -19,6 +18,7 @@ from aiohttp import web
 
 from gateway import alerts
 from gateway.auth import Principal
+from gateway.billing import Call, end_call
 from gateway.config import ModelRoute, Plan, Rates
 from gateway.dialects.base import Dialect, ParsedRequest, StreamMeter
 from gateway.errors import (
@@ -29,10 +29,12 @@ from gateway.errors import (
     NotFound,
     PayloadTooLarge,
     RateLimited,
+    StoreUnavailable,
     UnsupportedMediaType,
     UpstreamError,
     UpstreamTimeout,
 )
+from gateway.keys import AccountKeys
 from gateway.limits import Limit, applicable, cycle_bounds, describe, encode
 from gateway.metering import (
     CycleStale,
@@ -42,12 +44,10 @@ from gateway.metering import (
     Reservation,
     ReserveSpec,
     affordable_output,
-    cost_of,
     quote,
 )
 from gateway.money import format_credits
 from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway
-from gateway.usage import Usage
 
 Handler = Callable[[web.Request], Coroutine[Any, Any, web.StreamResponse]]
 
@@ -77,26 +77,6 @@ def _response_headers(upstream_headers: Any, request_id: str, available: int) ->
     headers["request-id"] = request_id  # the Anthropic SDK's name for it
     headers["x-credits-remaining"] = format_credits(max(available, 0))
     return headers
-
-
-@dataclass
-class Call:
-    """One metered request in flight."""
-
-    gw: Gateway
-    dialect: Dialect
-    principal: Principal
-    parsed: ParsedRequest
-    route: ModelRoute
-    rates: Rates
-    quote: Quote
-    reservation: Reservation
-    request_id: str
-    started: float
-    limits: str = ""  # the limits the hold was taken under (limits.encode)
-    usd_quote: Quote | None = None
-    overhead: float = 0.0
-    ended: bool = False
 
 
 async def read_body(request: web.Request, dialect: Dialect) -> bytes:
@@ -192,6 +172,9 @@ async def _reserve(gw: Gateway, dialect: Dialect, principal: Principal, parsed: 
         try:
             reservation = await gw.meter.reserve(keys, principal.key_id, request_id, plan.name, q, spec)
             return principal, route, rates, q, reservation, spec.limits, usd
+        except StoreUnavailable:
+            _cancel_later(gw, keys, request_id)
+            raise
         except PlanChanged as changed:
             principal = gw.auth.with_plan(principal, changed.plan)
         except CycleStale as stale:
@@ -210,6 +193,18 @@ async def _reserve(gw: Gateway, dialect: Dialect, principal: Principal, parsed: 
                 gw.auth.forget(principal)
             raise
     raise GatewayError("The account's plan changed repeatedly; try again.")
+
+
+def _cancel_later(gw: Gateway, keys: AccountKeys, request_id: str) -> None:
+    """A reserve whose answer never came may still run when Redis is back: cancel it by request id
+    (the release leaves a tombstone that a late reserve refuses), so it never becomes a phantom hold."""
+    meter = gw.meter
+    assert meter is not None
+
+    async def attempt() -> None:
+        await meter.release(keys, request_id, "cancelled")
+
+    gw.retries.add(request_id, "cancel", attempt)
 
 
 def make_handler(dialect: Dialect, endpoint: str) -> Handler:
@@ -232,15 +227,24 @@ def make_handler(dialect: Dialect, endpoint: str) -> Handler:
                                                                               request_id)
         call = Call(gw, dialect, principal, parsed, route, rates, q, reservation, request_id, started, limits, usd)
         call.overhead = time.perf_counter() - started
-        gw.metrics.open_holds.inc()
-        try:
-            return await _forward(request, call, raw)
-        finally:
-            gw.metrics.open_holds.dec()
-            if not call.ended:  # a bug or a cancellation: never strand the hold
-                await _end(call, None, outcome="internal_error", http_status=500)
+        gw.leases.add(call.keys, request_id)
+        # the forwarding runs in a task of its own: a client that goes away (or a handler cancelled
+        # with it) never cuts it short, so a served request is always settled (invariant 7)
+        forwarding = gw.track(asyncio.ensure_future(_forward_and_end(request, call, raw)))
+        return await asyncio.shield(forwarding)
 
     return handler
+
+
+async def _forward_and_end(request: web.Request, call: Call, raw: bytes) -> web.StreamResponse:
+    gw = call.gw
+    gw.metrics.open_holds.inc()
+    try:
+        return await _forward(request, call, raw)
+    finally:
+        gw.metrics.open_holds.dec()
+        if not call.ended:  # a bug or a cancellation: never strand the hold, never serve for free
+            await end_call(call, None, outcome="internal_error", http_status=200 if call.served else 500)
 
 
 def make_free_handler(dialect: Dialect, endpoint: str) -> Handler:
@@ -301,14 +305,14 @@ async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamRe
     upstream = gw.config.upstreams[call.route.upstream]
     lowered = _lowered_cap(call)
     if lowered is not None and lowered < 1:
-        await _end(call, None, outcome="refused", http_status=402)
+        await end_call(call, None, outcome="refused", http_status=402)
         raise InsufficientCredits("Insufficient credits for even one output token per choice.")
     if lowered is not None:
         gw.metrics.lowered.labels(call.route.pattern).inc()
     try:
         body, hide_usage = call.dialect.upstream_body(call.parsed, upstream, lowered)
     except GatewayError as refused:
-        await _end(call, None, outcome="refused", http_status=refused.status)
+        await end_call(call, None, outcome="refused", http_status=refused.status)
         raise
     headers = call.dialect.upstream_headers(upstream, request.headers)
     url = upstream.base_url + call.dialect.upstream_path(request.path)
@@ -321,21 +325,30 @@ async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamRe
         async with upstream_cm as up:
             gw.metrics.upstream_seconds.labels(upstream.name).observe(time.perf_counter() - sent)
             if up.status >= 400:
-                return await _upstream_error(call, up, lowered)
+                return await _upstream_error(call, up)
+            call.served = True
             if call.parsed.stream and up.content_type == "text/event-stream":
                 meter = call.dialect.stream_meter(call.parsed.endpoint, hide_usage)
                 return await _stream(request, call, up, meter, lowered)
-            data = await up.read()
+            try:
+                data = await up.read()
+            except (TimeoutError, aiohttp.ClientError):
+                await end_call(call, None, outcome="upstream_cut", http_status=up.status, lowered=lowered)
+                raise UpstreamError("The upstream connection was lost while reading its answer.") from None
             usage = call.dialect.usage_from_body(call.parsed.endpoint, data)
-            available = await _end(call, usage, outcome="ok", http_status=up.status, lowered=lowered,
-                                   estimate_out=0 if usage else len(data) // 4)
+            available = await end_call(call, usage, outcome="ok", http_status=up.status, lowered=lowered,
+                                       estimate_out=0 if usage else len(data) // 4)
             return web.Response(body=data, status=up.status,
                                 headers=_response_headers(up.headers, call.request_id, available))
     except (TimeoutError, aiohttp.ServerTimeoutError):
-        await _end(call, None, outcome="upstream_timeout", http_status=504)
+        if call.ended:
+            raise
+        await end_call(call, None, outcome="upstream_timeout", http_status=504)
         raise UpstreamTimeout("The upstream provider did not answer in time.") from None
     except aiohttp.ClientError as exc:
-        await _end(call, None, outcome="upstream_unreachable", http_status=502)
+        if call.ended:
+            raise
+        await end_call(call, None, outcome="upstream_unreachable", http_status=502)
         raise UpstreamError(f"Could not reach the upstream provider ({type(exc).__name__}).") from None
 
 
@@ -343,11 +356,14 @@ def _forward_query(request: web.Request) -> dict[str, str]:
     return {k: v for k, v in request.query.items() if k != "key"}
 
 
-async def _upstream_error(call: Call, up: aiohttp.ClientResponse, lowered: int | None) -> web.StreamResponse:
+async def _upstream_error(call: Call, up: aiohttp.ClientResponse) -> web.StreamResponse:
     """The provider refused or failed before any output: no charge; its answer goes back as is,
     except credential problems, which are the operator's and are reported as a 502."""
-    data = await up.read()
-    available = await _end(call, None, outcome=f"upstream_{up.status}", http_status=up.status)
+    try:
+        data = await up.read()
+    except (TimeoutError, aiohttp.ClientError):
+        data = b""
+    available = await end_call(call, None, outcome=f"upstream_{up.status}", http_status=up.status)
     if up.status in (401, 403):
         raise UpstreamError("The upstream provider rejected the gateway's credentials.")
     return web.Response(body=data, status=up.status,
@@ -356,108 +372,50 @@ async def _upstream_error(call: Call, up: aiohttp.ClientResponse, lowered: int |
 
 async def _stream(request: web.Request, call: Call, up: aiohttp.ClientResponse, meter: StreamMeter,
                   lowered: int | None) -> web.StreamResponse:
+    """Relay the stream chunk by chunk. A client that goes away (or stalls longer than
+    `client_stall_seconds` on one chunk) no longer gets bytes, but the upstream is read on, for up to
+    `drain_seconds`, so the request is billed from the provider's own usage report."""
+    settings = call.gw.settings
     response = web.StreamResponse(
         status=up.status, headers=_response_headers(up.headers, call.request_id, call.reservation.available_after))
     outcome = "ok"
+    loop = asyncio.get_running_loop()
+    drain_until: float | None = None  # set when the client is gone
     try:
-        await response.prepare(request)
+        try:
+            await response.prepare(request)
+        except (ConnectionResetError, RuntimeError):
+            outcome, drain_until = "client_disconnected", loop.time() + settings.drain_seconds
         chunks = up.content.iter_any().__aiter__()
         while True:
             try:
-                chunk = await chunks.__anext__()
+                async with asyncio.timeout_at(drain_until):
+                    chunk = await chunks.__anext__()
             except StopAsyncIteration:
                 break
             except (TimeoutError, aiohttp.ClientError):
-                outcome = "upstream_cut"
+                if drain_until is None:
+                    outcome = "upstream_cut"
                 break
             out = meter.feed(chunk)
-            if out:
-                await response.write(out)
+            if out and drain_until is None:
+                try:
+                    async with asyncio.timeout(settings.client_stall_seconds):
+                        await response.write(out)
+                except (ConnectionResetError, TimeoutError):
+                    outcome, drain_until = "client_disconnected", loop.time() + settings.drain_seconds
         tail = meter.finish()
-        if tail:
-            await response.write(tail)
-        if outcome == "upstream_cut":
-            await response.write(call.dialect.stream_error_event("The upstream connection was lost mid-stream."))
-        await response.write_eof()
-    except ConnectionResetError:  # aiohttp's ClientConnectionResetError: the client went away
-        outcome = "client_disconnected"
-    except asyncio.CancelledError:  # the server cancels handlers of lost connections when configured to
-        outcome = "client_disconnected"
-        raise
+        if drain_until is None:
+            try:
+                if tail:
+                    await response.write(tail)
+                if outcome == "upstream_cut":
+                    lost = "The upstream connection was lost mid-stream."
+                    await response.write(call.dialect.stream_error_event(lost))
+                await response.write_eof()
+            except ConnectionResetError:
+                outcome = "client_disconnected"
     finally:
-        await _end(call, meter.usage, outcome=outcome,
-                   http_status=up.status, lowered=lowered, estimate_out=meter.estimated_output_tokens(),
-                   streamed=True)
+        await end_call(call, meter.usage, outcome=outcome, http_status=up.status, lowered=lowered,
+                       estimate_out=meter.estimated_output_tokens(), streamed=True)
     return response
-
-
-def billable(usage: Usage | None, parsed: ParsedRequest, estimate_out: int) -> tuple[Usage, bool]:
-    """What to bill: reported usage, with any missing count filled from the estimates."""
-    if usage is not None and usage.input_tokens is not None and usage.output_tokens is not None:
-        return usage, False
-    reported = usage or Usage()
-    return Usage(
-        input_tokens=reported.input_tokens if reported.input_tokens is not None else parsed.prompt_tokens_estimate,
-        cached_input_tokens=reported.cached_input_tokens,
-        cache_write_tokens=reported.cache_write_tokens,
-        output_tokens=reported.output_tokens if reported.output_tokens is not None else estimate_out,
-        reasoning_tokens=reported.reasoning_tokens,
-        cache_write_1h_tokens=reported.cache_write_1h_tokens,
-    ), True
-
-
-async def _end(call: Call, usage: Usage | None, *, outcome: str, http_status: int, lowered: int | None = None,
-               estimate_out: int = 0, streamed: bool = False) -> int:
-    """End the hold exactly once, in a task that outlives the request. Returns credits available."""
-    call.ended = True
-    task = call.gw.track(asyncio.ensure_future(
-        _settle(call, usage, outcome, http_status, lowered, estimate_out, streamed)))
-    return await asyncio.shield(task)
-
-
-async def _settle(call: Call, usage: Usage | None, outcome: str, http_status: int, lowered: int | None,
-                  estimate_out: int, streamed: bool) -> int:
-    gw = call.gw
-    assert gw.meter is not None
-    keys = gw.schema.for_account(call.principal.account_id)
-    settle_started = time.perf_counter()
-    model = call.route.pattern
-    produced = usage is not None or estimate_out > 0
-    if http_status >= 400 or (not produced and outcome != "ok"):
-        await gw.meter.release(keys, call.request_id, outcome)
-        gw.metrics.requests.labels(call.dialect.name, model, str(http_status)).inc()
-        return call.reservation.available_after + call.reservation.hold
-    bill, estimated = billable(usage, call.parsed, estimate_out)
-    cost = cost_of(call.rates, bill)
-    if estimated:
-        cost = min(cost, call.reservation.hold)  # an estimate never charges more than was held
-        gw.metrics.estimated.labels(model).inc()
-        outcome += "_estimated"
-    event = {
-        "model": call.parsed.model, "route": model,
-        "upstream": call.route.upstream, "endpoint": call.parsed.endpoint, "dialect": call.dialect.name,
-        "in": bill.input_tokens, "cached_in": bill.cached_input_tokens, "cache_write": bill.cache_write_tokens,
-        "cache_write_1h": bill.cache_write_1h_tokens,
-        "out": bill.output_tokens, "reasoning": bill.reasoning_tokens, "status": http_status,
-        "outcome": outcome, "estimated": int(estimated), "lowered_cap": lowered, "stream": int(streamed),
-        "latency_ms": int((time.perf_counter() - call.started) * 1000),
-    }
-    tokens = sum(n or 0 for n in (bill.input_tokens, bill.cached_input_tokens, bill.cache_write_tokens,
-                                  bill.cache_write_1h_tokens, bill.output_tokens))
-    usd = cost_of(gw.config.usd_rates(call.route), bill)
-    event["usd_micro"] = usd  # the provider's list cost, for billing exports
-    settlement = await gw.meter.settle(keys, call.request_id, call.principal.key_id, cost, event, call.limits,
-                                       tokens, usd)
-    charged, available = settlement.charged, settlement.available
-    plan = gw.config.plans.get(call.principal.plan)
-    if settlement.settled and plan is not None:  # warnings, off the request's path
-        alerts.notify(gw, call.principal.account_id, plan, alerts.due(plan, settlement), call.request_id)
-    gw.metrics.requests.labels(call.dialect.name, model, str(http_status)).inc()
-    gw.metrics.credits.labels(model).inc(charged / 1_000_000)
-    for kind, count in (("input", bill.input_tokens), ("cached_input", bill.cached_input_tokens),
-                        ("cache_write", (bill.cache_write_tokens or 0) + (bill.cache_write_1h_tokens or 0)),
-                        ("output", bill.output_tokens)):
-        if count:
-            gw.metrics.tokens.labels(model, kind).inc(count)
-    gw.metrics.overhead_seconds.observe(call.overhead + time.perf_counter() - settle_started)
-    return available

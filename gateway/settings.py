@@ -20,7 +20,11 @@ class Settings:
     key_prefix: str = "gw:"
     max_body_bytes: int = 10 * 1024 * 1024
     max_choices: int = 1  # largest `n` accepted; the reservation multiplies by it
-    hold_lease_seconds: float = 3600.0  # a hold not settled by then is reaped
+    hold_lease_seconds: float = 120.0  # a hold whose lease is not renewed for this long is reaped
+    hold_tombstone_seconds: float = 3600.0  # an ended hold is remembered this long (idempotent retries)
+    drain_seconds: float = 60.0  # after a client leaves a stream, read on this long for the real usage
+    client_stall_seconds: float = 60.0  # a client that takes longer to accept one chunk is dropped
+    settle_drain_seconds: float = 30.0  # at shutdown, queued settlements are retried this long
     reap_interval_seconds: float = 5.0
     auth_cache_seconds: float = 30.0
     redis_timeout_seconds: float = 0.5  # fail closed well within a second
@@ -42,7 +46,11 @@ class Settings:
             "admin_key": Secret(env.get("GATEWAY_ADMIN_KEY", "")),
             "max_body_bytes": int(env.get("GATEWAY_MAX_BODY_BYTES", 10 * 1024 * 1024)),
             "max_choices": int(env.get("GATEWAY_MAX_CHOICES", 1)),
-            "hold_lease_seconds": float(env.get("GATEWAY_HOLD_LEASE_SECONDS", 3600)),
+            "hold_lease_seconds": float(env.get("GATEWAY_HOLD_LEASE_SECONDS", 120)),
+            "hold_tombstone_seconds": float(env.get("GATEWAY_HOLD_TOMBSTONE_SECONDS", 3600)),
+            "drain_seconds": float(env.get("GATEWAY_DRAIN_SECONDS", 60)),
+            "client_stall_seconds": float(env.get("GATEWAY_CLIENT_STALL_SECONDS", 60)),
+            "settle_drain_seconds": float(env.get("GATEWAY_SETTLE_DRAIN_SECONDS", 30)),
             "redis_timeout_seconds": float(env.get("GATEWAY_REDIS_TIMEOUT_SECONDS", 0.5)),
             "config_poll_seconds": float(env.get("GATEWAY_CONFIG_POLL_SECONDS", 2.0)),
             "ledger_retention_days": float(env.get("GATEWAY_LEDGER_RETENTION_DAYS", 400)),

@@ -18,6 +18,7 @@ from gateway.keys import KeySchema
 from gateway.metering import Meter
 from gateway.metrics import Metrics
 from gateway.settings import Settings
+from gateway.settlement import Leases, Retries
 from gateway.store import Store
 
 
@@ -30,6 +31,8 @@ class Gateway:
     schema: KeySchema
     metrics: Metrics
     dialects: dict[str, Dialect]
+    retries: Retries
+    leases: Leases = field(default_factory=Leases)
     redis: Any = None
     meter: Meter | None = None
     store: Store | None = None

@@ -1,20 +1,24 @@
--- reap-5.lua: return the holds of one account whose lease has expired (a crashed gateway's).
+-- reap-5.lua: return the holds of one account whose lease has expired (their gateway is gone: a
+-- live request renews its lease), and forget tombstones whose time has passed.
 -- KEYS[1] account hash   KEYS[2] holds hash   KEYS[3] hold expiry zset   KEYS[4] ledger stream
--- KEYS[5] limits hash (see lib/limits.lua). Uses lib/clock.lua and lib/settle.lua.
--- ARGV[1] clock offset (ms)   ARGV[2] most holds to reap in one call
--- Returns {reaped count, micro-credits returned}. Idempotent: a reaped hold is gone.
+-- KEYS[5] limits hash (see lib/limits.lua). Uses lib/clock.lua, lib/hold.lua and lib/settle.lua.
+-- ARGV[1] clock offset (ms)   ARGV[2] most entries to look at in one call   ARGV[3] tombstone time (ms)
+-- Returns {holds reaped, micro-credits returned}. Idempotent: a reaped hold leaves a tombstone `~r`,
+-- so that a late settle still charges its request (settle-5.lua).
 local now = now_ms(ARGV[1])
 local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
-local returned = 0
+local reaped, returned = 0, 0
 for _, rid in ipairs(expired) do
-  local hold = redis.call('HGET', KEYS[2], rid)
-  redis.call('ZREM', KEYS[3], rid)
-  if hold then
-    returned = returned + tonumber(hold)
+  local h = hold_record(KEYS[2], rid)
+  if not h or h.ended then
     redis.call('HDEL', KEYS[2], rid)
+    redis.call('ZREM', KEYS[3], rid)
+  else
+    reaped, returned = reaped + 1, returned + h.amount
+    end_hold(KEYS[1], h, 0)
+    entomb(KEYS[2], KEYS[3], rid, 'r', now, ARGV[3])
     give_back(KEYS[5], rid)
-    redis.call('XADD', KEYS[4], '*', 'type', 'reaped', 'ts', now, 'rid', rid, 'cost', 0, 'hold', hold)
+    redis.call('XADD', KEYS[4], '*', 'type', 'reaped', 'ts', now, 'rid', rid, 'cost', 0, 'hold', h.amount)
   end
 end
-if returned > 0 then redis.call('HINCRBY', KEYS[1], 'held', -returned) end
-return {#expired, returned}
+return {reaped, returned}

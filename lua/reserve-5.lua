@@ -1,5 +1,5 @@
 -- reserve-5.lua: hold a request's worst case against the balance and every limit, or refuse.
--- Uses lib/clock.lua, lib/cycle.lua and lib/limits.lua (prepended by the loader).
+-- Uses lib/clock.lua, lib/cycle.lua, lib/hold.lua and lib/limits.lua (prepended by the loader).
 -- KEYS[1] account hash   KEYS[2] API key hash   KEYS[3] holds hash   KEYS[4] hold expiry zset
 -- KEYS[5] limits hash (see lib/limits.lua)
 -- ARGV[1] request id     ARGV[2] plan the caller priced with
@@ -11,39 +11,47 @@
 -- ARGV[15] the priced plan's allowance per cycle   ARGV[16] fallback plan   ARGV[17] its allowance
 -- Returns {status, credits held, available_after, plan, tokens held, micro-USD held, detail...};
 -- status 0 full hold, 1 lowered, 10 no account, 11 disabled, 12 key revoked, 13 key expired,
--- 14 plan changed, 15 duplicate request id, 16 stale cycle bounds (detail: Redis now),
+-- 14 plan changed, 15 the request already ended, 16 stale cycle bounds (detail: Redis now),
 -- 20 insufficient credits (reply[5]: credits held by requests in flight), 21 limit reached (detail: limit id, used, cap, ms until it frees, scope).
+-- A retried reserve of a live hold returns that hold again, unchanged (idempotent).
 local now = now_ms(ARGV[6])
 local a = redis.call('HMGET', KEYS[1], 'plan', 'status', 'allow', 'extra', 'held', 'cycle_end_ms',
-                     'plan_expires_ms', 'next_plan', 'next_allow')
+                     'plan_expires_ms', 'next_plan', 'next_allow', 'held_allow', 'agen')
 if not a[1] then return {10, 0, 0, ''} end
+local prior = hold_record(KEYS[3], ARGV[1])
+if prior and prior.ended then return {15, 0, 0, a[1]} end
+if prior then
+  local left = tonumber(a[3] or '0') + tonumber(a[4] or '0') - tonumber(a[5] or '0')
+  return {prior.lowered, prior.amount, left, a[1], prior.tokens, prior.usd}
+end
 if a[2] ~= 'active' then return {11, 0, 0, a[1]} end
 local k = redis.call('HMGET', KEYS[2], 'status', 'expires_ms')
 if k[1] ~= 'active' then return {12, 0, 0, a[1]} end
 local expires = tonumber(k[2] or '0')
 if expires > 0 and now >= expires then return {13, 0, 0, a[1]} end
-local status, plan, allow = roll_cycle(KEYS[1], KEYS[5], a, now, ARGV)
+local status, plan, allow, gen = roll_cycle(KEYS[1], KEYS[5], a, now, ARGV)
 if status == 16 then return {16, 0, 0, plan, 0, 0, now} end
 if status == 14 or plan ~= ARGV[2] then return {14, 0, 0, plan} end
-if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return {15, 0, 0, plan} end
 
-local available = allow + tonumber(a[4] or '0') - tonumber(a[5] or '0')
+local held, held_allow = tonumber(a[5] or '0'), tonumber(a[10] or '0')
+local available = allow + tonumber(a[4] or '0') - held
 local want = {c = tonumber(ARGV[3]), t = tonumber(ARGV[8]), u = tonumber(ARGV[10]), n = 1}
 local least = {c = tonumber(ARGV[4]), t = tonumber(ARGV[9]), u = tonumber(ARGV[11]), n = 1}
-if available < least.c then return {20, 0, available, plan, tonumber(a[5] or '0')} end
+if available < least.c then return {20, 0, available, plan, held} end
 if available < want.c then want.c = available end
 local rows = {}
 if ARGV[12] ~= '' then rows = cjson.decode(ARGV[12]) end
-local cycle_end = tonumber(redis.call('HGET', KEYS[1], 'cycle_end_ms'))
-local refused = check_limits(KEYS[5], rows, ARGV[7], want, least, now, cycle_end)
+local refused = check_limits(KEYS[5], rows, ARGV[7], want, least, now, tonumber(redis.call('HGET', KEYS[1], 'cycle_end_ms')))
 if refused then
   return {21, 0, available, plan, 0, 0, refused[1], refused[2], refused[3], refused[4], refused[5]}
 end
 local lowered = 0
 if want.c < tonumber(ARGV[3]) or want.t < tonumber(ARGV[8]) or want.u < tonumber(ARGV[10]) then lowered = 1 end
 hold_limits(KEYS[5], rows, ARGV[7], want, ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'held', want.c)
-redis.call('HSET', KEYS[3], ARGV[1], want.c)
+local from_allow = math.max(math.min(want.c, allow - held_allow), 0)
+redis.call('HSET', KEYS[1], 'held', held + want.c, 'held_allow', held_allow + from_allow)
+redis.call('HSET', KEYS[3], ARGV[1], string.format('%.0f %.0f %.0f %d %.0f %.0f', want.c, from_allow, gen, lowered,
+                                                   want.t, want.u))
 redis.call('ZADD', KEYS[4], now + tonumber(ARGV[5]), ARGV[1])
 redis.call('HSET', KEYS[2], 'last_used_ms', now)
 return {lowered, want.c, available - want.c, plan, want.t, want.u}

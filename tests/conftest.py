@@ -220,8 +220,10 @@ class Harness:
                 if k.decode() in ("allow", "extra", "held", "charged", "granted", "cycle_used", "requests", "expired")}
 
     def holds(self, account_id: str) -> dict[str, int]:
+        """The account's live holds (request id -> micro-credits held); ended holds' tombstones left out."""
         keys = KeySchema().for_account(account_id)
-        return {k.decode(): int(v) for k, v in self.redis.hgetall(keys.holds).items()}
+        return {k.decode(): int(v.split()[0]) for k, v in self.redis.hgetall(keys.holds).items()
+                if not v.startswith(b"~")}
 
     def ledger(self, account_id: str) -> list[dict[str, str]]:
         keys = KeySchema().for_account(account_id)

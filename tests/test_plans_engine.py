@@ -58,7 +58,7 @@ async def _post(harness: Harness, key: str, body: dict[str, Any] | None = None, 
 
 def _limits_hash(harness: Harness, account: str) -> dict[str, int]:
     raw = harness.redis.hgetall(KeySchema().for_account(account).limits)
-    return {k.decode(): int(v) for k, v in raw.items() if not k.startswith(b"r:")}
+    return {k.decode(): int(v) for k, v in raw.items() if not k.startswith((b"r:", b"b:"))}
 
 
 def _shift(harness: Harness, ms: int) -> None:

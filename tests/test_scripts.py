@@ -14,7 +14,7 @@ from conftest import SETUP_EVENTS, Harness, make_settings, no_limits
 from gateway.app import connect_redis, create_app, reap_once
 from gateway.config import load_config
 from gateway.embedded import EmbeddedRedis
-from gateway.errors import BadRequest
+from gateway.errors import StoreUnavailable
 from gateway.keys import KeySchema
 from gateway.metering import Meter, quote
 from gateway.scripts import ScriptRunner, load_scripts, lua_dir
@@ -139,13 +139,16 @@ async def test_reaper_returns_expired_holds_exactly_once(redis_url: str, config_
     later = Meter(runner, lease_ms=60_000, clock_offset_ms=61_000)
     assert await later.reap(keys) == (1, reservation.hold)
     assert await later.reap(keys) == (0, 0)  # idempotent: a second reaper finds nothing
-    # the crashed process comes back and tries to settle: no effect, no double release
+    # the process comes back and settles: the hold is gone, but the request is still charged, once,
+    # out of credits no other hold claims
     late = await crashed.settle(keys, "req_crashed", new_key.id, 50, {"outcome": "late"})
-    assert (late.settled, late.charged) == (False, 0)
+    assert (late.settled, late.charged) == (True, 50)
+    again = await crashed.settle(keys, "req_crashed", new_key.id, 50, {"outcome": "late"})
+    assert (again.settled, again.charged) == (False, 0)
     raw = await client.hgetall(keys.account)
-    assert int(raw["held"]) == 0 and int(raw["charged"]) == 0
+    assert int(raw["held"]) == 0 and int(raw["charged"]) == 50
     ended = [f for _id, f in await client.xrange(keys.ledger) if f["type"] not in SETUP_EVENTS]
-    assert [e["type"] for e in ended] == ["reaped"]
+    assert [e["type"] for e in ended] == ["reaped", "usage"] and ended[1]["reaped"] == "1"
     await client.aclose()
 
 
@@ -187,10 +190,13 @@ async def test_settling_twice_has_no_effect_the_second_time(harness: Harness) ->
     assert state["charged"] == 5
 
 
-async def test_a_duplicate_request_id_is_refused(harness: Harness) -> None:
+async def test_a_retried_reserve_returns_the_hold_it_already_took(harness: Harness) -> None:
     account, principal, q, meter = await _reserve_directly(harness, "req_dup")
     keys = harness.gw.schema.for_account(account)
-    with pytest.raises(BadRequest):
-        await meter.reserve(keys, principal.key_id, "req_dup", "free", q, no_limits(q))
+    held = harness.state(account)["held"]
+    again = await meter.reserve(keys, principal.key_id, "req_dup", "free", q, no_limits(q))
+    assert again.hold == held and harness.state(account)["held"] == held  # nothing held twice
     await meter.release(keys, "req_dup", "test")
+    with pytest.raises(StoreUnavailable):  # an ended request id is never reserved again
+        await meter.reserve(keys, principal.key_id, "req_dup", "free", q, no_limits(q))
     await harness.assert_conserved(account)

@@ -1,7 +1,8 @@
 -- lib/limits.lua: limit rows [id, metric c|t|u|n, cap, scope a|k, window ms (0 cycle, -1 in flight),
 -- bucket ms] checked, held, counted and given back in the limits hash (`lim`).
--- Fields: `h:<scope>:<metric>` held sums, `c:<scope>:<id>` cycle counters,
--- `w:<scope>:<id>:<bucket>` window buckets, `r:<rid>` what one request holds (`field amount ...`).
+-- Fields: `h:<scope>:<id>` what requests in flight hold of each limit, `c:<scope>:<id>` cycle counters,
+-- `w:<scope>:<id>:<bucket>` window buckets (`b:<scope>:<id>` lists the live ones),
+-- `r:<rid>` what one request holds (`field amount ...`).
 -- Returns: see each function.
 local function scope_of(scope, kid) return scope == 'k' and ('k:' .. kid .. ':') or 'a:' end
 
@@ -31,7 +32,7 @@ local function check_limits(lim, rows, kid, want, least, now, cycle_end)
   for _, l in ipairs(rows) do
     local prefix = scope_of(l[4], kid)
     local used, frees = limit_used(lim, l, prefix, now, cycle_end)
-    used = used + tonumber(redis.call('HGET', lim, 'h:' .. prefix .. l[2]) or '0')
+    used = used + tonumber(redis.call('HGET', lim, 'h:' .. prefix .. l[1]) or '0')
     local room = l[3] - used
     if room < least[l[2]] then return {l[1], used, l[3], frees, l[4]} end
     if room < want[l[2]] then want[l[2]] = room end
@@ -39,13 +40,14 @@ local function check_limits(lim, rows, kid, want, least, now, cycle_end)
   return nil
 end
 
--- holds want[metric] once per held field the rows use, and records it under r:<rid>
+-- holds want[metric] in each row's own held field (a provider's cap never sees another's calls),
+-- and records what it held under r:<rid>
 local function hold_limits(lim, rows, kid, want, rid)
-  local fields, record = {}, {}
-  for _, l in ipairs(rows) do fields['h:' .. scope_of(l[4], kid) .. l[2]] = l[2] end
-  for field, metric in pairs(fields) do
-    redis.call('HINCRBY', lim, field, want[metric])
-    record[#record + 1] = field .. ' ' .. string.format('%.0f', want[metric])
+  local record = {}
+  for _, l in ipairs(rows) do
+    local field = 'h:' .. scope_of(l[4], kid) .. l[1]
+    redis.call('HINCRBY', lim, field, want[l[2]])
+    record[#record + 1] = field .. ' ' .. string.format('%.0f', want[l[2]])
   end
   if #record > 0 then redis.call('HSET', lim, 'r:' .. rid, table.concat(record, ' ')) end
 end

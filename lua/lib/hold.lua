@@ -1,0 +1,39 @@
+-- lib/hold.lua: a hold's record in the holds hash, and ending it against the account's buckets.
+-- Live: `amount allowance-part allowance-generation lowered tokens micro-USD`. Ended: a tombstone
+-- `~s` settled, `~x` released or cancelled, `~r` reaped; kept until its hold-expiry score passes.
+-- Returns: hold_record: nil, {ended = state} or the live fields; end_hold: the unheld balance after.
+local function hold_record(holds, rid)
+  local v = redis.call('HGET', holds, rid)
+  if not v then return nil end
+  if string.sub(v, 1, 1) == '~' then return {ended = string.sub(v, 2, 2)} end
+  local f = {}
+  for x in string.gmatch(v, '%S+') do f[#f + 1] = tonumber(x) end
+  return {amount = f[1], allow = f[2], gen = f[3], lowered = f[4], tokens = f[5], usd = f[6]}
+end
+
+local function entomb(holds, expiry, rid, state, now, keep)
+  redis.call('HSET', holds, rid, '~' .. state)
+  redis.call('ZADD', expiry, now + tonumber(keep), rid)
+end
+
+-- Take `charge` from hold `h` (allowance part first), then any rest from balance no hold claims
+-- (allowance first); release what is left of `h`. The unused allowance part of a hold taken in an
+-- earlier allowance generation (before a cycle rollover or a plan lapse) expires now.
+local function end_hold(acct, h, charge)
+  local a = redis.call('HMGET', acct, 'allow', 'extra', 'held', 'held_allow', 'agen')
+  local allow, extra = tonumber(a[1] or '0'), tonumber(a[2] or '0')
+  local held, held_allow = tonumber(a[3] or '0') - h.amount, tonumber(a[4] or '0') - h.allow
+  local from_allow = math.min(charge, h.allow)
+  local from_extra = math.min(charge - from_allow, h.amount - h.allow)
+  local rest = charge - from_allow - from_extra
+  allow, extra = allow - from_allow, extra - from_extra
+  local unused = h.allow - from_allow
+  if unused > 0 and h.gen ~= tonumber(a[5] or '0') then
+    allow = allow - unused
+    redis.call('HINCRBY', acct, 'expired', unused)
+  end
+  local spare = math.min(math.max(allow - held_allow, 0), rest)
+  allow, extra = allow - spare, extra - (rest - spare)
+  redis.call('HSET', acct, 'allow', allow, 'extra', extra, 'held', held, 'held_allow', held_allow)
+  return allow + extra - held
+end
