@@ -323,8 +323,15 @@ async def responses(request: web.Request) -> web.StreamResponse:
         await response.write(_event(name, {"type": name, "sequence_number": seq, **data}))
         seq += 1
 
+    delay = float(directives.get("delay_ms", 0)) / 1000
     await send("response.created", {"response": _response_object(body, "in_progress", "", None)})
+    if reasoning:  # a reasoning item: the model thinks (invisibly) before it writes
+        item = {"type": "reasoning", "id": "rs_emu", "summary": []}
+        await send("response.output_item.added", {"output_index": 0, "item": item})
+        await asyncio.sleep(delay * reasoning)
+        await send("response.output_item.done", {"output_index": 0, "item": item})
     for word in words:
+        await asyncio.sleep(delay)
         await send("response.output_text.delta", {"item_id": "msg_emu", "output_index": 0, "content_index": 0,
                                                   "delta": word})
     terminal = "response.completed" if status == "completed" else "response.incomplete"
