@@ -13,6 +13,7 @@ the last message, e.g. `[[emu out=40 cached=5 reasoning=3 fail=midstream delay_m
   fail=KIND      500 | 429 | 400 | 401 | hang (never answer) | cut (stream stops, connection drops)
                  | midstream (stream ends with an in-stream error) | nousage (stream without usage)
   usage=always   OpenAI chat stream: usage on the finish chunk whether asked for or not (Mistral, vLLM)
+  obfuscation=N  OpenAI chat stream: pad every delta chunk with an N-character `obfuscation` string
 """
 
 from __future__ import annotations
@@ -157,9 +158,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     }, headers={"x-request-id": f"req_emu_{time.time_ns()}", "openai-processing-ms": "1"})
 
 
-def _chunk(answer: Answer, choices: list[dict[str, Any]], usage: Any = None, with_usage_key: bool = False) -> bytes:
+def _chunk(answer: Answer, choices: list[dict[str, Any]], usage: Any = None, with_usage_key: bool = False,
+           obfuscation: str = "") -> bytes:
     obj: dict[str, Any] = {"id": "chatcmpl-emu", "object": "chat.completion.chunk", "created": int(time.time()),
                            "model": answer.model, "choices": choices}
+    if obfuscation:
+        obj["obfuscation"] = obfuscation
     if with_usage_key:
         obj["usage"] = usage
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
@@ -176,8 +180,9 @@ async def _stream(request: web.Request, state: EmulatorState, body: dict[str, An
     await response.prepare(request)
     frames = [_chunk(answer, [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
                      None, include_usage)]
-    frames += [_chunk(answer, [{"index": 0, "delta": {"content": w}, "finish_reason": None}], None, include_usage)
-               for w in answer.words()]
+    padding = "x" * int(directives.get("obfuscation", 0))  # OpenAI pads deltas with an `obfuscation` string
+    frames += [_chunk(answer, [{"index": 0, "delta": {"content": w}, "finish_reason": None}], None, include_usage,
+                      padding) for w in answer.words()]
     frames.append(_chunk(answer, [{"index": 0, "delta": {}, "finish_reason": answer.finish}],
                          answer.usage if usage_on_last else None, include_usage or usage_on_last))
     if include_usage:

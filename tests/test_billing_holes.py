@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +42,7 @@ def plans_yaml() -> str:
 @pytest.fixture
 def settings_overrides() -> dict[str, Any]:
     # short leases, renewed every lease/4, and a reaper that runs all the time
-    return {"hold_lease_seconds": 0.8, "reap_interval_seconds": 0.1}
+    return {"hold_lease_seconds": 0.8, "reap_interval_seconds": 0.1, "client_stall_seconds": 1.0}
 
 
 def _chat(text: str, **extra: Any) -> dict[str, Any]:
@@ -101,6 +104,29 @@ async def test_a_settle_after_its_hold_was_reaped_charges_what_the_balance_can_p
 
 
 # ---------------------------------------------------------------- 2. streams dropped early
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_its_stream_still_billed_in_full(harness: Harness) -> None:
+    account, key = await harness.account(credits=50)
+    body = json.dumps(_chat("[[emu out=4000 obfuscation=3000]]", stream=True, max_tokens=4000)).encode()
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    loop = asyncio.get_running_loop()
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a tiny window, never read
+    stalled.setblocking(False)
+    try:
+        server = harness.client.server
+        await loop.sock_connect(stalled, (server.host, server.port))
+        await loop.sock_sendall(stalled, request)
+        # the gateway gives up on the client after client_stall_seconds, reads the upstream to its end
+        # and bills the provider's own usage, all while the client still holds the connection open
+        await _until(lambda: any(e["type"] == "usage" for e in harness.ledger(account)), 30)
+    finally:
+        stalled.close()
+    await harness.assert_conserved(account)
+    [event] = [e for e in harness.ledger(account) if e["type"] == "usage"]
+    assert event["outcome"] == "client_disconnected" and event["estimated"] == "0" and event["out"] == "4000"
 
 
 async def test_a_responses_stream_dropped_while_the_model_reasons_is_charged_its_reasoning(harness: Harness) -> None:
@@ -269,3 +295,25 @@ async def test_requests_the_upstream_refused_count_in_request_windows_but_cost_n
         assert r.status == 429  # the provider counted the refused request too
     state = await harness.assert_conserved(account)
     assert state["requests"] == 1  # ... but it was never billed, nor counted as a served request
+
+
+async def test_settlements_still_queued_at_shutdown_are_logged_and_counted_as_abandoned(
+        own_redis: EmbeddedRedis, config_dir: Path, emulator: Any, aiohttp_client: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
+    client = await aiohttp_client(create_app(make_settings(config_dir, own_redis.url, settle_drain_seconds=0.3)))
+    h = Harness(client, sync_redis.Redis.from_url(own_redis.url), emulator)
+    _account, key = await h.account(credits=1)
+    emulator_state(emulator).latency_ms = 300
+    pending = asyncio.ensure_future(client.post("/v1/chat/completions", json=_chat("hi"),
+                                                headers={AUTH: f"Bearer {key}"}))
+    await asyncio.sleep(0.1)
+    own_redis.stop()
+    assert (await pending).status == 200
+    gw = h.gw
+    assert gw.retries.queued
+    h.redis.close()
+    with caplog.at_level(logging.ERROR, logger="gateway.settlement"):
+        await client.close()  # the app shuts down with Redis still gone
+    assert not gw.retries.queued
+    assert "settle for req_" in caplog.text and "abandoned" in caplog.text
+    assert b'gateway_settlements_abandoned_total{op="settle"} 1.0' in gw.metrics.render()
