@@ -204,7 +204,7 @@ class Meter:
     async def renew(self, keys: AccountKeys, request_ids: list[str]) -> int:
         """Extend the leases of holds still in flight; returns how many were renewed."""
         (renewed,) = await self.runner.run(
-            "renew", [keys.holds, keys.hold_expiry], [self.clock_offset_ms, self.lease_ms, *request_ids])
+            "lease", [keys.holds, keys.hold_expiry], [self.clock_offset_ms, self.lease_ms, *request_ids])
         return int(renewed)
 
     async def reap(self, keys: AccountKeys, limit: int = 100) -> tuple[int, int]:

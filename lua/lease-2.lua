@@ -1,4 +1,4 @@
--- renew-2.lua: extend the leases of holds whose requests are still in flight (an ended or reaped
+-- lease-2.lua: extend the leases of holds whose requests are still in flight (an ended or reaped
 -- hold is left alone: its tombstone keeps its own time).
 -- Uses lib/clock.lua and lib/hold.lua.
 -- KEYS[1] holds hash   KEYS[2] hold expiry zset
