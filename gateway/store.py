@@ -141,7 +141,7 @@ class Store:
                 "charged": 0, "granted": allowance, "cycle_used": 0, "requests": 0, "cycle_allowance": allowance,
                 "key_index": 1,
                 "created_ms": start_ms, "anchor_ms": start_ms, "expired": 0, "timezone": timezone or "",
-                "cycle_start_ms": cycle[0], "cycle_end_ms": cycle[1],
+                "cycle_start_ms": cycle[0], "cycle_end_ms": cycle[1], "cycle_allowance_start": cycle[0],
             })
             pipe.xadd(keys.ledger, {"type": "account_created", "ts": start_ms, "plan": plan, "name": name,
                                     "allowance": allowance})

@@ -195,3 +195,17 @@ async def test_a_downgrade_at_once_never_takes_allowance_a_request_in_flight_hol
     assert state["granted"] == state["allow"] + state["extra"] + state["charged"] + state["expired"]
     await gw.meter.release(keys, "req_inflight", "test")
     await harness.assert_conserved(account)
+
+
+async def test_the_largest_allowance_is_counted_per_cycle(harness: Harness) -> None:
+    account, key = await harness.account(plan="team")
+    await _change(harness, account, "free")  # a downgrade: at the next cycle
+    _shift(harness, 32 * DAY)
+    assert await _chat(harness, key) == 200  # the new cycle starts on free
+    assert _record(harness, account)["plan"] == "free"
+    view = await _change(harness, account, "pro")  # team's allowance was last cycle's: pro's difference is due
+    assert view["change"]["credited"] == 19
+    await _change(harness, account, "free", effective="now")
+    view = await _change(harness, account, "pro")
+    assert view["change"]["credited"] == 0
+    await harness.assert_conserved(account)
