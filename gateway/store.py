@@ -202,9 +202,8 @@ class Store:
             await pipe.execute()
 
     async def _index_keys(self, account_id: str) -> None:
-        """Build the usable-keys index of an account made before it existed (once; idempotent): every
-        key is checked and indexed atomically, then the account is marked, and only then can the key
-        scripts count on the index (they are not run before this returns)."""
+        """Index the usable keys of an account made before the index (once, key by key, idempotent);
+        the key scripts run only after this returns, so they count on a complete index."""
         keys = self.schema.for_account(account_id)
         async with redis_guard():
             if await self.redis.hget(keys.account, "key_index"):
@@ -213,10 +212,10 @@ class Store:
         for key_id in key_ids:
             await self.runner.run("indexkey", [keys.account, keys.api_key(key_id), keys.usable_keys],
                                   [key_id, self.clock_offset_ms])
-        async with redis_guard():
+        async with redis_guard():  # (`active_keys`: the old counter, never decremented on expiry)
             if await self.redis.exists(keys.account):
                 await self.redis.hset(keys.account, "key_index", 1)
-                await self.redis.hdel(keys.account, "active_keys")  # the old counter, never decremented on expiry
+                await self.redis.hdel(keys.account, "active_keys")
 
     async def change_plan(self, config: Config, account_id: str, plan: str, when: str | None = None,
                           expires_ms: int = -1) -> dict[str, Any]:
