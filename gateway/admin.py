@@ -13,7 +13,7 @@ from gateway.config import key_limits
 from gateway.errors import BadRequest, Unauthorized
 from gateway.money import credits_number, credits_to_micro
 from gateway.state import GATEWAY, Gateway
-from gateway.store import Store, account_view, key_view, parse_expiry
+from gateway.store import Credited, Store, account_view, check_idempotency_key, key_view, parse_expiry
 
 
 def check_admin(request: web.Request) -> tuple[Gateway, Store]:
@@ -83,11 +83,22 @@ async def create_key(request: web.Request) -> web.Response:
     except ValueError as exc:
         raise BadRequest(f"Invalid key limits: {exc}.", param="limits") from None
     account_id = request.match_info["account_id"]
-    plan = gw.config.plans.get((await store.account_raw(account_id)).get("plan", ""))
     new = await store.create_key(account_id, label, parse_expiry(body.get("expires_at")), scopes,
-                                 limits, plan.max_keys if plan else None)
+                                 limits, await max_keys(gw, store, account_id))
     _, record = await store.key_record(new.id)
     return web.json_response({**key_view(new.id, new.account_id, record), "key": new.key}, status=201)
+
+
+async def max_keys(gw: Gateway, store: Store, account_id: str) -> int | None:
+    """The most usable keys the account's plan allows (None: no limit)."""
+    plan = gw.config.plans.get((await store.account_raw(account_id)).get("plan", ""))
+    return plan.max_keys if plan else None
+
+
+def _credited(body: dict[str, Any], credited: Credited) -> web.Response:
+    """A grant's or pack's answer; a replay (same Idempotency-Key) is the first answer, marked as such."""
+    headers = {"Idempotent-Replayed": "true"} if credited.replayed else None
+    return web.json_response({**body, "credits_remaining": credits_number(credited.available)}, headers=headers)
 
 
 async def list_keys(request: web.Request) -> web.Response:
@@ -101,7 +112,9 @@ async def revoke_key(request: web.Request) -> web.Response:
 
 
 async def grant_credits(request: web.Request) -> web.Response:
+    """POST /admin/accounts/{id}/credits {credits, note?}; an `Idempotency-Key` header makes a retry safe."""
     _gw, store = check_admin(request)
+    idempotency_key = check_idempotency_key(request.headers.get("Idempotency-Key"))
     body = await read_json(request)
     if "credits" not in body:
         raise BadRequest("'credits' is required.", param="credits")
@@ -110,9 +123,11 @@ async def grant_credits(request: web.Request) -> web.Response:
     except ValueError as exc:
         raise BadRequest(f"Invalid 'credits': {exc}.", param="credits") from None
     note = body.get("note", "")
-    available = await store.grant(request.match_info["account_id"], micro, str(note))
-    return web.json_response({"account_id": request.match_info["account_id"],
-                              "granted": credits_number(micro), "credits_remaining": credits_number(available)})
+    if not isinstance(note, str):
+        raise BadRequest("'note' must be a string.", param="note")
+    account_id = request.match_info["account_id"]
+    credited = await store.grant(account_id, micro, note, idempotency_key)
+    return _credited({"account_id": account_id, "granted": credits_number(micro)}, credited)
 
 
 async def set_plan(request: web.Request) -> web.Response:
@@ -127,19 +142,21 @@ async def set_plan(request: web.Request) -> web.Response:
 
 
 async def buy_pack(request: web.Request) -> web.Response:
+    """POST /admin/accounts/{id}/packs {pack}; an `Idempotency-Key` header makes a retry safe."""
     gw, store = check_admin(request)
+    idempotency_key = check_idempotency_key(request.headers.get("Idempotency-Key"))
     body = await read_json(request)
     account_id = request.match_info["account_id"]
-    available = await store.buy_pack(gw.config, account_id, _string(body, "pack"))
-    return web.json_response({"account_id": account_id, "pack": body["pack"],
-                              "credits_remaining": credits_number(available)})
+    pack = _string(body, "pack")
+    credited = await store.buy_pack(gw.config, account_id, pack, idempotency_key)
+    return _credited({"account_id": account_id, "pack": pack}, credited)
 
 
 async def renew(request: web.Request) -> web.Response:
     gw, store = check_admin(request)
     body = await read_json(request)
     account_id = request.match_info["account_id"]
-    await store.renew(gw.config, account_id, body.get("months", 1))
+    await store.renew(account_id, body.get("months", 1))
     return web.json_response(account_view(account_id, await store.account_raw(account_id), gw.config))
 
 
@@ -167,12 +184,14 @@ async def stats(request: web.Request) -> web.Response:
 async def rotate_key(request: web.Request) -> web.Response:
     """POST /admin/keys/{id}/rotate {grace_seconds}: a new key (shown once); the old one expires after
     the grace period (an hour by default)."""
-    _gw, store = check_admin(request)
+    gw, store = check_admin(request)
     body = await read_json(request)
     grace = body.get("grace_seconds", 3600)
     if not isinstance(grace, int | float) or isinstance(grace, bool) or not 0 <= grace <= 30 * 86_400:
         raise BadRequest("'grace_seconds' must be a number of seconds from 0 to 30 days.", param="grace_seconds")
-    new, old = await store.rotate_key(request.match_info["key_id"], int(grace * 1000))
+    account_id, _ = await store.key_record(request.match_info["key_id"])
+    new, old = await store.rotate_key(request.match_info["key_id"], int(grace * 1000),
+                                      await max_keys(gw, store, account_id))
     _, record = await store.key_record(new.id)
     return web.json_response({**key_view(new.id, new.account_id, record), "key": new.key, "previous": old},
                              status=201)
@@ -180,13 +199,15 @@ async def rotate_key(request: web.Request) -> web.Response:
 
 async def update_key(request: web.Request) -> web.Response:
     """PATCH /admin/keys/{id} {label, expires_at}: expires_at null means never."""
-    _gw, store = check_admin(request)
+    gw, store = check_admin(request)
     body = await read_json(request)
     label = body.get("label")
     if label is not None and not isinstance(label, str):
         raise BadRequest("'label' must be a string.", param="label")
     expires = parse_expiry(body["expires_at"]) if "expires_at" in body else None
-    return web.json_response(await store.update_key(request.match_info["key_id"], label=label, expires_ms=expires))
+    account_id, _ = await store.key_record(request.match_info["key_id"])
+    return web.json_response(await store.update_key(request.match_info["key_id"], label=label, expires_ms=expires,
+                                                    max_keys=await max_keys(gw, store, account_id)))
 
 
 async def list_plans(request: web.Request) -> web.Response:

@@ -32,7 +32,7 @@ from gateway.ledger import export_cursor_key, export_events, render
 from gateway.money import credits_number, credits_to_micro
 from gateway.scripts import ScriptRunner, load_scripts
 from gateway.settings import Settings
-from gateway.store import Store, account_view, key_view, parse_expiry
+from gateway.store import Store, account_view, check_idempotency_key, key_view, parse_expiry
 
 log = logging.getLogger("gateway")
 
@@ -195,8 +195,11 @@ async def _keys_create(args: argparse.Namespace) -> None:
 
 
 async def _keys_rotate(args: argparse.Namespace) -> None:
+    config = _config(args)
     async with _store(args) as store:
-        new, old = await store.rotate_key(args.key_id, args.grace_seconds * 1000)
+        account_id, _ = await store.key_record(args.key_id)
+        plan = config.plans.get((await store.account_raw(account_id)).get("plan", ""))
+        new, old = await store.rotate_key(args.key_id, args.grace_seconds * 1000, plan.max_keys if plan else None)
     _output(args, {"id": new.id, "key": new.key, "previous": old},
             f"created key {new.id} for {new.account_id}\n{new.key}\n(shown once: store it now)\n"
             f"{old['id']} stays valid until {old['expires_at']}")
@@ -237,11 +240,14 @@ async def _credits_grant(args: argparse.Namespace) -> None:
         micro = credits_to_micro(args.credits)
     except ValueError as exc:
         raise GatewayError(f"invalid --credits: {exc}") from None
+    idempotency_key = check_idempotency_key(args.idempotency_key)
     async with _store(args) as store:
-        available = await store.grant(args.account, micro, args.note or "cli grant")
-    _output(args, {"account_id": args.account, "granted": credits_number(micro),
-                   "credits_remaining": credits_number(available)},
-            f"granted {args.credits} credits to {args.account}; {credits_number(available)} available")
+        credited = await store.grant(args.account, micro, args.note or "cli grant", idempotency_key)
+    available = credits_number(credited.available)
+    _output(args, {"account_id": args.account, "granted": credits_number(micro), "credits_remaining": available,
+                   "replayed": credited.replayed},
+            f"already granted with this idempotency key: nothing added; {available} available then"
+            if credited.replayed else f"granted {args.credits} credits to {args.account}; {available} available")
 
 
 async def _plans_change(args: argparse.Namespace) -> None:
@@ -255,18 +261,21 @@ async def _plans_change(args: argparse.Namespace) -> None:
 
 
 async def _plans_renew(args: argparse.Namespace) -> None:
-    config = _config(args)
     async with _store(args) as store:
-        end = await store.renew(config, args.account, args.months)
+        end = await store.renew(args.account, args.months)
     _output(args, {"account_id": args.account, "plan_expires_ms": end}, f"{args.account}: renewed until {end} ms")
 
 
 async def _packs_buy(args: argparse.Namespace) -> None:
     config = _config(args)
+    idempotency_key = check_idempotency_key(args.idempotency_key)
     async with _store(args) as store:
-        available = await store.buy_pack(config, args.account, args.pack)
-    _output(args, {"account_id": args.account, "pack": args.pack, "credits_remaining": credits_number(available)},
-            f"added pack {args.pack} to {args.account}; {credits_number(available)} credits available")
+        credited = await store.buy_pack(config, args.account, args.pack, idempotency_key)
+    available = credits_number(credited.available)
+    _output(args, {"account_id": args.account, "pack": args.pack, "credits_remaining": available,
+                   "replayed": credited.replayed},
+            f"already added with this idempotency key: nothing added; {available} credits available then"
+            if credited.replayed else f"added pack {args.pack} to {args.account}; {available} credits available")
 
 
 def _write_text(path: Path, text: str, append: bool) -> None:
@@ -384,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     grant.add_argument("--account", required=True)
     grant.add_argument("--credits", required=True)
     grant.add_argument("--note", default="")
+    grant.add_argument("--idempotency-key", default=None,
+                       help="a retry with the same key (within 24 h) credits nothing and prints the first answer")
     grant.set_defaults(func=_run(_credits_grant))
 
     plans = sub.add_parser("plans", help="change subscriptions").add_subparsers(dest="action", required=True)
@@ -393,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     change.add_argument("--effective", choices=("now", "next_cycle"), default=None)
     change.add_argument("--expires-at", default=None, help="subscription end, ISO 8601 (then: the default plan)")
     change.set_defaults(func=_run(_plans_change))
-    renew = common(plans.add_parser("renew", help="extend a subscription by whole months"))
+    renew = common(plans.add_parser("renew", help="move a subscription's end on by whole months"))
     renew.add_argument("--account", required=True)
     renew.add_argument("--months", type=int, default=1)
     renew.set_defaults(func=_run(_plans_renew))
@@ -413,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     buy = common(packs.add_parser("buy", help="add a pack from plans.yaml (its credits never expire)"))
     buy.add_argument("--account", required=True)
     buy.add_argument("--pack", required=True)
+    buy.add_argument("--idempotency-key", default=None,
+                     help="a retry with the same key (within 24 h) adds nothing and prints the first answer")
     buy.set_defaults(func=_run(_packs_buy))
     return parser
 

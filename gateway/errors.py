@@ -61,6 +61,13 @@ class UnsupportedMediaType(GatewayError):
     kind = "invalid_request"
 
 
+class Unprocessable(GatewayError):
+    """A well-formed request that contradicts an earlier one (an idempotency key reused with another body)."""
+
+    status = 422
+    kind = "invalid_request"
+
+
 class RateLimited(GatewayError):
     status = 429
     kind = "rate_limit"
@@ -99,6 +106,12 @@ class ScriptStatus(IntEnum):
     INSUFFICIENT = 20
     LIMIT_REACHED = 21
     TOO_MANY_KEYS = 30
+    NO_SUBSCRIPTION_END = 31  # renew: the subscription has no end to extend
+    SUBSCRIPTION_ENDED = 32  # renew: its end has passed
+    KEY_NOT_ACTIVE = 33  # rotate: the key is revoked or expired
+    KEY_ALREADY_ROTATED = 34
+    IDEMPOTENCY_MISMATCH = 35  # grant: the idempotency key was first used with another request
+    IDEMPOTENT_REPLAY = 36  # grant: the idempotency key was seen: the first answer, nothing credited
 
 
 def error_for_status(status: int, *, available_micro: int = 0) -> GatewayError | None:

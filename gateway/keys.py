@@ -7,6 +7,7 @@ Keys that map a key hash to its account are looked up directly, never inside a s
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 
@@ -54,6 +55,16 @@ class AccountKeys:
     def key_ids(self) -> str:
         """Set: the ids of the account's API keys."""
         return self._k("keys")
+
+    @property
+    def usable_keys(self) -> str:
+        """Sorted set: the ids of the keys that can still authenticate, scored by expiry (ms; +inf never).
+        Counted against the plan's `max_keys`; an expired entry is dropped when next counted."""
+        return self._k("usable")
+
+    def idempotency(self, idempotency_key: str) -> str:
+        """Hash: the first answer to an admin credit made with this `Idempotency-Key` (expires)."""
+        return self._k("idem:" + hashlib.sha256(idempotency_key.encode()).hexdigest())
 
     def api_key(self, key_id: str) -> str:
         """Hash: one API key's record (status, expiry, label, prefix, hash)."""

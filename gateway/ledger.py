@@ -21,9 +21,19 @@ from gateway.money import credits_number
 
 PAGE_MAX = 1000
 EVENT_SOURCE = "metering-gateway"
-CSV_FIELDS = ("id", "time", "account_id", "key_id", "provider", "model", "endpoint", "input_tokens",
-              "cached_input_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens", "credits",
-              "cost_usd", "latency_ms", "status", "cap_lowered", "estimated", "stream")
+#: Every token count a usage event carries, as the API names it <- as the ledger stores it. Each is
+#: priced at its own rate, so each stays separate everywhere: `input_tokens` is the uncached input
+#: only (billed at the input rate), beside cache reads and the 5-minute and 1-hour cache writes;
+#: `reasoning_tokens` is the part of `output_tokens` spent thinking (information, not extra).
+TOKEN_FIELDS = {"input_tokens": "in", "cached_input_tokens": "cached_in", "cache_write_tokens": "cache_write",
+                "cache_write_1h_tokens": "cache_write_1h", "output_tokens": "out", "reasoning_tokens": "reasoning"}
+#: Ledger fields the view below names; any other field an event carries is kept under `other`.
+_KNOWN = {"type", "ts", "_id", "rid", "key_id", "upstream", "model", "route", "endpoint", "dialect", "cost", "hold",
+          "uncollected", "usd_micro", "latency_ms", "status", "outcome", "lowered_cap", "estimated", "stream",
+          *TOKEN_FIELDS.values()}
+CSV_FIELDS = ("id", "time", "account_id", "key_id", "provider", "model", "route", "endpoint", "dialect",
+              *TOKEN_FIELDS, "credits", "credits_held", "credits_uncollected", "cost_usd", "latency_ms", "status",
+              "outcome", "cap_lowered", "output_cap", "estimated", "stream", "other")
 
 
 def _iso(ms: int) -> str:
@@ -46,18 +56,24 @@ def parse_entry(stream_id: str, fields: dict[str, str]) -> dict[str, Any]:
 
 
 def usage_view(account_id: str, event: dict[str, Any]) -> dict[str, Any]:
-    """A usage event as the API and exports show it (`id` is the request id: a dedup key downstream)."""
+    """A usage event as the API and exports show it (`id` is the request id: a dedup key downstream).
+    Every priced quantity is its own field, so `credits` + `credits_uncollected` is each count times
+    its rate under the route's price (`route`), rounded up once, plus any per-request price; an
+    estimate never charges more than `credits_held`. Fields this view does not name are in `other`."""
+    lowered = event.get("lowered_cap")
     return {
         "id": event.get("rid"), "time": _iso(_int(event.get("ts"))), "account_id": account_id,
         "key_id": event.get("key_id"), "provider": event.get("upstream"), "model": event.get("model"),
-        "endpoint": event.get("endpoint"), "input_tokens": _int(event.get("in")),
-        "cached_input_tokens": _int(event.get("cached_in")),
-        "cache_write_tokens": _int(event.get("cache_write")) + _int(event.get("cache_write_1h")),
-        "output_tokens": _int(event.get("out")), "reasoning_tokens": _int(event.get("reasoning")),
-        "credits": credits_number(_int(event.get("cost"))), "cost_usd": _int(event.get("usd_micro")) / 1_000_000,
+        "route": event.get("route"), "endpoint": event.get("endpoint"), "dialect": event.get("dialect"),
+        **{name: _int(event.get(stored)) for name, stored in TOKEN_FIELDS.items()},
+        "credits": credits_number(_int(event.get("cost"))), "credits_held": credits_number(_int(event.get("hold"))),
+        "credits_uncollected": credits_number(_int(event.get("uncollected"))),
+        "cost_usd": _int(event.get("usd_micro")) / 1_000_000,
         "latency_ms": _int(event.get("latency_ms")), "status": _int(event.get("status")),
-        "cap_lowered": event.get("lowered_cap") is not None, "estimated": bool(_int(event.get("estimated"))),
+        "outcome": event.get("outcome"), "cap_lowered": lowered is not None,
+        "output_cap": None if lowered is None else _int(lowered), "estimated": bool(_int(event.get("estimated"))),
         "stream": bool(_int(event.get("stream"))),
+        "other": {k: v for k, v in sorted(event.items()) if k not in _KNOWN},
     }
 
 
@@ -101,13 +117,33 @@ async def query_usage(redis: Any, account_id: str, keys: AccountKeys, q: Query) 
     return found, None
 
 
+def _sums() -> dict[str, int]:
+    return dict.fromkeys(("requests", *TOKEN_FIELDS, "micro", "uncollected", "usd_micro"), 0)
+
+
+def _add(sums: dict[str, int], event: dict[str, Any]) -> None:
+    sums["requests"] += 1
+    for name, stored in TOKEN_FIELDS.items():
+        sums[name] += _int(event.get(stored))
+    for name, stored in (("micro", "cost"), ("uncollected", "uncollected"), ("usd_micro", "usd_micro")):
+        sums[name] += _int(event.get(stored))
+
+
+def _sums_view(sums: dict[str, int]) -> dict[str, Any]:
+    """Summed usage events, each quantity as in the events (the same names and meaning)."""
+    return {"requests": sums["requests"], **{name: sums[name] for name in TOKEN_FIELDS},
+            "credits": credits_number(sums["micro"]), "credits_uncollected": credits_number(sums["uncollected"]),
+            "cost_usd": sums["usd_micro"] / 1_000_000}
+
+
 async def cycle_summary(redis: Any, account_id: str, keys: AccountKeys, account: dict[str, str],
                         now_ms: int | None = None) -> dict[str, Any]:
     """Usage of the current cycle by provider and model, a month-end projection at the current rate,
     and lifetime totals."""
     start, end = _int(account.get("cycle_start_ms")), _int(account.get("cycle_end_ms"))
     now = now_ms if now_ms is not None else int(time.time() * 1000)
-    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    groups: dict[tuple[str, str], dict[str, int]] = {}
+    totals = _sums()
     cursor = str(start)
     while True:
         batch = await redis.xrange(keys.ledger, cursor, "+", count=1000)
@@ -116,27 +152,21 @@ async def cycle_summary(redis: Any, account_id: str, keys: AccountKeys, account:
             if event.get("type") != "usage":
                 continue
             key = (str(event.get("upstream")), str(event.get("model")))
-            group = groups.setdefault(key, {"provider": key[0], "model": key[1], "requests": 0, "input_tokens": 0,
-                                            "output_tokens": 0, "micro": 0, "usd_micro": 0})
-            group["requests"] += 1
-            group["input_tokens"] += _int(event.get("in")) + _int(event.get("cached_in")) + _int(
-                event.get("cache_write")) + _int(event.get("cache_write_1h"))
-            group["output_tokens"] += _int(event.get("out"))
-            group["micro"] += _int(event.get("cost"))
-            group["usd_micro"] += _int(event.get("usd_micro"))
+            _add(groups.setdefault(key, _sums()), event)
+            _add(totals, event)
         if len(batch) < 1000:
             break
         cursor = f"({batch[-1][0]}"
-    used = sum(g["micro"] for g in groups.values())
+    used = totals["micro"]
     elapsed = max(now - start, 86_400_000)  # at least a day: a few minutes in, a rate means little
     projected = used if now >= end or start == 0 else used * (end - start) // elapsed
-    by_model = [{**{k: v for k, v in g.items() if k not in ("micro", "usd_micro")},
-                 "credits": credits_number(g["micro"]), "cost_usd": g["usd_micro"] / 1_000_000}
-                for g in sorted(groups.values(), key=lambda g: -g["micro"])]
+    by_model = [{"provider": key[0], "model": key[1], **_sums_view(g)}
+                for key, g in sorted(groups.items(), key=lambda item: -item[1]["micro"])]
     return {
         "account_id": account_id, "cycle_start": _iso(start) if start else None,
         "cycle_end": _iso(end) if end else None,
         "credits_used": credits_number(used), "projected_credits_at_cycle_end": credits_number(projected),
+        "totals": _sums_view(totals),
         "by_model": by_model,
         "lifetime": {"credits_used": credits_number(_int(account.get("charged"))),
                      "credits_granted": credits_number(_int(account.get("granted"))),
@@ -184,7 +214,8 @@ def render(views: list[dict[str, Any]], fmt: str, header: bool = True) -> str:
         writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
         if header:
             writer.writeheader()
-        writer.writerows(views)
+        writer.writerows({**v, "other": json.dumps(v["other"], separators=(",", ":")) if v.get("other") else ""}
+                         for v in views)
         return out.getvalue()
     raise ValueError(f"unknown format {fmt!r} (jsonl, csv or cloudevents)")
 

@@ -19,13 +19,14 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.config import Config
-from gateway.errors import BadRequest, Forbidden, NotFound, ScriptStatus, StoreUnavailable
+from gateway.errors import BadRequest, Forbidden, NotFound, ScriptStatus, StoreUnavailable, Unprocessable
 from gateway.keys import KeySchema
 from gateway.limits import cycle_bounds
 from gateway.money import credits_number, format_credits
 from gateway.scripts import REDIS_DOWN, ScriptRunner
 
 KEY_PREFIX = "gwk_"  # every raw gateway key starts with this, so it is recognisable in a leak scan
+IDEMPOTENCY_TTL_MS = 24 * 3_600_000  # how long a credit's Idempotency-Key is remembered
 
 
 def hash_key(raw: str) -> str:
@@ -76,6 +77,24 @@ async def redis_guard() -> AsyncIterator[None]:
         raise StoreUnavailable("The credit store is unavailable; try again shortly.") from exc
 
 
+def check_idempotency_key(value: str | None) -> str:
+    """An `Idempotency-Key` as given ('' for none): 1 to 255 printable ASCII characters."""
+    if value is None:
+        return ""
+    if not 1 <= len(value) <= 255 or not all(" " <= ch <= "~" for ch in value):
+        raise BadRequest("'Idempotency-Key' must be 1 to 255 printable ASCII characters.", param="idempotency_key")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Credited:
+    """The answer to a grant or pack: what is available after it, and whether it is a replay of an
+    earlier request with the same idempotency key (nothing credited this time)."""
+
+    available: int
+    replayed: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class NewKey:
     id: str
@@ -94,6 +113,10 @@ class Store:
         self.schema = schema
         self.runner = runner
         self.clock_offset_ms = clock_offset_ms
+
+    def _now(self) -> int:
+        """Now in ms on the scripts' clock (shifted by the test-only offset)."""
+        return now_ms() + self.clock_offset_ms
 
     async def create_account(self, config: Config, name: str, plan: str, timezone: str | None = None) -> str:
         """A new account on `plan`, its billing cycle anchored now in `timezone` (default: the plan's)."""
@@ -115,9 +138,10 @@ class Store:
             pipe = self.redis.pipeline(transaction=True)  # the record and its ledger event together
             pipe.hset(keys.account, mapping={
                 "name": name, "plan": plan, "status": "active", "allow": allowance, "extra": 0, "held": 0,
-                "charged": 0, "granted": allowance, "cycle_used": 0, "requests": 0,
+                "charged": 0, "granted": allowance, "cycle_used": 0, "requests": 0, "cycle_allowance": allowance,
+                "key_index": 1,
                 "created_ms": start_ms, "anchor_ms": start_ms, "expired": 0, "timezone": timezone or "",
-                "cycle_start_ms": cycle[0], "cycle_end_ms": cycle[1],
+                "cycle_start_ms": cycle[0], "cycle_end_ms": cycle[1], "cycle_allowance_start": cycle[0],
             })
             pipe.xadd(keys.ledger, {"type": "account_created", "ts": start_ms, "plan": plan, "name": name,
                                     "allowance": allowance})
@@ -131,51 +155,74 @@ class Store:
             raise NotFound(f"No account {account_id!r}.")
         return data
 
-    async def grant(self, account_id: str, micro: int, note: str = "") -> int:
-        """Add non-expiring credits; returns micro-credits available afterwards."""
+    async def grant(self, account_id: str, micro: int, note: str = "", idempotency_key: str = "",
+                    request: dict[str, Any] | None = None) -> Credited:
+        """Add non-expiring credits. With an `idempotency_key`, at most once: a retry of the same
+        `request` (what the caller asked, default the amount and note) within IDEMPOTENCY_TTL_MS gets
+        the first answer; the same key with another request is refused (422)."""
         if micro <= 0:
             raise BadRequest("'credits' must be a positive number.", param="credits")
         keys = self.schema.for_account(account_id)
+        asked = json.dumps(request if request is not None else {"credits": micro, "note": note}, sort_keys=True)
+        fingerprint = hashlib.sha256(asked.encode()).hexdigest()
         status, available = await self.runner.run(
-            "grant", [keys.account, keys.ledger], [micro, self.clock_offset_ms, note])
-        if status != 0:
+            "grant", [keys.account, keys.ledger, keys.idempotency(idempotency_key)],
+            [micro, self.clock_offset_ms, note, idempotency_key, fingerprint, IDEMPOTENCY_TTL_MS])
+        if status == ScriptStatus.NO_ACCOUNT:
             raise NotFound(f"No account {account_id!r}.")
-        return int(available)
+        if status == ScriptStatus.IDEMPOTENCY_MISMATCH:
+            raise Unprocessable(f"The Idempotency-Key {idempotency_key!r} was already used with a different request "
+                                "for this account; use a new key for a new request.", param="idempotency_key")
+        return Credited(int(available), replayed=status == ScriptStatus.IDEMPOTENT_REPLAY)
 
     async def create_key(self, account_id: str, label: str = "", expires_ms: int = 0,
                          scopes: tuple[str, ...] = (), limits: dict[str, int] | None = None,
                          max_keys: int | None = None) -> NewKey:
-        """A new key; refused when the account already has `max_keys` active keys (atomic)."""
-        raw = KEY_PREFIX + secrets.token_urlsafe(32)
-        key_id = "key_" + secrets.token_hex(8)
-        prefix = raw[:12]
+        """A new key; refused when the account already has `max_keys` usable keys (atomic): keys
+        that can still authenticate, a rotated key until its grace period ends."""
+        await self._index_keys(account_id)
+        raw, key_id, pairs = _new_key_record(label, scopes, limits)
         keys = self.schema.for_account(account_id)
-        record: dict[str, Any] = {
-            "status": "active", "expires_ms": expires_ms, "label": label, "prefix": prefix,
-            "created_ms": now_ms(), "scopes": ",".join(scopes), "sha256": hash_key(raw),
-        }
-        if limits:
-            record["limits"] = json.dumps(limits, separators=(",", ":"))
-        pairs = [str(item) for field_value in record.items() for item in field_value]
-        status, active = await self.runner.run(
-            "addkey", [keys.account, keys.key_ids, keys.api_key(key_id), keys.ledger],
-            [key_id, max_keys or 0, self.clock_offset_ms, label, *pairs])
+        status, usable = await self.runner.run(
+            "addkey", [keys.account, keys.key_ids, keys.api_key(key_id), keys.usable_keys, keys.ledger],
+            [key_id, max_keys or 0, self.clock_offset_ms, label, expires_ms, *pairs, "expires_ms", expires_ms])
         if status == ScriptStatus.NO_ACCOUNT:
             raise NotFound(f"No account {account_id!r}.")
         if status == ScriptStatus.TOO_MANY_KEYS:
-            raise Forbidden(f"The account already has {active} active keys, the most its plan allows; "
-                            "revoke one first.")
+            raise Forbidden(f"The account already has {usable} active keys, the most its plan allows; "
+                            "revoke one first (a rotated key counts until its grace period ends).")
+        await self._register_key(account_id, key_id, raw)
+        return NewKey(key_id, raw, raw[:12], account_id, label, expires_ms)
+
+    async def _register_key(self, account_id: str, key_id: str, raw: str) -> None:
         async with redis_guard():  # the global lookups, once the record exists
             pipe = self.redis.pipeline(transaction=False)
             pipe.set(self.schema.key_hash(hash_key(raw)), f"{account_id}:{key_id}")
             pipe.set(self.schema.key_id(key_id), account_id)
             await pipe.execute()
-        return NewKey(key_id, raw, prefix, account_id, label, expires_ms)
+
+    async def _index_keys(self, account_id: str) -> None:
+        """Index the usable keys of an account made before the index (once, key by key, idempotent);
+        the key scripts run only after this returns, so they count on a complete index."""
+        keys = self.schema.for_account(account_id)
+        async with redis_guard():
+            if await self.redis.hget(keys.account, "key_index"):
+                return
+            key_ids = sorted(await self.redis.smembers(keys.key_ids))
+        for key_id in key_ids:
+            await self.runner.run("indexkey", [keys.account, keys.api_key(key_id), keys.usable_keys],
+                                  [key_id, self.clock_offset_ms])
+        async with redis_guard():  # (`active_keys`: the old counter, never decremented on expiry)
+            if await self.redis.exists(keys.account):
+                await self.redis.hset(keys.account, "key_index", 1)
+                await self.redis.hdel(keys.account, "active_keys")
 
     async def change_plan(self, config: Config, account_id: str, plan: str, when: str | None = None,
                           expires_ms: int = -1) -> dict[str, Any]:
-        """Upgrade at once (the allowance difference credited for this cycle), downgrade at the next
-        cycle, unless `when` says otherwise; `expires_ms` sets the subscription's end (0: none)."""
+        """Upgrade at once, downgrade at the next cycle, unless `when` says otherwise; `expires_ms`
+        sets the subscription's end (0: none). At once, an upgrade credits only what the new plan's
+        allowance exceeds the largest one credited this cycle, and a downgrade leaves no more than
+        the new allowance minus this cycle's use (see lua/plan-2.lua)."""
         if plan not in config.plans:
             raise BadRequest(f"Unknown plan {plan!r} (configured: {', '.join(config.plans)}).", param="plan")
         if when not in (None, "now", "next_cycle"):
@@ -187,37 +234,52 @@ class Store:
             old_allow = old.monthly_credits if old else 0
             new_allow = config.plans[plan].monthly_credits
             effective = when or ("now" if new_allow >= old_allow else "next_cycle")
-            status, credited = await self.runner.run(
+            status, credited, removed = await self.runner.run(
                 "plan", [keys.account, keys.ledger],
                 [current, plan, effective, new_allow, old_allow, expires_ms, self.clock_offset_ms])
             if status == ScriptStatus.OK:
                 return {"plan": plan if effective == "now" else current, "next_plan": None if effective == "now"
-                        else plan, "effective": effective, "credited": credits_number(int(credited))}
+                        else plan, "effective": effective, "credited": credits_number(int(credited)),
+                        "allowance_removed": credits_number(int(removed))}
             if status == ScriptStatus.NO_ACCOUNT:
                 raise NotFound(f"No account {account_id!r}.")
         raise BadRequest("The account's plan changed while it was being changed; try again.")
 
-    async def renew(self, config: Config, account_id: str, months: int) -> int:
-        """Extend the subscription by whole months from its current end (or from now); returns the new end."""
+    async def renew(self, account_id: str, months: int) -> int:
+        """Move the subscription's end on by whole months (the same day of the month, UTC); the plan
+        and a pending plan change stay. A subscription without an end, or whose end has passed, has
+        nothing to extend (400: set an end with a plan change). Returns the new end (ms)."""
         if not isinstance(months, int) or isinstance(months, bool) or not 1 <= months <= 120:
             raise BadRequest("'months' must be a whole number from 1 to 120.", param="months")
-        rec = await self.account_raw(account_id)
-        start = max(int(rec.get("plan_expires_ms") or 0), now_ms() + self.clock_offset_ms)
-        moment = datetime.fromtimestamp(start / 1000, UTC)
-        for _ in range(months):
-            moment = add_month(moment)
-        end = int(moment.timestamp() * 1000)
-        plan = rec.get("plan", "")
-        await self.change_plan(config, account_id, plan, "next_cycle" if rec.get("next_plan") else "now", end)
-        return end
+        keys = self.schema.for_account(account_id)
+        for _attempt in range(3):
+            ends = int((await self.account_raw(account_id)).get("plan_expires_ms") or 0)
+            moment = datetime.fromtimestamp(ends / 1000, UTC)
+            for _month in range(months):
+                moment = add_month(moment)
+            status, ended = await self.runner.run(
+                "renew", [keys.account, keys.ledger],
+                [ends, int(moment.timestamp() * 1000), self.clock_offset_ms, months])
+            if status == ScriptStatus.OK:
+                return int(ended)
+            if status == ScriptStatus.NO_ACCOUNT:
+                raise NotFound(f"No account {account_id!r}.")
+            if status == ScriptStatus.NO_SUBSCRIPTION_END:
+                raise BadRequest("The subscription has no end date to extend: give it one with a plan change "
+                                 "and 'expires_at'.", param="months")
+            if status == ScriptStatus.SUBSCRIPTION_ENDED:
+                raise BadRequest(f"The subscription ended at {_iso(int(ended))}: start a new one with a plan change "
+                                 "and 'expires_at'.", param="months")
+        raise BadRequest("The subscription's end changed while it was being renewed; try again.")
 
-    async def buy_pack(self, config: Config, account_id: str, pack: str) -> int:
-        """Add a pack's credits (they never expire); returns micro-credits available afterwards."""
+    async def buy_pack(self, config: Config, account_id: str, pack: str, idempotency_key: str = "") -> Credited:
+        """Add a pack's credits (they never expire), at most once per idempotency key."""
         if pack not in config.packs:
             raise BadRequest(f"Unknown pack {pack!r} (configured: {', '.join(config.packs) or 'none'}).",
                              param="pack")
         chosen = config.packs[pack]
-        return await self.grant(account_id, chosen.credits, f"pack:{pack} usd:{chosen.price_usd}")
+        return await self.grant(account_id, chosen.credits, f"pack:{pack} usd:{chosen.price_usd}",
+                                idempotency_key, {"pack": pack})
 
     async def list_keys(self, account_id: str) -> list[dict[str, Any]]:
         await self.account_raw(account_id)
@@ -228,7 +290,7 @@ class Store:
             for key_id in ids:
                 pipe.hgetall(keys.api_key(key_id))
             records = await pipe.execute()
-        return [key_view(key_id, account_id, rec) for key_id, rec in zip(ids, records, strict=True) if rec]
+        return [key_view(key_id, account_id, rec, self._now()) for key_id, rec in zip(ids, records, strict=True) if rec]
 
     async def revoke_key(self, key_id: str, note: str = "revoked") -> dict[str, Any]:
         """Revoke a key at once: the reserve script refuses it on every gateway process."""
@@ -238,13 +300,13 @@ class Store:
                 raise NotFound(f"No key {key_id!r}.")
         keys = self.schema.for_account(account_id)
         record_key = keys.api_key(key_id)
-        await self.runner.run("revokekey", [keys.account, record_key, keys.ledger],
+        await self.runner.run("revokekey", [record_key, keys.usable_keys, keys.ledger],
                               [self.clock_offset_ms, key_id, note])
         async with redis_guard():
             record = await self.redis.hgetall(record_key)
             if record.get("sha256"):
                 await self.redis.delete(self.schema.key_hash(record["sha256"]))
-        return key_view(key_id, account_id, record)
+        return key_view(key_id, account_id, record, self._now())
 
 
     async def admin_event(self, account_id: str, event: dict[str, Any], record: str | None = None,
@@ -269,44 +331,62 @@ class Store:
             raise NotFound(f"No key {key_id!r}.")
         return account_id, record
 
-    async def rotate_key(self, key_id: str, grace_ms: int) -> tuple[NewKey, dict[str, Any]]:
+    async def rotate_key(self, key_id: str, grace_ms: int, max_keys: int | None = None
+                         ) -> tuple[NewKey, dict[str, Any]]:
         """A new key with the old one's label, scopes, limits and expiry; the old key stays valid for
-        `grace_ms` more (never longer than it already would), so clients can switch without an outage."""
+        `grace_ms` more (never longer than it already would), so clients can switch without an outage.
+        The new key takes the old one's place under `max_keys`, but the old one counts until its grace
+        ends: refused (403) while the account's other usable keys already fill the limit."""
         if not 0 <= grace_ms <= 30 * 86_400_000:
             raise BadRequest("'grace_seconds' must be between 0 and 30 days.", param="grace_seconds")
         account_id, old = await self.key_record(key_id)
-        if old.get("status") != "active":
-            raise BadRequest(f"The key {key_id!r} is {old.get('status')}: only an active key can be rotated.")
+        await self._index_keys(account_id)
         limits = json.loads(old["limits"]) if old.get("limits") else None
         scopes = tuple(s for s in old.get("scopes", "").split(",") if s)
-        expires = int(old.get("expires_ms") or 0)
-        new = await self.create_key(account_id, old.get("label", ""), expires, scopes, limits)
-        until = now_ms() + self.clock_offset_ms + grace_ms
-        if expires:
-            until = min(until, expires)
+        label = old.get("label", "")
+        raw, new_id, pairs = _new_key_record(label, scopes, limits)
         keys = self.schema.for_account(account_id)
-        await self.admin_event(account_id, {"type": "key_rotated", "key_id": key_id, "new_key_id": new.id,
-                                            "old_key_expires_ms": until},
-                               keys.api_key(key_id), {"expires_ms": until, "rotated_to": new.id})
+        status, detail, _until = await self.runner.run(
+            "rotatekey", [keys.account, keys.key_ids, keys.api_key(key_id), keys.api_key(new_id), keys.usable_keys,
+                          keys.ledger],
+            [key_id, new_id, max_keys or 0, self.clock_offset_ms, grace_ms, label, *pairs])
+        if status == ScriptStatus.NO_ACCOUNT:
+            raise NotFound(f"No key {key_id!r}.")
+        if status == ScriptStatus.KEY_NOT_ACTIVE:
+            raise BadRequest(f"The key {key_id!r} is {detail}: only an active key can be rotated.")
+        if status == ScriptStatus.KEY_ALREADY_ROTATED:
+            raise BadRequest(f"The key {key_id!r} was already rotated to {detail}: rotate that key instead.")
+        if status == ScriptStatus.TOO_MANY_KEYS:
+            raise Forbidden(f"The account has {detail} active keys counting those in a rotation grace period, "
+                            "more than its plan allows once this one is replaced; wait for the grace period to end "
+                            "or revoke a key first.")
+        await self._register_key(account_id, new_id, raw)
         _, record = await self.key_record(key_id)
-        return new, key_view(key_id, account_id, record)
+        new = NewKey(new_id, raw, raw[:12], account_id, label, int(old.get("expires_ms") or 0))
+        return new, key_view(key_id, account_id, record, self._now())
 
-    async def update_key(self, key_id: str, *, label: str | None = None, expires_ms: int | None = None
-                         ) -> dict[str, Any]:
-        """Change a key's label or expiry (0: never); the reserve script applies a new expiry at once."""
-        account_id, _ = await self.key_record(key_id)
-        changes: dict[str, Any] = {}
-        if label is not None:
-            changes["label"] = label
-        if expires_ms is not None:
-            changes["expires_ms"] = expires_ms
-        if not changes:
+    async def update_key(self, key_id: str, *, label: str | None = None, expires_ms: int | None = None,
+                         max_keys: int | None = None) -> dict[str, Any]:
+        """Change a key's label or expiry (0: never); the reserve script applies a new expiry at once.
+        An expiry that lets the key authenticate longer is refused (403) when the account's other usable
+        keys already fill `max_keys`."""
+        if label is None and expires_ms is None:
             raise BadRequest("Nothing to change: give 'label' or 'expires_at'.")
+        account_id, _ = await self.key_record(key_id)
+        await self._index_keys(account_id)
         keys = self.schema.for_account(account_id)
-        await self.admin_event(account_id, {"type": "key_updated", "key_id": key_id, **changes},
-                               keys.api_key(key_id), changes)
+        status, usable = await self.runner.run(
+            "updatekey", [keys.api_key(key_id), keys.usable_keys, keys.ledger],
+            [key_id, max_keys or 0, self.clock_offset_ms, "0" if label is None else "1", label or "",
+             "" if expires_ms is None else expires_ms])
+        if status == ScriptStatus.NO_ACCOUNT:
+            raise NotFound(f"No key {key_id!r}.")
+        if status == ScriptStatus.TOO_MANY_KEYS:
+            raise Forbidden(f"The account's other {usable} active keys already fill its plan's key limit: "
+                            "a later expiry would let one more key authenticate. Revoke a key first.",
+                            param="expires_at")
         _, record = await self.key_record(key_id)
-        return key_view(key_id, account_id, record)
+        return key_view(key_id, account_id, record, self._now())
 
     async def list_accounts(self, plan: str | None = None, status: str | None = None, name: str | None = None,
                             limit: int = 50, after: str | None = None) -> tuple[list[tuple[str, dict[str, str]]], bool]:
@@ -358,15 +438,29 @@ class Store:
         }
 
 
-def key_view(key_id: str, account_id: str, rec: dict[str, str]) -> dict[str, Any]:
-    """A key record as the admin API shows it (never the hash, never the raw key)."""
+def _new_key_record(label: str, scopes: tuple[str, ...], limits: dict[str, int] | None
+                    ) -> tuple[str, str, list[str]]:
+    """A new raw key, its id, and its record's fields as flat `field, value` pairs (no expiry)."""
+    raw = KEY_PREFIX + secrets.token_urlsafe(32)
+    record: dict[str, Any] = {
+        "status": "active", "label": label, "prefix": raw[:12], "created_ms": now_ms(),
+        "scopes": ",".join(scopes), "sha256": hash_key(raw),
+    }
+    if limits:
+        record["limits"] = json.dumps(limits, separators=(",", ":"))
+    return raw, "key_" + secrets.token_hex(8), [str(item) for pair in record.items() for item in pair]
+
+
+def key_view(key_id: str, account_id: str, rec: dict[str, str], now: int | None = None) -> dict[str, Any]:
+    """A key record as the admin API shows it (never the hash, never the raw key), at `now` (ms)."""
     expires_ms = int(rec.get("expires_ms") or 0)
+    now = now_ms() if now is None else now
     return {
         "id": key_id,
         "account_id": account_id,
         "prefix": rec.get("prefix", ""),
         "label": rec.get("label", ""),
-        "status": "expired" if rec.get("status") == "active" and 0 < expires_ms <= now_ms() else
+        "status": "expired" if rec.get("status") == "active" and 0 < expires_ms <= now else
         rec.get("status", "unknown"),
         "scopes": [s for s in rec.get("scopes", "").split(",") if s],
         "created_at": _iso(int(rec.get("created_ms") or 0)),

@@ -51,14 +51,18 @@ async def test_account_lifecycle_through_the_admin_api(harness: Harness) -> None
     assert resp.status == 200 and (await resp.json())["credits_remaining"] == 7.5
     resp = await harness.client.put(f"/admin/accounts/{account_id}/plan", json={"plan": "pro", "effective": "now"},
                                     headers=ADMIN)
-    assert resp.status == 200 and (await resp.json())["plan"] == "pro"
+    changed = await resp.json()
+    # pro's allowance is 0: a downgrade at once leaves no more allowance than it (the purchased credits stay)
+    assert resp.status == 200 and changed["plan"] == "pro" and changed["change"]["allowance_removed"] == 5
     resp = await harness.client.get(f"/admin/accounts/{account_id}", headers=ADMIN)
     view = await resp.json()
-    assert (view["plan"], view["credits_remaining"], view["purchased_remaining"]) == ("pro", 7.5, 2.5)
+    assert (view["plan"], view["credits_remaining"], view["purchased_remaining"]) == ("pro", 2.5, 2.5)
     ledger = harness.ledger(account_id)
     assert [e["type"] for e in ledger] == ["account_created", "grant", "plan_change"]
     assert ledger[1]["amount"] == "2500000"
-    assert (ledger[2]["from"], ledger[2]["to"], ledger[2]["when"]) == ("starter", "pro", "now")
+    assert (ledger[2]["from"], ledger[2]["to"], ledger[2]["when"], ledger[2]["expired"]) == ("starter", "pro", "now",
+                                                                                           "5000000")
+    await harness.assert_conserved(account_id)
 
 
 @pytest.mark.parametrize(("body", "param"), [

@@ -13,7 +13,7 @@ from typing import Any
 from conftest import ADMIN, ROOT, Harness
 
 from gateway.keys import KeySchema
-from gateway.ledger import export_cursor_key, trim
+from gateway.ledger import export_cursor_key, parse_entry, render, trim, usage_view
 
 
 def _body(text: str, stream: bool = False, model: str = "demo-mini") -> dict[str, Any]:
@@ -172,3 +172,122 @@ async def test_retention_never_trims_an_event_an_export_has_not_read(harness: Ha
     # with no export to protect, the retention alone decides
     await trim(harness.gw.redis, schema, account, 1000, [], far_future)
     assert harness.redis.xlen(stream) == 0
+
+
+# ---------------------------------------------------------------- fidelity (issue 10, item 15)
+
+LONG = " ".join(["word"] * 60)
+
+
+async def _priced_workload(harness: Harness, key: str) -> dict[str, dict[str, Any]]:
+    """Requests that report every kind of priced quantity, streamed and not, in all three dialects;
+    returns what each OpenAI call's response reported, by request id."""
+    reported: dict[str, dict[str, Any]] = {}
+    for stream in (False, True):
+        for text in ("[[emu cached=3 out=5]]", "[[emu out=7 reasoning=4]]", "[[emu fail=cut]]"):
+            body = {**_body(f"{LONG} {text}", stream=stream, model="demo-large")}
+            if stream:
+                body["stream_options"] = {"include_usage": True}
+            async with harness.client.post("/v1/chat/completions", json=body,
+                                           headers={"Authorization": f"Bearer {key}"}) as resp:
+                raw = await resp.read()
+                if not stream and resp.status == 200:
+                    reported[resp.headers["x-request-id"]] = json.loads(raw)["usage"]
+        claude = {"model": "demo-claude", "max_tokens": 20, "stream": stream,
+                  "messages": [{"role": "user", "content": f"{LONG} [[emu cached=5 cache_write=10 cache_write_1h=15"
+                                                           " out=6]]"}]}
+        async with harness.client.post("/v1/messages", json=claude,
+                                       headers={"x-api-key": key, "anthropic-version": "2023-06-01"}) as resp:
+            assert resp.status == 200, await resp.text()
+            await resp.read()
+        gemini = {"contents": [{"role": "user", "parts": [{"text": f"{LONG} [[emu cached=4 reasoning=3 out=5]]"}]}]}
+        method = "streamGenerateContent?alt=sse" if stream else "generateContent"
+        async with harness.client.post(f"/v1beta/models/demo-gemini:{method}", json=gemini,
+                                       headers={"x-goog-api-key": key}) as resp:
+            assert resp.status == 200, await resp.text()
+            await resp.read()
+    await harness.gw.quiesce()
+    return reported
+
+
+def _micro(credits: float) -> int:
+    return round(credits * 1_000_000)
+
+
+def _recomputed(harness: Harness, plan: str, event: dict[str, Any]) -> int:
+    """An event's charge from its exported quantities and the configured prices alone."""
+    route = next(r for r in harness.gw.config.routes if r.pattern == event["route"])
+    rates = harness.gw.config.rates(plan, route)
+    total = (event["input_tokens"] * rates.input + event["cached_input_tokens"] * rates.cached_input
+             + event["cache_write_tokens"] * rates.cache_write
+             + event["cache_write_1h_tokens"] * rates.cache_write_long + event["output_tokens"] * rates.output)
+    cost = -(-total // 1_000_000) + rates.per_request
+    return min(cost, _micro(event["credits_held"])) if event["estimated"] else cost
+
+
+async def test_exports_carry_every_priced_quantity_and_reproduce_each_charge(harness: Harness, config_dir: Path,
+                                                                            redis_url: str) -> None:
+    account, key = await harness.account(credits=5)
+    await _priced_workload(harness, key)
+    jsonl = [json.loads(line) for line in (await _export(config_dir, redis_url, "--format", "jsonl")).splitlines()]
+    assert len(jsonl) == 10
+    claude = [e for e in jsonl if e["model"] == "demo-claude"]
+    assert [(e["cached_input_tokens"], e["cache_write_tokens"], e["cache_write_1h_tokens"]) for e in claude] == [
+        (5, 10, 15), (5, 10, 15)]  # the 5-minute and 1-hour writes apart: they have different prices
+    assert any(e["reasoning_tokens"] for e in jsonl) and any(e["estimated"] for e in jsonl)
+    ledger = {e["rid"]: e for e in harness.ledger(account) if e["type"] == "usage"}
+    for event in jsonl:
+        assert _recomputed(harness, "free", event) == _micro(event["credits"]) + _micro(event["credits_uncollected"])
+        assert _micro(event["credits"]) == int(ledger[event["id"]]["cost"])
+    rows = list(csv.DictReader(io.StringIO(await _export(config_dir, redis_url, "--format", "csv"))))
+    cloud = [json.loads(line) for line in (await _export(config_dir, redis_url, "--format", "cloudevents"))
+             .splitlines()]
+    by_id = {e["id"]: e for e in jsonl}
+    for row, ce in zip(rows, cloud, strict=True):
+        view = by_id[row["id"]]
+        assert ce["data"] == {k: v for k, v in by_id[ce["id"]].items() if k not in ("id", "time", "account_id")}
+        for field in ("input_tokens", "cached_input_tokens", "cache_write_tokens", "cache_write_1h_tokens",
+                      "output_tokens", "reasoning_tokens"):
+            assert int(row[field]) == view[field], field
+        assert (float(row["credits"]), float(row["credits_held"]), row["route"]) == (
+            view["credits"], view["credits_held"], view["route"])
+    api = (await _get(harness, "/gateway/usage?limit=1000", {"Authorization": f"Bearer {key}"}))[1]["data"]
+    assert sorted(api, key=lambda e: e["id"]) == sorted(jsonl, key=lambda e: e["id"])
+
+
+async def test_a_cycles_events_sum_to_its_summary_field_by_field(harness: Harness) -> None:
+    account, key = await harness.account(credits=5)
+    reported = await _priced_workload(harness, key)
+    me = {"Authorization": f"Bearer {key}"}
+    events = (await _get(harness, "/gateway/usage?limit=1000", me))[1]["data"]
+    summary = (await _get(harness, "/gateway/usage/summary", me))[1]
+    assert (await _get(harness, f"/admin/accounts/{account}/usage/summary", ADMIN))[1]["totals"] == summary["totals"]
+    fields = ("input_tokens", "cached_input_tokens", "cache_write_tokens", "cache_write_1h_tokens", "output_tokens",
+              "reasoning_tokens")
+    totals = summary["totals"]
+    assert totals["requests"] == len(events) == sum(m["requests"] for m in summary["by_model"])
+    for field in fields:
+        assert totals[field] == sum(e[field] for e in events) == sum(m[field] for m in summary["by_model"]), field
+    for field in ("credits", "credits_uncollected"):
+        assert _micro(totals[field]) == sum(_micro(e[field]) for e in events), field
+    assert _micro(summary["credits_used"]) == _micro(totals["credits"]) == harness.state(account)["charged"]
+    # `input_tokens` is the uncached input everywhere: with the cached part, the prompt the provider reported
+    by_id = {e["id"]: e for e in events}
+    for request_id, usage in reported.items():
+        event = by_id[request_id]
+        assert event["input_tokens"] + event["cached_input_tokens"] == usage["prompt_tokens"]
+        assert event["cached_input_tokens"] == usage["prompt_tokens_details"]["cached_tokens"]
+    # the platform stats count every priced token once: all input kinds and the output
+    stats = (await _get(harness, "/admin/stats", ADMIN))[1]
+    assert stats["tokens_lifetime"] == sum(totals[f] for f in fields if f != "reasoning_tokens")
+
+
+def test_fields_an_event_carries_beyond_the_named_ones_are_exported_under_other() -> None:
+    entry = {"type": "usage", "ts": "1767225600000", "rid": "req_1", "key_id": "key_1", "cost": "1500", "hold": "2000",
+             "uncollected": "0", "data": json.dumps({"model": "m", "route": "m", "upstream": "u", "in": 10,
+                                                     "cache_write_1h": 4, "out": 2, "web_search_calls": 1})}
+    view = usage_view("acct_1", parse_entry("1767225600000-0", entry))
+    assert (view["input_tokens"], view["cache_write_tokens"], view["cache_write_1h_tokens"]) == (10, 0, 4)
+    assert view["other"] == {"web_search_calls": 1} and view["credits"] == 0.0015
+    [row] = csv.DictReader(io.StringIO(render([view], "csv")))
+    assert json.loads(row["other"]) == {"web_search_calls": 1} and row["cache_write_1h_tokens"] == "4"
