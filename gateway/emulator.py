@@ -256,16 +256,22 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if refused is not None:
         return refused
     prompt_text = body.get("prompt")
-    directives = _directives_in(prompt_text if isinstance(prompt_text, str) else "")
+    # an array of strings (or of token arrays) is one completion per prompt, each with n choices
+    prompts = prompt_text if isinstance(prompt_text, list) and not all(isinstance(t, int) for t in prompt_text) \
+        else [prompt_text]
+    directives = _directives_in(prompt_text if isinstance(prompt_text, str) else " ".join(
+        p for p in prompts if isinstance(p, str)))
     cap = body.get("max_tokens") or 16
     wanted = int(directives.get("out", len(WORDS)))
-    answer = Answer(model=str(body.get("model")), prompt=_words_of(prompt_text) + 1, cached=0,
+    count = len(prompts) * int(body.get("n") or 1)
+    answer = Answer(model=str(body.get("model")), prompt=_words_of(prompt_text) + len(prompts), cached=0,
                     visible=min(wanted, cap), reasoning=0, finish="length" if wanted > cap else "stop")
     if not body.get("stream"):
+        billed = Answer(answer.model, answer.prompt, 0, answer.visible * count, 0, answer.finish)
         return web.json_response({
             "id": "cmpl-emu", "object": "text_completion", "created": int(time.time()), "model": answer.model,
-            "choices": [{"text": "".join(answer.words()), "index": 0, "logprobs": None,
-                         "finish_reason": answer.finish}], "usage": answer.usage})
+            "choices": [{"text": "".join(answer.words()), "index": i, "logprobs": None,
+                         "finish_reason": answer.finish} for i in range(count)], "usage": billed.usage})
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
