@@ -6,7 +6,6 @@ load, into integer micro-credits per 1M tokens for every (plan, model) pair.
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -28,6 +27,42 @@ STREAM_USAGE = ("inject", "always", "none")
 _VAR = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
 
 
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """A model glob compiled once: `*` and `?` never match `/`, and `[...]` (`[!...]` negated) never
+    matches `/` either, so `cheap-*` cannot reach `cheap-x/../pricey`. Everything else is literal."""
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            j = i + 1
+            if j < n and pattern[j] == "!":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            j = pattern.find("]", j)
+            if j < 0:
+                out.append(re.escape(c))
+            else:
+                body = pattern[i + 1:j].replace("\\", "\\\\")
+                negate = body.startswith("!")
+                body = body[1:] if negate else body
+                out.append("(?!/)[" + ("^" if negate else "") + body.replace("[", "\\[") + "]")
+                i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out), re.DOTALL)
+
+
+def glob_match(name: str, pattern: str) -> bool:
+    """One-off glob test (config checks); hot paths keep the compiled `glob_regex`."""
+    return name == pattern or glob_regex(pattern).fullmatch(name) is not None
+
+
 class ConfigError(Exception):
     """A configuration problem, located by file and path."""
 
@@ -40,8 +75,19 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class ToolFee:
+    """A built-in (provider-run) tool's fee: USD per call, the calls a request may make when the
+    request itself names no bound, and prompt tokens held per call for the results it feeds back."""
+
+    per_call: Decimal
+    max_calls_per_request: int | None = None
+    prompt_tokens_per_call: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
-    """Where requests for a set of models go and how the provider key is injected."""
+    """Where requests for a set of models go and how the provider key is injected, and which
+    price-changing request features it accepts (everything not listed here is refused)."""
 
     name: str
     dialect: str
@@ -52,6 +98,10 @@ class Upstream:
     connect_timeout_seconds: float
     stream_usage: str
     output_cap_field: str
+    service_tiers: Mapping[str, Decimal] = field(default_factory=dict)  # tier -> price multiplier
+    tool_fees: Mapping[str, ToolFee] = field(default_factory=dict)  # built-in tool kind -> fee
+    allowed_betas: frozenset[str] = frozenset()  # anthropic-beta values forwarded
+    stored_prompt_tokens: int | None = None  # None: refuse prompts held provider-side; else held extra
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +117,14 @@ class Prices:
 
 
 @dataclass(frozen=True, slots=True)
+class PromptTier:
+    """Prices for prompts of more than `above_input_tokens` tokens (every token of such a request)."""
+
+    above_input_tokens: int
+    prices: Prices
+
+
+@dataclass(frozen=True, slots=True)
 class ModelRoute:
     """A model name or glob, its upstream, its prices and its output ceiling."""
 
@@ -74,14 +132,24 @@ class ModelRoute:
     upstream: str
     prices: Prices
     max_output_tokens: int
+    tiers: tuple[PromptTier, ...] = ()  # ascending thresholds
+    _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_regex", glob_regex(self.pattern))
 
     def matches(self, model: str) -> bool:
-        return self.pattern == model or fnmatch.fnmatchcase(model, self.pattern)
+        return self.pattern == model or self._regex.fullmatch(model) is not None
 
 
 @dataclass(frozen=True, slots=True)
 class Rates:
-    """Integer prices in micro-credits: per 1M tokens for tokens, per call for requests."""
+    """Integer prices in micro-credits: per 1M tokens for tokens, per call for requests.
+
+    Compiled per (plan, route): the base prices, prompt-size tiers (`above`), the same sheet under
+    each service tier (multiplier applied at load, in parts per million) and built-in tool fees.
+    The pricer of one request sets the last three fields (see gateway.dialects.drivers).
+    """
 
     input: int
     cached_input: int
@@ -89,6 +157,13 @@ class Rates:
     output: int
     per_request: int
     cache_write_1h: int | None = None  # None: the same as cache_write
+    above: tuple[tuple[int, Rates], ...] = ()  # (prompt tokens threshold, rates above it), ascending
+    service_tiers: tuple[tuple[str, int, Rates], ...] = ()  # (tier, multiplier ppm, rates at that tier)
+    tool_fees: tuple[tuple[str, int], ...] = ()  # (tool kind, micro-credits per call)
+    # one request's terms:
+    service_tier: str | None = None  # the tier held for, billed when the response names none
+    tool_calls: tuple[tuple[str, int], ...] = ()  # (tool kind, most calls the request may make)
+    extra_prompt_tokens: int = 0  # held on top of the body's bound (tool results, stored prompts)
 
     @property
     def cache_write_long(self) -> int:
@@ -105,7 +180,7 @@ class PlanPrice:
     credits_per_call: Decimal  # a fixed price per request, on top of any token price
 
     def matches(self, route: str) -> bool:
-        return route == self.pattern or fnmatch.fnmatchcase(route, self.pattern)
+        return glob_match(route, self.pattern)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,12 +205,16 @@ class Plan:
     max_keys: int | None = None
     timezone: str = "UTC"  # the billing cycle's calendar
     alerts: AlertPolicy = field(default_factory=AlertPolicy)
+    _globs: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_globs", tuple(glob_regex(p) for p in self.models))
 
     def price_for(self, route: str) -> PlanPrice | None:
         return next((p for p in self.pricing if p.matches(route)), None)
 
     def allows(self, model: str) -> bool:
-        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+        return any(glob.fullmatch(model) is not None for glob in self._globs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,7 +354,7 @@ def _read_yaml(path: Path) -> tuple[_Reader, Any]:
 
 def _upstream(r: _Reader, name: str, raw: Any, path: str) -> Upstream:
     keys = {"dialect", "base_url", "api_key", "auth", "timeout_seconds", "connect_timeout_seconds",
-            "stream_usage", "output_cap_field"}
+            "stream_usage", "output_cap_field", "service_tiers", "tool_fees", "allowed_betas", "stored_prompt_tokens"}
     m = r.mapping(raw, path, keys, {"dialect", "base_url"})
     base_url = r.string(m["base_url"], _join(path, "base_url"))
     if not base_url.startswith(("http://", "https://")):
@@ -296,12 +375,76 @@ def _upstream(r: _Reader, name: str, raw: Any, path: str) -> Upstream:
         stream_usage=r.string(m.get("stream_usage", "inject"), _join(path, "stream_usage"), STREAM_USAGE),
         output_cap_field=r.string(m.get("output_cap_field", "max_completion_tokens"),
                                   _join(path, "output_cap_field"), ("max_completion_tokens", "max_tokens")),
+        service_tiers=_service_tiers(r, m.get("service_tiers", {}), _join(path, "service_tiers")),
+        tool_fees=_tool_fees(r, m.get("tool_fees", {}), _join(path, "tool_fees")),
+        allowed_betas=frozenset(r.string_list(m["allowed_betas"], _join(path, "allowed_betas"))
+                                if m.get("allowed_betas") else ()),
+        stored_prompt_tokens=(r.integer(m["stored_prompt_tokens"], _join(path, "stored_prompt_tokens"))
+                              if m.get("stored_prompt_tokens") is not None else None),
     )
+
+
+def _service_tiers(r: _Reader, raw: Any, path: str) -> dict[str, Decimal]:
+    m = r.mapping(raw, path, set())
+    tiers = {name: r.decimal(value, _join(path, name), positive=True) for name, value in m.items()}
+    for name, value in tiers.items():
+        if value * MICRO != (value * MICRO).to_integral_value():
+            raise r.fail(_join(path, name), "at most 6 decimal places")
+    return tiers
+
+
+def _tool_fees(r: _Reader, raw: Any, path: str) -> dict[str, ToolFee]:
+    fees = {}
+    for kind, value in r.mapping(raw, path, set()).items():
+        where = _join(path, kind)
+        if isinstance(value, dict):
+            m = r.mapping(value, where, {"per_call", "max_calls_per_request", "prompt_tokens_per_call"}, {"per_call"})
+            fees[kind] = ToolFee(
+                r.decimal(m["per_call"], _join(where, "per_call")),
+                r.integer(m["max_calls_per_request"], _join(where, "max_calls_per_request"), minimum=1)
+                if "max_calls_per_request" in m else None,
+                r.integer(m.get("prompt_tokens_per_call", 0), _join(where, "prompt_tokens_per_call")))
+        else:
+            fees[kind] = ToolFee(r.decimal(value, where))
+    return fees
+
+
+def _prices(r: _Reader, m: Mapping[str, Any], path: str, base: Prices | None = None) -> Prices:
+    """Prices of a route, or of a prompt-size tier (whose missing input and output prices are the
+    route's; cached input and cache writes default to its own input, as on a route)."""
+    def get(name: str, default: Decimal) -> Decimal:
+        return r.decimal(m[name], _join(path, name)) if name in m else default
+
+    price_in = get("input", base.input if base else Decimal(0))
+    cache_write = get("cache_write", price_in)
+    return Prices(
+        input=price_in,
+        cached_input=get("cached_input", price_in),
+        cache_write=cache_write,
+        output=get("output", base.output if base else Decimal(0)),
+        per_request=get("per_request", base.per_request if base else Decimal(0)),
+        cache_write_1h=get("cache_write_1h", cache_write),
+    )
+
+
+def _tiers(r: _Reader, raw: Any, path: str, base: Prices) -> tuple[PromptTier, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise r.fail(path, "expected a non-empty list of {above_input_tokens: N, input: ..., output: ...}")
+    tiers: list[PromptTier] = []
+    for i, item in enumerate(raw):
+        where = f"{path}[{i}]"
+        m = r.mapping(item, where, {"above_input_tokens", "input", "cached_input", "cache_write", "cache_write_1h",
+                                    "output"}, {"above_input_tokens"})
+        above = r.integer(m["above_input_tokens"], _join(where, "above_input_tokens"), minimum=1)
+        if tiers and above <= tiers[-1].above_input_tokens:
+            raise r.fail(_join(where, "above_input_tokens"), "tiers must be in increasing order")
+        tiers.append(PromptTier(above, _prices(r, m, where, base)))
+    return tuple(tiers)
 
 
 def _route(r: _Reader, pattern: str, raw: Any, path: str, upstreams: Mapping[str, Upstream]) -> ModelRoute:
     keys = {"upstream", "input", "cached_input", "cache_write", "cache_write_1h", "output", "per_request",
-            "max_output_tokens"}
+            "max_output_tokens", "tiers"}
     m = r.mapping(raw, path, keys, {"upstream"})
     upstream = r.string(m["upstream"], _join(path, "upstream"))
     if upstream not in upstreams:
@@ -313,18 +456,10 @@ def _route(r: _Reader, pattern: str, raw: Any, path: str, upstreams: Mapping[str
             raise r.fail(_join(path, extra[0]), "an http pass-through entry is priced per request only")
     elif "max_output_tokens" not in m:
         raise r.fail(_join(path, "max_output_tokens"), "is required")
-    price_in = r.decimal(m.get("input", 0), _join(path, "input"))
-    cache_write = r.decimal(m.get("cache_write", price_in), _join(path, "cache_write"))
-    prices = Prices(
-        input=price_in,
-        cached_input=r.decimal(m.get("cached_input", price_in), _join(path, "cached_input")),
-        cache_write=cache_write,
-        output=r.decimal(m.get("output", 0), _join(path, "output")),
-        per_request=r.decimal(m.get("per_request", 0), _join(path, "per_request")),
-        cache_write_1h=r.decimal(m.get("cache_write_1h", cache_write), _join(path, "cache_write_1h")),
-    )
+    prices = _prices(r, m, path)
+    tiers = _tiers(r, m["tiers"], _join(path, "tiers"), prices) if "tiers" in m else ()
     ceiling = 0 if per_call_only else r.integer(m["max_output_tokens"], _join(path, "max_output_tokens"), minimum=1)
-    return ModelRoute(pattern, upstream, prices, ceiling)
+    return ModelRoute(pattern, upstream, prices, ceiling, tiers)
 
 
 def load_providers(path: Path) -> tuple[dict[str, Upstream], tuple[ModelRoute, ...]]:
@@ -496,24 +631,53 @@ def load_plans(path: Path, upstream_names: set[str] | None = None
 # ---------------------------------------------------------------- both files
 
 
+def _sheet(p: Prices, conv: Callable[[Decimal], int], multiplier: Decimal = Decimal(1)) -> Rates:
+    # per_request is USD per call: the same conversion gives micro-credits per call
+    return Rates(conv(p.input * multiplier), conv(p.cached_input * multiplier), conv(p.cache_write * multiplier),
+                 conv(p.output * multiplier), conv(p.per_request), conv(p.cache_write_1h * multiplier))
+
+
+def _route_rates(route: ModelRoute, upstream: Upstream | None, own: PlanPrice | None,
+                 conv: Callable[[Decimal], int]) -> Rates:
+    """One (plan, route) price sheet: multipliers and USD fees become integer rates here, once."""
+    def at(multiplier: Decimal) -> Rates:
+        if own is not None:  # a plan's own flat price per token: no prompt-size tiers
+            base = _plan_rates(own)
+
+            def scaled(v: int) -> int:
+                return int((Decimal(v) * multiplier).to_integral_value(rounding="ROUND_CEILING"))
+
+            return Rates(scaled(base.input), scaled(base.cached_input), scaled(base.cache_write), scaled(base.output),
+                         base.per_request, scaled(base.cache_write_long))
+        base = _sheet(route.prices, conv, multiplier)
+        above = tuple((t.above_input_tokens, _sheet(t.prices, conv, multiplier)) for t in route.tiers)
+        return Rates(base.input, base.cached_input, base.cache_write, base.output, base.per_request,
+                     base.cache_write_1h, above)
+
+    compiled = at(Decimal(1))
+    if upstream is None:
+        return compiled
+    tiers = tuple((name, int(mult * MICRO), at(mult)) for name, mult in upstream.service_tiers.items())
+    fees = tuple((kind, conv(fee.per_call)) for kind, fee in upstream.tool_fees.items())
+    return Rates(compiled.input, compiled.cached_input, compiled.cache_write, compiled.output, compiled.per_request,
+                 compiled.cache_write_1h, compiled.above, tiers, fees)
+
+
 def _compile_rates(
-    plans: Mapping[str, Plan], routes: tuple[ModelRoute, ...], fail: Callable[[str, str], ConfigError]
+    plans: Mapping[str, Plan], routes: tuple[ModelRoute, ...], fail: Callable[[str, str], ConfigError],
+    upstreams: Mapping[str, Upstream] | None = None,
 ) -> dict[tuple[str, str], Rates]:
     rates: dict[tuple[str, str], Rates] = {}
     for plan in plans.values():
         for route in routes:
-            p = route.prices
-
             def conv(usd: Decimal, plan: Plan = plan) -> int:
                 return usd_rate_to_micro_per_mtok(usd, plan.credit_usd, plan.markup)
 
-            # per_request is USD per call: the same conversion gives micro-credits per call
-            compiled = Rates(conv(p.input), conv(p.cached_input), conv(p.cache_write), conv(p.output),
-                             conv(p.per_request), conv(p.cache_write_1h))
             own = plan.price_for(route.pattern)
-            if own is not None:
-                compiled = _plan_rates(own)
-            worst = compiled.output * route.max_output_tokens // MICRO
+            compiled = _route_rates(route, (upstreams or {}).get(route.upstream), own, conv)
+            sheets = [compiled, *(r for _, r in compiled.above), *(r for _, _, r in compiled.service_tiers),
+                      *(r for _, _, t in compiled.service_tiers for _, r in t.above)]
+            worst = max(s.output for s in sheets) * route.max_output_tokens // MICRO
             if worst > MAX_SAFE // 4:
                 raise fail(f"models.{route.pattern}", f"worst-case cost under plan {plan.name!r} is too large")
             rates[(plan.name, route.pattern)] = compiled
@@ -543,15 +707,16 @@ def load_config(config_dir: Path | str) -> Config:
     plans_reader = _Reader(str(folder / "plans.yaml"))
     for plan in plans.values():
         for i, pattern in enumerate(plan.models):
-            if not any(fnmatch.fnmatchcase(route.pattern, pattern) or route.matches(pattern) for route in routes):
+            if not any(glob_match(route.pattern, pattern) or route.matches(pattern) for route in routes):
                 raise plans_reader.fail(f"plans.{plan.name}.models[{i}]",
                                         f"{pattern!r} matches no model in {providers_file}")
         for price in plan.pricing:
             if not any(price.matches(route.pattern) or route.matches(price.pattern) for route in routes):
                 raise plans_reader.fail(f"plans.{plan.name}.pricing.{price.pattern}",
                                         f"{price.pattern!r} matches no model in {providers_file}")
-    rates = _compile_rates(plans, routes, lambda path, problem: ConfigError(str(providers_file), path, problem))
+    rates = _compile_rates(plans, routes, lambda path, problem: ConfigError(str(providers_file), path, problem),
+                           upstreams)
     usd_plan = Plan("<usd>", 0, Decimal(1), Decimal(1), ("*",))
     usd = _compile_rates({"<usd>": usd_plan}, routes,
-                         lambda path, problem: ConfigError(str(providers_file), path, problem))
+                         lambda path, problem: ConfigError(str(providers_file), path, problem), upstreams)
     return Config(upstreams, routes, plans, default, rates, {p: r for (_, p), r in usd.items()}, packs)

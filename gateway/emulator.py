@@ -14,6 +14,10 @@ the last message, e.g. `[[emu out=40 cached=5 reasoning=3 fail=midstream delay_m
                  | midstream (stream ends with an in-stream error) | nousage (stream without usage)
   usage=always   OpenAI chat stream: usage on the finish chunk whether asked for or not (Mistral, vLLM)
   obfuscation=N  OpenAI chat stream: pad every delta chunk with an N-character `obfuscation` string
+  tier=NAME      OpenAI: the service tier the answer says it used (default: the one asked for, or "default")
+  searches=N     built-in web search calls made (Anthropic: up to the tool's max_uses; Responses: output items)
+
+Gemini's streamGenerateContent answers SSE with `alt=sse`, else one JSON array of the chunks, as Google does.
 """
 
 from __future__ import annotations
@@ -154,14 +158,20 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         "model": answer.model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(answer.words())},
                      "logprobs": None, "finish_reason": answer.finish}],
-        "usage": answer.usage, "service_tier": "default", "system_fingerprint": "fp_emulator",
+        "usage": answer.usage, "service_tier": _tier(body, directives), "system_fingerprint": "fp_emulator",
     }, headers={"x-request-id": f"req_emu_{time.time_ns()}", "openai-processing-ms": "1"})
 
 
+def _tier(body: dict[str, Any], directives: dict[str, str]) -> str:
+    """The service tier an OpenAI answer reports: as steered, as asked (auto runs at default), else default."""
+    asked = body.get("service_tier")
+    return directives.get("tier") or (asked if asked in ("default", "flex", "priority", "scale") else "default")
+
+
 def _chunk(answer: Answer, choices: list[dict[str, Any]], usage: Any = None, with_usage_key: bool = False,
-           obfuscation: str = "") -> bytes:
+           tier: str = "default", obfuscation: str = "") -> bytes:
     obj: dict[str, Any] = {"id": "chatcmpl-emu", "object": "chat.completion.chunk", "created": int(time.time()),
-                           "model": answer.model, "choices": choices}
+                           "model": answer.model, "service_tier": tier, "choices": choices}
     if obfuscation:
         obj["obfuscation"] = obfuscation
     if with_usage_key:
@@ -178,15 +188,16 @@ async def _stream(request: web.Request, state: EmulatorState, body: dict[str, An
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "x-request-id": f"req_emu_{time.time_ns()}"})
     await response.prepare(request)
+    tier = _tier(body, directives)
     frames = [_chunk(answer, [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
-                     None, include_usage)]
+                     None, include_usage, tier)]
     padding = "x" * int(directives.get("obfuscation", 0))  # OpenAI pads deltas with an `obfuscation` string
     frames += [_chunk(answer, [{"index": 0, "delta": {"content": w}, "finish_reason": None}], None, include_usage,
-                      padding) for w in answer.words()]
+                      tier, padding) for w in answer.words()]
     frames.append(_chunk(answer, [{"index": 0, "delta": {}, "finish_reason": answer.finish}],
-                         answer.usage if usage_on_last else None, include_usage or usage_on_last))
+                         answer.usage if usage_on_last else None, include_usage or usage_on_last, tier))
     if include_usage:
-        frames.append(_chunk(answer, [], answer.usage, True))
+        frames.append(_chunk(answer, [], answer.usage, True, tier))
     frames.append(b"data: [DONE]\n\n")
     if fail in ("cut", "midstream"):
         frames = frames[: max(2, len(frames) // 2)]
@@ -249,16 +260,22 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if refused is not None:
         return refused
     prompt_text = body.get("prompt")
-    directives = _directives_in(prompt_text if isinstance(prompt_text, str) else "")
+    # an array of strings (or of token arrays) is one completion per prompt, each with n choices
+    prompts = prompt_text if isinstance(prompt_text, list) and not all(isinstance(t, int) for t in prompt_text) \
+        else [prompt_text]
+    directives = _directives_in(prompt_text if isinstance(prompt_text, str) else " ".join(
+        p for p in prompts if isinstance(p, str)))
     cap = body.get("max_tokens") or 16
     wanted = int(directives.get("out", len(WORDS)))
-    answer = Answer(model=str(body.get("model")), prompt=_words_of(prompt_text) + 1, cached=0,
+    count = len(prompts) * int(body.get("n") or 1)
+    answer = Answer(model=str(body.get("model")), prompt=_words_of(prompt_text) + len(prompts), cached=0,
                     visible=min(wanted, cap), reasoning=0, finish="length" if wanted > cap else "stop")
     if not body.get("stream"):
+        billed = Answer(answer.model, answer.prompt, 0, answer.visible * count, 0, answer.finish)
         return web.json_response({
             "id": "cmpl-emu", "object": "text_completion", "created": int(time.time()), "model": answer.model,
-            "choices": [{"text": "".join(answer.words()), "index": 0, "logprobs": None,
-                         "finish_reason": answer.finish}], "usage": answer.usage})
+            "choices": [{"text": "".join(answer.words()), "index": i, "logprobs": None,
+                         "finish_reason": answer.finish} for i in range(count)], "usage": billed.usage})
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
@@ -293,11 +310,14 @@ async def embeddings(request: web.Request) -> web.Response:
                               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
-def _response_object(body: dict[str, Any], status: str, text: str, usage: dict[str, Any] | None) -> dict[str, Any]:
+def _response_object(body: dict[str, Any], status: str, text: str, usage: dict[str, Any] | None,
+                     searches: int = 0) -> dict[str, Any]:
+    calls = [{"type": "web_search_call", "id": f"ws_emu{i}", "status": "completed",
+              "action": {"type": "search", "query": "emulated"}} for i in range(searches)]
+    message = [{"type": "message", "id": "msg_emu", "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}]}] if text else []
     return {"id": "resp_emu", "object": "response", "created_at": int(time.time()), "status": status,
-            "model": body.get("model"), "usage": usage,
-            "output": [{"type": "message", "id": "msg_emu", "status": "completed", "role": "assistant",
-                        "content": [{"type": "output_text", "text": text, "annotations": []}]}] if text else []}
+            "model": body.get("model"), "usage": usage, "service_tier": _tier(body, {}), "output": calls + message}
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
@@ -317,8 +337,9 @@ async def responses(request: web.Request) -> web.StreamResponse:
              "output_tokens": visible + reasoning, "output_tokens_details": {"reasoning_tokens": reasoning},
              "total_tokens": prompt + visible + reasoning}
     status = "incomplete" if wanted + reasoning > cap else "completed"
+    searches = int(directives.get("searches", 0))
     if not body.get("stream"):
-        return web.json_response(_response_object(body, status, "".join(words), usage))
+        return web.json_response(_response_object(body, status, "".join(words), usage, searches))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
     seq = 0
@@ -340,7 +361,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
         await send("response.output_text.delta", {"item_id": "msg_emu", "output_index": 0, "content_index": 0,
                                                   "delta": word})
     terminal = "response.completed" if status == "completed" else "response.incomplete"
-    await send(terminal, {"response": _response_object(body, status, "".join(words), usage)})
+    await send(terminal, {"response": _response_object(body, status, "".join(words), usage, searches)})
     await response.write_eof()
     return response
 
@@ -405,12 +426,24 @@ async def messages(request: web.Request) -> web.StreamResponse:
              "cache_read_input_tokens": read,
              "cache_creation": {"ephemeral_5m_input_tokens": write_5m, "ephemeral_1h_input_tokens": write_1h},
              "output_tokens": out, "service_tier": "standard"}
+    search_tool = next((t for t in body.get("tools") or [] if str(t.get("type", "")).startswith("web_search_")), None)
+    if search_tool is not None:
+        searches = min(int(directives.get("searches", 0)), int(search_tool.get("max_uses") or 10**6))
+        usage["server_tool_use"] = {"web_search_requests": searches, "web_fetch_requests": 0}
     message = {"id": f"msg_emu{time.time_ns()}", "type": "message", "role": "assistant", "model": body.get("model"),
                "content": [{"type": "text", "text": "".join(words)}],
                "stop_reason": "max_tokens" if wanted > cap else "end_turn", "stop_sequence": None, "usage": usage}
     if not body.get("stream"):
         return web.json_response(message, headers={"request-id": f"req_emu_{time.time_ns()}"})
     return await _anthropic_stream(request, message, words, directives)
+
+
+def _delta_usage(usage: dict[str, Any]) -> dict[str, Any]:
+    """The final message_delta's usage as the API sends it today: cumulative totals, the cache write
+    total without its 5-minute / 1-hour breakdown (which only message_start carries)."""
+    keys = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens",
+            "server_tool_use")
+    return {k: usage[k] for k in keys if k in usage}
 
 
 def _event(name: str, data: dict[str, Any]) -> bytes:
@@ -434,7 +467,7 @@ async def _anthropic_stream(request: web.Request, message: dict[str, Any], words
                                               "delta": {"type": "text_delta", "text": w}}) for w in words]
     frames += [_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
                _event("message_delta", {"type": "message_delta", "delta": {"stop_reason": message["stop_reason"],
-                                        "stop_sequence": None}, "usage": {"output_tokens": usage["output_tokens"]}}),
+                                        "stop_sequence": None}, "usage": _delta_usage(usage)}),
                _event("message_stop", {"type": "message_stop"})]
     if fail in ("cut", "midstream"):
         frames = frames[: max(3, len(frames) // 2)]
@@ -530,9 +563,11 @@ async def gemini(request: web.Request) -> web.StreamResponse:
 
     if method == "generateContent":
         return web.json_response(chunk("".join(words), True))
+    frames = [chunk(w, i == len(words) - 1) for i, w in enumerate(words)] or [chunk("", True)]
+    if request.query.get("alt") != "sse":  # without alt=sse Google answers one JSON array of the chunks
+        return web.json_response(frames)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
-    frames = [chunk(w, i == len(words) - 1) for i, w in enumerate(words)] or [chunk("", True)]
     if fail in ("cut", "midstream"):
         frames = frames[: max(1, len(frames) // 2)]
     delay = float(directives.get("delay_ms", state.chunk_delay_ms)) / 1000

@@ -34,18 +34,56 @@ def token_cost(tokens: int, rate_per_mtok: int) -> int:
     return ceil_div(tokens * rate_per_mtok, MICRO)
 
 
+def tier_rates(rates: Rates, tier: str | None, echoed: bool = False) -> Rates:
+    """The price sheet of a service tier. A tier the upstream does not list: for a tier the
+    response names (`echoed`) or `auto`, the dearest listed; when no tier is named, the tier the
+    request was held for; with no tiers configured, the base sheet."""
+    if not rates.service_tiers:
+        return rates
+    if tier is None and not echoed:
+        tier = rates.service_tier or "default"
+    for name, _ppm, sheet in rates.service_tiers:
+        if name == tier:
+            return sheet
+    if tier == "default" and not echoed:
+        return rates  # the request named no tier and "default" is not listed: list prices
+    return max(rates.service_tiers, key=lambda t: t[1])[2]
+
+
+def prompt_rates(rates: Rates, prompt_tokens: int) -> Rates:
+    """The prompt-size tier for a prompt of `prompt_tokens` tokens (all its tokens are priced there)."""
+    chosen = rates
+    for threshold, sheet in rates.above:
+        if prompt_tokens > threshold:
+            chosen = sheet
+    return chosen
+
+
+def _fees(rates: Rates, calls: tuple[tuple[str, int], ...]) -> int:
+    fee = dict(rates.tool_fees)
+    return sum(n * fee.get(kind, 0) for kind, n in calls)
+
+
+def hold_rates(rates: Rates, prompt_tokens_bound: int) -> Rates:
+    """The sheet a request's hold is priced with: its service tier, the tier of its prompt bound."""
+    return prompt_rates(tier_rates(rates, rates.service_tier), prompt_tokens_bound + rates.extra_prompt_tokens)
+
+
 def quote(rates: Rates, prompt_tokens_bound: int, max_output_tokens: int) -> Quote:
     """Price the worst case of a request whose prompt has at most `prompt_tokens_bound` tokens.
 
-    The prompt is priced at the highest input rate, since the provider decides what is cached.
+    The prompt is priced at the highest input rate, since the provider decides what is cached; the
+    request's extra prompt allowance and its built-in tool calls (bound x fee) are held too.
     """
-    prompt_rate = max(rates.input, rates.cached_input, rates.cache_write, rates.cache_write_long)
-    prompt_cost = token_cost(prompt_tokens_bound, prompt_rate) + rates.per_request
-    full = prompt_cost + token_cost(max_output_tokens, rates.output)
-    minimum = prompt_cost + token_cost(1, rates.output) if max_output_tokens > 0 else prompt_cost
+    bound = prompt_tokens_bound + rates.extra_prompt_tokens
+    sheet = hold_rates(rates, prompt_tokens_bound)
+    prompt_rate = max(sheet.input, sheet.cached_input, sheet.cache_write, sheet.cache_write_long)
+    prompt_cost = token_cost(bound, prompt_rate) + rates.per_request + _fees(rates, rates.tool_calls)
+    full = prompt_cost + token_cost(max_output_tokens, sheet.output)
+    minimum = prompt_cost + token_cost(1, sheet.output) if max_output_tokens > 0 else prompt_cost
     if full > MAX_SAFE:
         raise ValueError("request cost exceeds the largest amount the store can hold")
-    return Quote(prompt_tokens_bound, max_output_tokens, prompt_cost, full, minimum)
+    return Quote(bound, max_output_tokens, prompt_cost, full, minimum)
 
 
 def affordable_output(rates: Rates, q: Quote, hold: int) -> int:
@@ -53,21 +91,31 @@ def affordable_output(rates: Rates, q: Quote, hold: int) -> int:
     budget = hold - q.prompt_cost
     if budget <= 0:
         return 0
-    if rates.output == 0:
+    output = hold_rates(rates, q.prompt_tokens_bound - rates.extra_prompt_tokens).output
+    if output == 0:
         return q.max_output_tokens
-    return min(q.max_output_tokens, budget * MICRO // rates.output)
+    return min(q.max_output_tokens, budget * MICRO // output)
 
 
 def cost_of(rates: Rates, usage: Usage) -> int:
-    """The exact charge for reported usage, in micro-credits (one rounding, upwards)."""
+    """The exact charge for reported usage, in micro-credits (one rounding, upwards): at the service
+    tier the response names, the prompt-size tier of the reported prompt, plus built-in tool calls
+    as reported (the request's bound when the response reports none)."""
+    prompt = sum(n or 0 for n in (usage.input_tokens, usage.cached_input_tokens, usage.cache_write_tokens,
+                                  usage.cache_write_1h_tokens))
+    tier = tier_rates(rates, usage.service_tier, echoed=usage.service_tier is not None)
+    sheet = prompt_rates(tier, prompt)
     total = (
-        (usage.input_tokens or 0) * rates.input
-        + (usage.cached_input_tokens or 0) * rates.cached_input
-        + (usage.cache_write_tokens or 0) * rates.cache_write
-        + (usage.cache_write_1h_tokens or 0) * rates.cache_write_long
-        + (usage.output_tokens or 0) * rates.output
+        (usage.input_tokens or 0) * sheet.input
+        + (usage.cached_input_tokens or 0) * sheet.cached_input
+        + (usage.cache_write_tokens or 0) * sheet.cache_write
+        + (usage.cache_write_1h_tokens or 0) * sheet.cache_write_long
+        + (usage.output_tokens or 0) * sheet.output
     )
-    return ceil_div(total, MICRO) + rates.per_request
+    reported = dict(usage.tool_calls or ())
+    calls = tuple((kind, reported.get(kind, bound) if usage.tool_calls is not None else bound)
+                  for kind, bound in rates.tool_calls)
+    return ceil_div(total, MICRO) + rates.per_request + _fees(rates, calls)
 
 
 @dataclass(frozen=True, slots=True)

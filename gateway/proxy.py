@@ -21,6 +21,7 @@ from gateway.auth import Principal
 from gateway.billing import Call, end_call
 from gateway.config import ModelRoute, Plan, Rates
 from gateway.dialects.base import Dialect, ParsedRequest, StreamMeter
+from gateway.dialects.drivers import admit
 from gateway.errors import (
     BadRequest,
     Forbidden,
@@ -113,8 +114,15 @@ def _price(gw: Gateway, dialect: Dialect, principal: Principal, parsed: ParsedRe
         raise BadRequest(f"{parsed.cap_field} is too large: {parsed.output_cap}. This model supports at most "
                          f"{route.max_output_tokens} completion tokens.", param=parsed.cap_field)
     per_choice = route.max_output_tokens if parsed.output_cap is None else parsed.output_cap
-    rates = gw.config.rates(plan.name, route)
+    rates = request_rates(gw, route, parsed, gw.config.rates(plan.name, route))
     return route, plan, rates, quote(rates, parsed.prompt_tokens_bound, per_choice * parsed.choices)
+
+
+def request_rates(gw: Gateway, route: ModelRoute, parsed: ParsedRequest, rates: Rates) -> Rates:
+    """`rates` (a plan's, or the USD list price) with this request's cost drivers priced: its
+    service tier, built-in tool calls and provider-held prompt allowance; a 400 naming the parameter
+    for any the route's upstream does not price."""
+    return admit(gw.config.upstreams[route.upstream], rates, parsed.drivers)
 
 
 def _spec(gw: Gateway, principal: Principal, plan: Plan, route: ModelRoute, parsed: ParsedRequest, q: Quote,

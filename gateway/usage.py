@@ -15,6 +15,8 @@ class Usage:
     output_tokens:       generated tokens including reasoning/thinking
     reasoning_tokens:    the reasoning part of output_tokens (information only)
     cache_write_1h_tokens: prompt tokens written to a 1-hour cache (its own, higher rate)
+    service_tier:        the service tier the response says it was served at (prices differ)
+    tool_calls:          calls of built-in (provider-run, per-call priced) tools, per tool kind
     """
 
     input_tokens: int | None = None
@@ -23,6 +25,8 @@ class Usage:
     output_tokens: int | None = None
     reasoning_tokens: int | None = None
     cache_write_1h_tokens: int | None = None
+    service_tier: str | None = None
+    tool_calls: tuple[tuple[str, int], ...] | None = None
 
     @property
     def reported(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -76,10 +77,17 @@ def test_lowering_max_tokens_keeps_the_thinking_budget_below_it() -> None:
 def test_keys_from_x_api_key_or_bearer_and_the_provider_key_injected() -> None:
     assert D.client_key({"x-api-key": "k1"}, {}) == "k1"
     assert D.client_key({"Authorization": "Bearer k2"}, {}) == "k2"
-    headers = D.upstream_headers(UPSTREAM, {"Authorization": "Bearer gwk_c", "x-api-key": "gwk_c",
+    allowing = replace(UPSTREAM, allowed_betas=frozenset({"b1"}))
+    headers = D.upstream_headers(allowing, {"Authorization": "Bearer gwk_c", "x-api-key": "gwk_c",
                                             "anthropic-beta": "b1"})
     assert headers["x-api-key"] == "sk-ant" and "Authorization" not in headers
     assert headers["anthropic-beta"] == "b1" and headers["anthropic-version"] == "2023-06-01"
+
+
+def test_a_beta_header_the_upstream_does_not_allow_is_never_forwarded() -> None:
+    with pytest.raises(BadRequest) as info:
+        D.upstream_headers(UPSTREAM, {"x-api-key": "gwk_c", "anthropic-beta": "context-1m-2025-08-07"})
+    assert info.value.param == "anthropic-beta" and "context-1m-2025-08-07" in info.value.message
 
 
 def test_errors_in_anthropic_shape() -> None:

@@ -39,6 +39,10 @@ def test_stream_usage_is_the_same_at_every_split(path: Path) -> None:
             assert out == (without_usage if hide else data), cut
 
 
+# the terminal response lists its output items: no built-in tool ran
+NO_TOOL_CALLS = (("code_interpreter", 0), ("file_search", 0), ("image_generation", 0), ("web_search", 0))
+
+
 def test_responses_stream_usage_is_the_same_at_every_split() -> None:
     """The Responses API names its events; usage is on the terminal event's response.usage."""
     data = (DATA / "openai_responses_stream.sse").read_bytes()
@@ -46,7 +50,7 @@ def test_responses_stream_usage_is_the_same_at_every_split() -> None:
         meter = D.stream_meter("responses", hide_usage=False)
         out = meter.feed(data[:cut]) + meter.feed(data[cut:]) + meter.finish()
         assert meter.usage == Usage(input_tokens=5, cached_input_tokens=4, cache_write_tokens=None, output_tokens=6,
-                                    reasoning_tokens=2), cut
+                                    reasoning_tokens=2, tool_calls=NO_TOOL_CALLS), cut
         assert out == data, cut  # `event:` lines and every byte relayed untouched
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from gateway.config import Upstream
-from gateway.dialects.base import ParsedRequest, forward_headers, inject_provider_key, json_object
+from gateway.dialects.base import ParsedRequest, checked_model, forward_headers, inject_provider_key, json_object
+from gateway.dialects.drivers import NONE, CostDrivers, ToolUse, betas_of, check_betas, tool_kind
 from gateway.errors import BadRequest, GatewayError, InsufficientCredits
 from gateway.money import ceil_div
 from gateway.sse import SSEDecoder
@@ -47,25 +49,66 @@ def parse_usage(usage: Mapping[str, Any], previous: Usage | None = None) -> Usag
     Fields absent from `usage` keep their `previous` value (stream deltas are cumulative snapshots).
     """
     prev = previous or Usage()
-    written = _count(usage.get("cache_creation_input_tokens"))
+    total = _count(usage.get("cache_creation_input_tokens"))  # 5-minute and 1-hour writes together
     split = usage.get("cache_creation")
-    long_written: int | None = prev.cache_write_1h_tokens
-    if isinstance(split, dict) and written is not None:
+    short, long_written = prev.cache_write_tokens, prev.cache_write_1h_tokens
+    if isinstance(split, dict):
         long_written = _count(split.get("ephemeral_1h_input_tokens")) or 0
-        written = max(written - long_written, 0)
+        five = _count(split.get("ephemeral_5m_input_tokens"))
+        short = max(total - long_written, 0) if total is not None else five if five is not None else short
+    elif total is not None:
+        # a later snapshot repeats the total without the breakdown: the earlier 1-hour part stands
+        short = max(total - (long_written or 0), 0)
+    tier = usage.get("service_tier")
+    tools = usage.get("server_tool_use")
     return Usage(
         input_tokens=_pick(usage, "input_tokens", prev.input_tokens),
         cached_input_tokens=_pick(usage, "cache_read_input_tokens", prev.cached_input_tokens),
-        cache_write_tokens=written if written is not None else prev.cache_write_tokens,
+        cache_write_tokens=short,
         cache_write_1h_tokens=long_written,
         output_tokens=_pick(usage, "output_tokens", prev.output_tokens),
         reasoning_tokens=prev.reasoning_tokens,
+        service_tier=tier if isinstance(tier, str) else prev.service_tier,
+        tool_calls=_server_tool_calls(tools) if isinstance(tools, dict) else prev.tool_calls,
     )
+
+
+def _server_tool_calls(counts: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
+    """`server_tool_use: {web_search_requests: 2, web_fetch_requests: 0}` -> (("web_fetch", 0), ("web_search", 2))."""
+    return tuple(sorted((name.removesuffix("_requests"), n) for name, value in counts.items()
+                        if name.endswith("_requests") and (n := _count(value)) is not None))
 
 
 def _pick(usage: Mapping[str, Any], name: str, previous: int | None) -> int | None:
     value = _count(usage.get(name))
     return value if value is not None else previous
+
+
+#: Tool types the client runs itself (tokens only); any other typed tool runs on Anthropic's side.
+_CLIENT_TOOLS = ("custom", "bash_", "text_editor_", "computer_", "memory_")
+
+
+def _drivers(body: dict[str, Any], headers: Mapping[str, str] | None) -> CostDrivers:
+    """Service tier, server tools (web search, web fetch, code execution, …) and beta headers."""
+    tier = body.get("service_tier")
+    if tier is not None and not isinstance(tier, str):
+        raise BadRequest("service_tier: Input should be a string", param="service_tier")
+    tools: list[ToolUse] = []
+    raw_tools = body.get("tools")
+    for tool in raw_tools if isinstance(raw_tools, list) else ():
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind is None or (isinstance(kind, str) and kind.startswith(_CLIENT_TOOLS)):
+            continue
+        if not isinstance(kind, str):
+            raise BadRequest("tools: a tool's type must be a string", param="tools")
+        uses = tool.get("max_uses")
+        if uses is not None and (isinstance(uses, bool) or not isinstance(uses, int) or uses < 1):
+            raise BadRequest("tools: max_uses must be a positive integer", param="tools")
+        tools.append(ToolUse(tool_kind(kind), "tools", uses))
+    betas = betas_of(headers)
+    if tier is None and not tools and not betas:
+        return NONE
+    return CostDrivers(tier, tuple(tools), None, None, betas)
 
 
 class MessagesStreamMeter:
@@ -83,9 +126,7 @@ class MessagesStreamMeter:
         if self._usage is None or self._output_seen:
             return self._usage
         # message_start's output count is a placeholder: without a message_delta, output is unknown
-        u = self._usage
-        return Usage(u.input_tokens, u.cached_input_tokens, u.cache_write_tokens, None, None,
-                     u.cache_write_1h_tokens)
+        return replace(self._usage, output_tokens=None, reasoning_tokens=None)
 
     def estimated_output_tokens(self) -> int:
         return self._estimate
@@ -134,12 +175,12 @@ class AnthropicDialect:
     def upstream_path(self, path: str) -> str:
         return path  # base URLs are origins; the path keeps its /v1
 
-    def parse_request(self, endpoint: str, raw: bytes, max_choices: int, path_model: str | None = None
-                      ) -> ParsedRequest:
+    def parse_request(self, endpoint: str, raw: bytes, max_choices: int, path_model: str | None = None,
+                      headers: Mapping[str, str] | None = None) -> ParsedRequest:
         body = json_object(raw)
-        model = body.get("model")
-        if not isinstance(model, str) or not model.strip():
+        if not isinstance(body.get("model"), str) or not body["model"].strip():
             raise BadRequest("model: Field required", param="model")
+        model = checked_model(body["model"])
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise BadRequest("messages: Field required (a non-empty list)", param="messages")
@@ -158,6 +199,7 @@ class AnthropicDialect:
             cap_field="max_tokens" if cap is not None else None, output_cap=cap, choices=1,
             prompt_tokens_bound=len(raw) + _TEMPLATE_TOKENS + media * MEDIA_PART_TOKENS + tools,
             prompt_tokens_estimate=ceil_div(len(raw), 4) + media * MEDIA_PART_TOKENS + tools,
+            drivers=_drivers(body, headers),
         )
 
     def upstream_body(
@@ -176,6 +218,7 @@ class AnthropicDialect:
         return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(), False
 
     def upstream_headers(self, upstream: Upstream, incoming: Mapping[str, str]) -> dict[str, str]:
+        check_betas(upstream, betas_of(incoming))  # also when the request was parsed without its headers
         headers = forward_headers(incoming)
         if not any(name.lower() == "anthropic-version" for name in headers):
             headers["anthropic-version"] = DEFAULT_VERSION

@@ -8,11 +8,13 @@ response or a stream, and how an error looks. The proxy knows nothing of any of 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.config import Upstream
+from gateway.dialects.drivers import NONE, CostDrivers
 from gateway.errors import BadRequest, GatewayError
 from gateway.usage import Usage
 
@@ -37,6 +39,7 @@ class ParsedRequest:
     choices: int
     prompt_tokens_bound: int  # an upper bound on prompt tokens (text); see gotchas in the README
     prompt_tokens_estimate: int  # a typical-case estimate, used only when usage never arrives
+    drivers: CostDrivers = NONE  # what else the provider prices (tier, built-in tools, …): see admit()
 
 
 class StreamMeter(Protocol):
@@ -66,10 +69,11 @@ class Dialect(Protocol):
         """The request path as it goes below the upstream's base URL."""
         ...
 
-    def parse_request(self, endpoint: str, raw: bytes, max_choices: int, path_model: str | None = None
-                      ) -> ParsedRequest:
-        """Validate and parse a request body (`path_model`: a model named in the URL, Gemini-style);
-        raise BadRequest with a clear message."""
+    def parse_request(self, endpoint: str, raw: bytes, max_choices: int, path_model: str | None = None,
+                      headers: Mapping[str, str] | None = None) -> ParsedRequest:
+        """Validate and parse a request body (`path_model`: a model named in the URL, Gemini-style;
+        `headers`: the request's, for features switched on by a header); raise BadRequest with a
+        clear message."""
         ...
 
     def upstream_body(
@@ -100,18 +104,64 @@ class Dialect(Protocol):
         ...
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """object_pairs_hook: a JSON object as a dict, refusing a key given twice. Parsers disagree on
+    which of two values wins (the first, the last), so the upstream could act on a value the gateway
+    never priced."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _value in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
 def json_object(raw: bytes) -> dict[str, Any]:
-    """A request body that must be one JSON object; anything else is a 400 with a clear message."""
+    """A request body that must be one JSON object; anything else is a 400 with a clear message.
+    A key repeated in any object, at any depth, is refused (a parser differential), and so is
+    nesting too deep for the parser."""
     if not raw.strip():
         raise BadRequest("The request body is empty; send a JSON object.")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as dup:
+        raise BadRequest(f"The JSON body repeats the key {dup.key!r} in one object; send each key once.",
+                         param=dup.key) from None
+    except RecursionError:
+        raise BadRequest("The JSON body is nested too deeply.") from None
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("We could not parse the JSON body of your request. "
                          "Send valid JSON with Content-Type: application/json.") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")
     return body
+
+
+#: Longest model name accepted; real ones are well under 100 characters.
+MAX_MODEL_NAME = 256
+_BAD_MODEL_CHARS = re.compile(r"[/\\%\s\x00-\x1f\x7f]")
+
+
+def checked_model(value: Any, param: str = "model", *, in_path: bool = False) -> str:
+    """A model name safe to route, price and forward: no path separators, `..`, percent-encoding,
+    whitespace or control characters, at most MAX_MODEL_NAME characters (a name in a URL path also
+    may not contain `:`, which separates it from the method). Raises BadRequest naming `param`."""
+    if not isinstance(value, str) or not value.strip():
+        raise BadRequest("You must provide a model name.", param=param)
+    if (len(value) > MAX_MODEL_NAME or _BAD_MODEL_CHARS.search(value) or ".." in value
+            or (in_path and ":" in value)):
+        shown = value[:60].encode("unicode_escape").decode("ascii")
+        raise BadRequest(f"Invalid model name {shown!r}: a model name has at most {MAX_MODEL_NAME} characters "
+                         "and no '/', '\\', '..', '%', whitespace or control characters.", param=param)
+    return value
 
 
 def forward_headers(incoming: Mapping[str, str]) -> dict[str, str]:

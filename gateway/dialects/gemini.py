@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from gateway.config import Upstream
-from gateway.dialects.base import ParsedRequest, forward_headers, inject_provider_key, json_object
+from gateway.dialects.base import ParsedRequest, checked_model, forward_headers, inject_provider_key, json_object
+from gateway.dialects.drivers import NONE, CostDrivers, ToolUse
 from gateway.errors import BadRequest, GatewayError
 from gateway.money import ceil_div
 from gateway.sse import SSEDecoder
@@ -21,6 +23,11 @@ _MEDIA = re.compile(rb'"(?:inlineData|inline_data|fileData|file_data)"')
 _TEXT = re.compile(r'"text"\s*:\s*"((?:[^"\\]|\\.)+)"')
 GENERATE = ("generateContent", "streamGenerateContent")
 EMBED = ("embedContent", "batchEmbedContents")
+METHODS = (*GENERATE, *EMBED, "countTokens")
+_PATH = re.compile(r"/(v1|v1beta)/models/([^/]+):([A-Za-z]+)")
+#: Tool entries that are plain function calling; every other key is a Google-run tool (search, code…)
+_FUNCTION_TOOLS = frozenset({"functionDeclarations", "function_declarations"})
+_SNAKE = re.compile(r"(?<!^)(?=[A-Z])")
 
 _STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 402: "RESOURCE_EXHAUSTED", 403: "PERMISSION_DENIED",
            404: "NOT_FOUND", 413: "INVALID_ARGUMENT", 415: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED",
@@ -92,6 +99,32 @@ class GenerateStreamMeter:
         return b""
 
 
+def _check_inner_models(requests: list[Any], path_model: str) -> None:
+    """batchEmbedContents items name their model too: it must be the one in the path (priced)."""
+    for i, item in enumerate(requests):
+        inner = item.get("model") if isinstance(item, dict) else None
+        if inner is not None and inner not in (path_model, f"models/{path_model}"):
+            raise BadRequest(f"* BatchEmbedContentsRequest.requests[{i}].model: must be models/{path_model}, the "
+                             "model in the URL.", param="model")
+
+
+def _drivers(body: dict[str, Any]) -> CostDrivers:
+    """Google-run tools (Search grounding, code execution, URL context, …) and cached contents."""
+    tools: list[ToolUse] = []
+    raw_tools = body.get("tools")
+    for tool in raw_tools if isinstance(raw_tools, list) else ():
+        if not isinstance(tool, dict):
+            raise BadRequest("Invalid value at 'tools': expected objects.", param="tools")
+        for key in tool:
+            if key not in _FUNCTION_TOOLS:
+                kind = _SNAKE.sub("_", key).lower()
+                tools.append(ToolUse("google_search" if kind.startswith("google_search") else kind, "tools"))
+    stored = next((name for name in ("cachedContent", "cached_content") if body.get(name) is not None), None)
+    if not tools and stored is None:
+        return NONE
+    return CostDrivers(None, tuple(tools), None, stored)
+
+
 def _generation_cap(body: dict[str, Any]) -> tuple[str | None, str | None, int | None, int]:
     """(config key, cap key, cap, candidate count) in whichever spelling the client used."""
     for config_key, cap_key, count_key in (("generationConfig", "maxOutputTokens", "candidateCount"),
@@ -115,13 +148,20 @@ class GeminiDialect:
         return headers.get("x-goog-api-key") or query.get("key")
 
     def upstream_path(self, path: str) -> str:
-        return path  # base URLs are origins; the path keeps its API version
+        """Rebuilt from validated parts (version, model, method), never the raw path: an encoded
+        `/` or `..` in the model would otherwise be normalised into another model's path."""
+        match = _PATH.fullmatch(path)
+        if match is None or match[3] not in METHODS:
+            raise BadRequest("Expected a path of the form /{version}/models/{model}:{method}.")
+        version, model, method = match.groups()
+        return f"/{version}/models/{checked_model(model, in_path=True)}:{method}"
 
-    def parse_request(self, endpoint: str, raw: bytes, max_choices: int, path_model: str | None = None
-                      ) -> ParsedRequest:
-        body = json_object(raw)
+    def parse_request(self, endpoint: str, raw: bytes, max_choices: int, path_model: str | None = None,
+                      headers: Mapping[str, str] | None = None) -> ParsedRequest:
         if not path_model:
             raise BadRequest("The model is missing from the URL (…/models/{model}:{method}).")
+        path_model = checked_model(path_model, in_path=True)
+        body = json_object(raw)
         config_key, cap_key, cap, count = (None, None, None, 1)
         if endpoint in GENERATE:
             contents = body.get("contents")
@@ -133,8 +173,10 @@ class GeminiDialect:
                                  param="candidateCount")
         elif endpoint == "embedContent" and not isinstance(body.get("content"), dict):
             raise BadRequest("* EmbedContentRequest.content: content is not specified", param="content")
-        elif endpoint == "batchEmbedContents" and not isinstance(body.get("requests"), list):
-            raise BadRequest("* BatchEmbedContentsRequest.requests: requests is not specified", param="requests")
+        elif endpoint == "batchEmbedContents":
+            if not isinstance(body.get("requests"), list):
+                raise BadRequest("* BatchEmbedContentsRequest.requests: requests is not specified", param="requests")
+            _check_inner_models(body["requests"], path_model)
         media = len(_MEDIA.findall(raw))
         return ParsedRequest(
             endpoint=endpoint, model=path_model, stream=endpoint == "streamGenerateContent", body=body,
@@ -142,6 +184,7 @@ class GeminiDialect:
             output_cap=0 if endpoint in EMBED else cap, choices=count,
             prompt_tokens_bound=len(raw) + _TEMPLATE_TOKENS + media * MEDIA_PART_TOKENS,
             prompt_tokens_estimate=ceil_div(len(raw), 4) + media * MEDIA_PART_TOKENS,
+            drivers=_drivers(body) if endpoint in GENERATE else NONE,
         )
 
     def upstream_body(
@@ -158,12 +201,19 @@ class GeminiDialect:
         return inject_provider_key(forward_headers(incoming), upstream)
 
     def usage_from_body(self, endpoint: str, body: bytes) -> Usage | None:
+        """Usage of a whole answer: one GenerateContentResponse, or (streamGenerateContent without
+        `alt=sse`) a JSON array of them whose last usageMetadata is the cumulative total."""
         try:
             obj = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             return None
-        meta = obj.get("usageMetadata") if isinstance(obj, dict) else None
-        return parse_usage(meta) if isinstance(meta, dict) else None
+        items = obj if isinstance(obj, list) else [obj]
+        metas = [item["usageMetadata"] for item in items
+                 if isinstance(item, dict) and isinstance(item.get("usageMetadata"), dict)]
+        if not metas:
+            return None
+        usage = parse_usage(metas[-1])
+        return replace(usage, output_tokens=0) if endpoint in EMBED and usage.output_tokens is None else usage
 
     def stream_meter(self, endpoint: str, hide_usage: bool) -> GenerateStreamMeter:
         return GenerateStreamMeter()

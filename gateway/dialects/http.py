@@ -49,8 +49,8 @@ class HttpDialect:
         _name, _, rest = path[len(PREFIX):].partition("/")
         return "/" + rest
 
-    def parse_request(self, endpoint: str, raw: bytes, max_choices: int, path_model: str | None = None
-                      ) -> ParsedRequest:
+    def parse_request(self, endpoint: str, raw: bytes, max_choices: int, path_model: str | None = None,
+                      headers: Mapping[str, str] | None = None) -> ParsedRequest:
         return ParsedRequest(endpoint=endpoint, model=path_model or "", stream=False, body={}, cap_field=None,
                              output_cap=None, choices=1, prompt_tokens_bound=0, prompt_tokens_estimate=0)
 

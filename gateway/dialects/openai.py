@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.config import Upstream
-from gateway.dialects.base import ParsedRequest, forward_headers, inject_provider_key, json_object
+from gateway.dialects.base import ParsedRequest, checked_model, forward_headers, inject_provider_key, json_object
+from gateway.dialects.drivers import NONE, CostDrivers, ToolUse, tool_kind
 from gateway.errors import BadRequest, GatewayError
 from gateway.money import ceil_div
 from gateway.sse import SSEDecoder, SSEEvent
@@ -59,6 +60,39 @@ def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
+#: Request tool types that are plain function calling (their tokens are in usage, no fee).
+_ORDINARY_TOOLS = frozenset({"function", "custom", "local_shell", "shell", "apply_patch", "computer_use_preview"})
+#: Responses output items of built-in tools, counted for settlement (absent: zero calls).
+_TOOL_ITEMS = {"web_search_call": "web_search", "file_search_call": "file_search",
+               "code_interpreter_call": "code_interpreter", "image_generation_call": "image_generation"}
+
+
+def _tool_calls(output: Any) -> tuple[tuple[str, int], ...] | None:
+    """Built-in tool calls in a Responses `output` list (None when there is no such list)."""
+    if not isinstance(output, list):
+        return None
+    counts = dict.fromkeys(_TOOL_ITEMS.values(), 0)
+    for item in output:
+        kind = _TOOL_ITEMS.get(str(item.get("type"))) if isinstance(item, dict) else None
+        if kind is not None:
+            counts[kind] += 1
+    return tuple(sorted(counts.items()))
+
+
+def usage_of(obj: Mapping[str, Any], embeddings: bool = False) -> Usage | None:
+    """Usage of a whole response object (chat, completion, response or embeddings list), with the
+    service tier it echoes and, for the Responses API, the built-in tool calls in its output."""
+    usage = obj.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    parsed = parse_usage(usage)
+    tier = obj.get("service_tier")
+    return Usage(parsed.input_tokens, parsed.cached_input_tokens, parsed.cache_write_tokens,
+                 0 if embeddings and parsed.output_tokens is None else parsed.output_tokens,
+                 parsed.reasoning_tokens, None, tier if isinstance(tier, str) else None,
+                 _tool_calls(obj.get("output")))
+
+
 def parse_usage(usage: Mapping[str, Any]) -> Usage:
     """OpenAI usage (chat/completions or responses naming) to the normalised Usage.
 
@@ -73,6 +107,38 @@ def parse_usage(usage: Mapping[str, Any]) -> Usage:
     reasoning = _count(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else None
     uncached = None if prompt is None else max(prompt - (cached or 0) - (written or 0), 0)
     return Usage(uncached, cached, written, output, reasoning)
+
+
+def _prompt_count(prompt: Any) -> int:
+    """Completions prompts: a string or one token array is one prompt; an array of strings or of
+    token arrays is one prompt per item."""
+    if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt):
+        return len(prompt)
+    return 1
+
+
+def _drivers(endpoint: str, body: dict[str, Any]) -> CostDrivers:
+    """Service tier, built-in tools and provider-held prompts of a chat or Responses request."""
+    tier = body.get("service_tier")
+    if tier is not None and not isinstance(tier, str):
+        raise BadRequest("Invalid 'service_tier': expected a string.", param="service_tier")
+    tools: list[ToolUse] = []
+    raw_tools = body.get("tools")
+    for tool in raw_tools if isinstance(raw_tools, list) else ():
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if not isinstance(kind, str):
+            raise BadRequest("Invalid 'tools': every tool needs a string 'type'.", param="tools")
+        if kind not in _ORDINARY_TOOLS:
+            tools.append(ToolUse(tool_kind(kind), "tools"))
+    if body.get("web_search_options") is not None:
+        tools.append(ToolUse("web_search", "web_search_options"))
+    # Responses: a prior response, a conversation or a stored prompt template adds unseen prompt tokens
+    stored = next((name for name in ("previous_response_id", "conversation", "prompt")
+                   if body.get(name) is not None), None) if endpoint == "responses" else None
+    max_calls = _int_field(body, "max_tool_calls", 0)
+    if tier is None and not tools and stored is None:
+        return NONE
+    return CostDrivers(tier, tuple(tools), max_calls, stored)
 
 
 def _int_field(body: dict[str, Any], name: str, minimum: int) -> int | None:
@@ -126,7 +192,7 @@ class ChatStreamMeter:
             except ValueError:
                 return False
             if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
-                self._usage = parse_usage(obj["usage"])
+                self._usage = usage_of(obj)
                 if obj.get("choices") == []:
                     return True
         texts = _DELTA_TEXT.findall(data)
@@ -162,9 +228,9 @@ class ResponsesStreamMeter:
                     obj = json.loads(event.data)
                 except ValueError:
                     continue
-                usage = (obj.get("response") or {}).get("usage") if isinstance(obj, dict) else None
-                if isinstance(usage, dict):
-                    self._usage = parse_usage(usage)
+                response = obj.get("response") if isinstance(obj, dict) else None
+                if isinstance(response, dict):
+                    self._usage = usage_of(response)
         return chunk
 
     def finish(self) -> bytes:
@@ -194,13 +260,13 @@ class OpenAIDialect:
         """OpenAI-style base URLs end in /v1; SDKs pointed at a base without /v1 send bare paths."""
         return path[len("/v1"):] if path.startswith("/v1/") else path
 
-    def parse_request(self, endpoint: str, raw: bytes, max_choices: int, path_model: str | None = None
-                      ) -> ParsedRequest:
+    def parse_request(self, endpoint: str, raw: bytes, max_choices: int, path_model: str | None = None,
+                      headers: Mapping[str, str] | None = None) -> ParsedRequest:
         spec = _ENDPOINTS[endpoint]
         body = json_object(raw)
-        model = body.get("model")
-        if not isinstance(model, str) or not model.strip():
+        if not isinstance(body.get("model"), str) or not body["model"].strip():
             raise BadRequest("You must provide a model parameter.", param="model")
+        model = checked_model(body["model"])
         prompt = body.get(spec.input_field)
         if not (isinstance(prompt, str) and prompt) and not (isinstance(prompt, list) and prompt):
             kind = "a non-empty array" if endpoint == "chat" else "a non-empty string or array"
@@ -217,10 +283,13 @@ class OpenAIDialect:
                              param="stream_options")
         choices = 1
         if spec.multi_choice:
-            choices = max(_int_field(body, "n", 1) or 1, _int_field(body, "best_of", 1) or 1)
+            # a completions prompt array is one completion per prompt, each with n (best_of) choices
+            prompts = _prompt_count(prompt) if endpoint == "completions" else 1
+            choices = prompts * max(_int_field(body, "n", 1) or 1, _int_field(body, "best_of", 1) or 1)
             if choices > max_choices:
-                raise BadRequest(f"Invalid 'n': this gateway allows at most {max_choices} choice(s) per request.",
-                                 param="n")
+                raise BadRequest(f"Invalid '{'prompt' if prompts > 1 else 'n'}': this gateway allows at most "
+                                 f"{max_choices} choice(s) per request ({prompts} prompt(s) x n/best_of).",
+                                 param="prompt" if prompts > 1 else "n")
         cap_field, cap = None, spec.default_cap
         for name in spec.cap_fields:
             value = _int_field(body, name, 1)
@@ -238,6 +307,7 @@ class OpenAIDialect:
             choices=choices,
             prompt_tokens_bound=len(raw) + _TEMPLATE_TOKENS + media * MEDIA_PART_TOKENS,
             prompt_tokens_estimate=ceil_div(len(raw), 4) + media * MEDIA_PART_TOKENS,
+            drivers=_drivers(endpoint, body),
         )
 
     def upstream_body(
@@ -275,8 +345,7 @@ class OpenAIDialect:
             obj = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             return None
-        usage = obj.get("usage") if isinstance(obj, dict) else None
-        return parse_usage(usage) if isinstance(usage, dict) else None
+        return usage_of(obj, embeddings=endpoint == "embeddings") if isinstance(obj, dict) else None
 
     def stream_meter(self, endpoint: str, hide_usage: bool) -> ChatStreamMeter | ResponsesStreamMeter:
         return ResponsesStreamMeter() if endpoint == "responses" else ChatStreamMeter(hide_usage)
