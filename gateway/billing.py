@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from gateway import alerts
 from gateway.auth import Principal
 from gateway.config import ModelRoute, Rates
 from gateway.dialects.base import Dialect, ParsedRequest
+from gateway.dialects.drivers import admit
 from gateway.errors import StoreUnavailable
 from gateway.keys import AccountKeys
 from gateway.metering import Quote, Reservation, Settlement, cost_of
@@ -55,13 +56,10 @@ def billable(usage: Usage | None, parsed: ParsedRequest, estimate_out: int) -> t
     if usage is not None and usage.input_tokens is not None and usage.output_tokens is not None:
         return usage, False
     reported = usage or Usage()
-    return Usage(
+    return replace(
+        reported,
         input_tokens=reported.input_tokens if reported.input_tokens is not None else parsed.prompt_tokens_estimate,
-        cached_input_tokens=reported.cached_input_tokens,
-        cache_write_tokens=reported.cache_write_tokens,
         output_tokens=reported.output_tokens if reported.output_tokens is not None else estimate_out,
-        reasoning_tokens=reported.reasoning_tokens,
-        cache_write_1h_tokens=reported.cache_write_1h_tokens,
     ), True
 
 
@@ -114,12 +112,15 @@ async def _settle(call: Call, usage: Usage | None, outcome: str, http_status: in
         "in": bill.input_tokens, "cached_in": bill.cached_input_tokens, "cache_write": bill.cache_write_tokens,
         "cache_write_1h": bill.cache_write_1h_tokens,
         "out": bill.output_tokens, "reasoning": bill.reasoning_tokens, "status": http_status,
+        "service_tier": bill.service_tier or call.rates.service_tier,
+        "tool_calls": dict(bill.tool_calls) if bill.tool_calls is not None else None,
         "outcome": outcome, "estimated": int(estimated), "lowered_cap": lowered, "stream": int(streamed),
         "latency_ms": int((time.perf_counter() - call.started) * 1000),
     }
     tokens = sum(n or 0 for n in (bill.input_tokens, bill.cached_input_tokens, bill.cache_write_tokens,
                                   bill.cache_write_1h_tokens, bill.output_tokens))
-    usd = cost_of(gw.config.usd_rates(call.route), bill)
+    usd = cost_of(admit(gw.config.upstreams[call.route.upstream], gw.config.usd_rates(call.route),
+                        call.parsed.drivers), bill)
     event["usd_micro"] = usd  # the provider's list cost, for billing exports
     meter, keys = gw.meter, call.keys
 

@@ -129,7 +129,8 @@ def _spec(gw: Gateway, principal: Principal, plan: Plan, route: ModelRoute, pars
           now_ms: int | None) -> tuple[ReserveSpec, Quote]:
     """The limits that apply to this request, their worst-case amounts and the current cycle."""
     limits: list[Limit] = applicable(plan.limits, route.upstream) + list(principal.key_limits)
-    usd = quote(gw.config.usd_rates(route), parsed.prompt_tokens_bound, q.max_output_tokens)
+    usd = quote(request_rates(gw, route, parsed, gw.config.usd_rates(route)), parsed.prompt_tokens_bound,
+                q.max_output_tokens)
     now = now_ms if now_ms is not None else int(time.time() * 1000) + gw.meter.clock_offset_ms  # type: ignore[union-attr]
     cycle = gw.cycle_cache.get((principal.anchor_ms, principal.timezone or plan.timezone))
     if cycle is None or not cycle[0] <= now < cycle[1]:
@@ -230,7 +231,8 @@ def make_handler(dialect: Dialect, endpoint: str) -> Handler:
         request[REQUEST_DIALECT] = dialect
         principal = await gw.auth.authenticate(dialect.client_key(request.headers, request.query))  # type: ignore[union-attr]
         raw = await read_body(request, dialect)
-        parsed = dialect.parse_request(endpoint, raw, gw.settings.max_choices, request.match_info.get("model"))
+        parsed = dialect.parse_request(endpoint, raw, gw.settings.max_choices, request.match_info.get("model"),
+                                      headers=request.headers)
         principal, route, rates, q, reservation, limits, usd = await _reserve(gw, dialect, principal, parsed,
                                                                               request_id)
         call = Call(gw, dialect, principal, parsed, route, rates, q, reservation, request_id, started, limits, usd)
@@ -268,7 +270,8 @@ def make_free_handler(dialect: Dialect, endpoint: str) -> Handler:
         principal = await gw.auth.authenticate(dialect.client_key(request.headers, request.query))
         account = await gw.auth.live_account(principal)
         raw = await read_body(request, dialect)
-        parsed = dialect.parse_request(endpoint, raw, gw.settings.max_choices, request.match_info.get("model"))
+        parsed = dialect.parse_request(endpoint, raw, gw.settings.max_choices, request.match_info.get("model"),
+                                      headers=request.headers)
         principal = gw.auth.with_plan(principal, account.get("plan", principal.plan))
         route, _plan = route_for(gw, dialect, principal, parsed.model)
         upstream = gw.config.upstreams[route.upstream]
@@ -300,7 +303,8 @@ def _lowered_cap(call: Call) -> int | None:
     affordable = min(affordable_output(call.rates, call.quote, res.hold),
                      max(res.held_tokens - call.parsed.prompt_tokens_bound, 0))
     if call.usd_quote is not None:
-        affordable = min(affordable, affordable_output(call.gw.config.usd_rates(call.route), call.usd_quote,
+        usd_rates = request_rates(call.gw, call.route, call.parsed, call.gw.config.usd_rates(call.route))
+        affordable = min(affordable, affordable_output(usd_rates, call.usd_quote,
                                                        res.held_usd))
     per_choice = affordable // call.parsed.choices
     asked = call.route.max_output_tokens if call.parsed.output_cap is None else call.parsed.output_cap
@@ -319,11 +323,11 @@ async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamRe
         gw.metrics.lowered.labels(call.route.pattern).inc()
     try:
         body, hide_usage = call.dialect.upstream_body(call.parsed, upstream, lowered)
+        headers = call.dialect.upstream_headers(upstream, request.headers)
+        url = upstream.base_url + call.dialect.upstream_path(request.path)
     except GatewayError as refused:
         await end_call(call, None, outcome="refused", http_status=refused.status)
         raise
-    headers = call.dialect.upstream_headers(upstream, request.headers)
-    url = upstream.base_url + call.dialect.upstream_path(request.path)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout_seconds,
                                     sock_read=upstream.timeout_seconds)
     sent = time.perf_counter()

@@ -106,6 +106,16 @@ async def test_a_model_name_with_a_slash_is_refused_in_a_body(harness: Harness) 
     assert (await assert_refused(harness, account, resp))["error"]["param"] == "model"
 
 
+async def test_an_org_slash_model_name_in_a_body_is_a_name_not_a_path(harness: Harness) -> None:
+    # OpenAI-compatible upstreams (OpenRouter, vLLM) name models `org/model`: routed as a name (here to
+    # nothing: a 404), never refused as a path, and a glob like `demo-*` does not match it
+    account, key = await harness.account(credits=1)
+    for model in ("meta-llama/llama-3-70b", "demo-x/mini"):
+        resp = await harness.client.post("/v1/chat/completions", json={"model": model, "messages": msgs("hi")},
+                                         headers={"Authorization": f"Bearer {key}"})
+        assert (await assert_refused(harness, account, resp, 404))["error"]["param"] == "model"
+
+
 # ---------------------------------------------------------------- item 5: completions prompt arrays
 
 
@@ -211,6 +221,7 @@ async def test_a_price_changing_anthropic_beta_is_refused_and_harmless_ones_pass
     error = (await assert_refused(harness, account, resp))["error"]
     assert error["type"] == "invalid_request_error" and "context-1m-2025-08-07" in error["message"]
     assert emulator_state(harness.emulator).total_requests == before
+    assert not [e for e in harness.ledger(account) if e["type"] in ("released", "usage")]  # refused before any hold
     ok = await harness.client.post("/v1/messages", json={"model": "demo-claude", "max_tokens": 5,
                                                         "messages": msgs("hi")},
                                    headers={"x-api-key": key, "anthropic-beta": "token-efficient-tools-2025-02-19"})

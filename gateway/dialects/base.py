@@ -147,20 +147,22 @@ def json_object(raw: bytes) -> dict[str, Any]:
 
 #: Longest model name accepted; real ones are well under 100 characters.
 MAX_MODEL_NAME = 256
-_BAD_MODEL_CHARS = re.compile(r"[/\\%\s\x00-\x1f\x7f]")
+_BAD_MODEL_CHARS = re.compile(r"[\\%\s\x00-\x1f\x7f]")
 
 
 def checked_model(value: Any, param: str = "model", *, in_path: bool = False) -> str:
-    """A model name safe to route, price and forward: no path separators, `..`, percent-encoding,
-    whitespace or control characters, at most MAX_MODEL_NAME characters (a name in a URL path also
-    may not contain `:`, which separates it from the method). Raises BadRequest naming `param`."""
+    """A model name safe to route, price and forward: no `..`, backslash, percent-encoding, whitespace
+    or control characters, at most MAX_MODEL_NAME characters. In a body, `org/model` names (OpenRouter,
+    vLLM) are fine: route globs never cross '/'. A name in a URL path may contain neither '/' nor ':'
+    (which separates it from the method). Raises BadRequest naming `param`."""
     if not isinstance(value, str) or not value.strip():
         raise BadRequest("You must provide a model name.", param=param)
     if (len(value) > MAX_MODEL_NAME or _BAD_MODEL_CHARS.search(value) or ".." in value
-            or (in_path and ":" in value)):
+            or (in_path and (":" in value or "/" in value)) or value.startswith("/") or value.endswith("/")):
         shown = value[:60].encode("unicode_escape").decode("ascii")
-        raise BadRequest(f"Invalid model name {shown!r}: a model name has at most {MAX_MODEL_NAME} characters "
-                         "and no '/', '\\', '..', '%', whitespace or control characters.", param=param)
+        where = "in a URL path no '/' or ':', and " if in_path else ""
+        raise BadRequest(f"Invalid model name {shown!r}: a model name has at most {MAX_MODEL_NAME} characters, "
+                         f"{where}no '\\', '..', '%', whitespace or control characters.", param=param)
     return value
 
 
