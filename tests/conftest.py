@@ -180,6 +180,13 @@ class Harness:
                 client.close()
         self.redis.close()
 
+    async def admin(self, method: str, path: str, body: dict[str, Any] | None = None, **kw: Any) -> tuple[int, Any]:
+        """Call the admin API with the admin key; returns (status, decoded JSON answer)."""
+        if body is not None:
+            kw["json"] = body
+        async with self.client.request(method, path, headers=ADMIN, **kw) as resp:
+            return resp.status, await resp.json()
+
     async def emulator_post(self, path: str, body: dict[str, Any]) -> bytes:
         """What the fake provider answers when called directly with the provider key."""
         return await self.emulator_post_with_header(path, body, {"Authorization": f"Bearer {PROVIDER_KEY}"})
@@ -274,6 +281,16 @@ async def harness(redis_url: str, config_dir: Path, emulator: TestServer, aiohtt
     yield h
     await h.close()
     await client.close()
+
+
+@pytest.fixture
+async def isolated(own_redis: EmbeddedRedis, config_dir: Path, emulator: TestServer, aiohttp_client: Any
+                   ) -> AsyncIterator[Harness]:
+    """A gateway on a redis-server of its own (`own_redis`), to stop, pause or restart in a test."""
+    client = await aiohttp_client(create_app(make_settings(config_dir, own_redis.url)))
+    h = Harness(client, sync_redis.Redis.from_url(own_redis.url), emulator)
+    yield h
+    await h.close()
 
 
 def no_limits(q: Quote) -> ReserveSpec:

@@ -19,11 +19,6 @@ from gateway.keys import KeySchema
 CHAT = {"model": "demo-mini", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
 
 
-async def _admin(harness: Harness, method: str, path: str, **kw: Any) -> tuple[int, Any]:
-    async with harness.client.request(method, path, headers=ADMIN, **kw) as resp:
-        return resp.status, await resp.json()
-
-
 async def _chat(harness: Harness, key: str, body: dict[str, Any] = CHAT) -> int:
     async with harness.client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as r:
         await r.read()
@@ -31,7 +26,7 @@ async def _chat(harness: Harness, key: str, body: dict[str, Any] = CHAT) -> int:
 
 
 async def _new_account(harness: Harness, name: str, plan: str) -> str:
-    status, body = await _admin(harness, "POST", "/admin/accounts", json={"name": name, "plan": plan})
+    status, body = await harness.admin("POST", "/admin/accounts", json={"name": name, "plan": plan})
     assert status == 201
     return str(body["id"])
 
@@ -42,19 +37,19 @@ async def test_accounts_are_listed_with_filters_and_pages(harness: Harness) -> N
     seen: list[str] = []
     after = ""
     while True:
-        status, page = await _admin(harness, "GET", f"/admin/accounts?limit=2&after={after}")
+        status, page = await harness.admin("GET", f"/admin/accounts?limit=2&after={after}")
         assert status == 200 and len(page["data"]) <= 2
         seen += [a["id"] for a in page["data"]]
         if not page["has_more"]:
             break
         after = page["next_after"]
     assert seen == sorted(made)  # every account once, in id order
-    status, pro = await _admin(harness, "GET", "/admin/accounts?plan=pro")
+    status, pro = await harness.admin("GET", "/admin/accounts?plan=pro")
     assert {a["plan"] for a in pro["data"]} == {"pro"} and len(pro["data"]) == 3
-    status, acme = await _admin(harness, "GET", "/admin/accounts?name=ACME&plan=free")
+    status, acme = await harness.admin("GET", "/admin/accounts?name=ACME&plan=free")
     assert {a["name"] for a in acme["data"]} == {"acme-3", "acme-5"}  # case-insensitive substring, and plan
     for bad in ("0", "501", "x"):
-        status, err = await _admin(harness, "GET", f"/admin/accounts?limit={bad}")
+        status, err = await harness.admin("GET", f"/admin/accounts?limit={bad}")
         assert status == 400 and err["error"]["param"] == "limit"
     async with harness.client.get("/admin/accounts") as resp:
         assert resp.status == 401
@@ -64,7 +59,7 @@ async def test_platform_stats_add_up_to_the_accounts_and_the_ledger(harness: Har
     accounts = [await harness.account(credits=2, plan=plan) for plan in ("free", "free", "pro")]
     await asyncio.gather(*(_chat(harness, key) for _ in range(5) for _, key in accounts))
     await harness.gw.quiesce()
-    status, stats = await _admin(harness, "GET", "/admin/stats")
+    status, stats = await harness.admin("GET", "/admin/stats")
     assert status == 200
     assert stats["accounts"] == 3 and stats["accounts_by_plan"] == {"free": 2, "pro": 1}
     usage = [e for account, _ in accounts for e in harness.ledger(account) if e["type"] == "usage"]
@@ -80,12 +75,12 @@ async def test_platform_stats_add_up_to_the_accounts_and_the_ledger(harness: Har
 
 async def test_rotation_keeps_the_old_key_for_the_grace_period_only(harness: Harness) -> None:
     account, old_key = await harness.account(credits=5)
-    [old] = (await _admin(harness, "GET", f"/admin/accounts/{account}/keys"))[1]["data"]
+    [old] = (await harness.admin("GET", f"/admin/accounts/{account}/keys"))[1]["data"]
     assert old["last_used_at"] is None
     assert await _chat(harness, old_key) == 200
-    [old] = (await _admin(harness, "GET", f"/admin/accounts/{account}/keys"))[1]["data"]
+    [old] = (await harness.admin("GET", f"/admin/accounts/{account}/keys"))[1]["data"]
     assert old["last_used_at"] is not None
-    status, rotated = await _admin(harness, "POST", f"/admin/keys/{old['id']}/rotate", json={"grace_seconds": 600})
+    status, rotated = await harness.admin("POST", f"/admin/keys/{old['id']}/rotate", json={"grace_seconds": 600})
     assert status == 201 and rotated["key"].startswith(old_key[:3]) and rotated["id"] != old["id"]
     assert rotated["label"] == old["label"] and rotated["previous"]["rotated_to"] == rotated["id"]
     assert rotated["previous"]["expires_at"] is not None
@@ -94,18 +89,18 @@ async def test_rotation_keeps_the_old_key_for_the_grace_period_only(harness: Har
     harness.gw.meter.clock_offset_ms += 601_000  # past the grace period
     assert await _chat(harness, rotated["key"]) == 200
     assert await _chat(harness, old_key) == 401
-    status, err = await _admin(harness, "POST", "/admin/keys/key_nope/rotate", json={})
+    status, err = await harness.admin("POST", "/admin/keys/key_nope/rotate", json={})
     assert status == 404 and "key_nope" in err["error"]["message"]
     for bad in ('{"grace_seconds": -1}', '{"grace_seconds": 1e400}', '{"grace_seconds": "1h"}', '{"grace_seconds"'):
         async with harness.client.post(f"/admin/keys/{rotated['id']}/rotate", data=bad, headers=ADMIN) as resp:
             assert resp.status == 400, bad
-    assert len((await _admin(harness, "GET", f"/admin/accounts/{account}/keys"))[1]["data"]) == 2  # none made
+    assert len((await harness.admin("GET", f"/admin/accounts/{account}/keys"))[1]["data"]) == 2  # none made
     await harness.assert_conserved(account)
 
 
 async def test_key_scopes_narrow_apis_and_models(harness: Harness) -> None:
     account, _ = await harness.account(credits=5, plan="pro")
-    status, key = await _admin(harness, "POST", f"/admin/accounts/{account}/keys",
+    status, key = await harness.admin("POST", f"/admin/accounts/{account}/keys",
                                json={"label": "mini only", "scopes": ["api:openai", "model:demo-mini*"]})
     assert status == 201 and key["scopes"] == ["api:openai", "model:demo-mini*"]
     assert await _chat(harness, key["key"]) == 200
@@ -125,22 +120,22 @@ async def test_key_scopes_narrow_apis_and_models(harness: Harness) -> None:
         assert "scopes do not include the anthropic API" in str(exc)
     assert harness.state(account) == before and harness.holds(account) == {}  # refusals leave nothing
     for bad in (["admin"], ["api:nope"], "api:openai", [1], ["model:"]):
-        status, err = await _admin(harness, "POST", f"/admin/accounts/{account}/keys", json={"scopes": bad})
+        status, err = await harness.admin("POST", f"/admin/accounts/{account}/keys", json={"scopes": bad})
         assert status == 400 and err["error"]["param"] == "scopes"
 
 
 async def test_key_expiry_can_be_changed_and_applies_at_once(harness: Harness) -> None:
     account, raw = await harness.account(credits=5)
-    [key] = (await _admin(harness, "GET", f"/admin/accounts/{account}/keys"))[1]["data"]
-    status, view = await _admin(harness, "PATCH", f"/admin/keys/{key['id']}",
+    [key] = (await harness.admin("GET", f"/admin/accounts/{account}/keys"))[1]["data"]
+    status, view = await harness.admin("PATCH", f"/admin/keys/{key['id']}",
                                 json={"expires_at": "2020-01-01T00:00:00Z", "label": "old"})
     assert status == 200 and view["status"] == "expired" and view["label"] == "old"
     assert await _chat(harness, raw) == 401
-    status, view = await _admin(harness, "PATCH", f"/admin/keys/{key['id']}", json={"expires_at": None})
+    status, view = await harness.admin("PATCH", f"/admin/keys/{key['id']}", json={"expires_at": None})
     assert status == 200 and view["status"] == "active" and view["expires_at"] is None
     assert await _chat(harness, raw) == 200
     for bad in ({}, {"expires_at": "soon"}, {"label": 3}):
-        status, err = await _admin(harness, "PATCH", f"/admin/keys/{key['id']}", json=bad)
+        status, err = await harness.admin("PATCH", f"/admin/keys/{key['id']}", json=bad)
         assert status == 400 and err["error"]["message"]
 
 

@@ -200,14 +200,6 @@ async def test_a_reserve_run_twice_by_a_connection_retry_holds_once_and_serves(h
 # ---------------------------------------------------------------- 11. Redis stalls
 
 
-@pytest.fixture
-async def isolated(own_redis: EmbeddedRedis, config_dir: Path, emulator: Any, aiohttp_client: Any) -> Any:
-    client = await aiohttp_client(create_app(make_settings(config_dir, own_redis.url)))
-    h = Harness(client, sync_redis.Redis.from_url(own_redis.url), emulator)
-    yield h
-    await h.close()
-
-
 async def test_reserves_that_timed_out_in_a_redis_stall_are_cancelled_when_it_returns(
         isolated: Harness, own_redis: EmbeddedRedis) -> None:
     account, key = await isolated.account(credits=1)

@@ -8,7 +8,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from conftest import ADMIN, Harness
+from conftest import Harness
 
 from gateway.keys import KeySchema
 from gateway.store import now_ms
@@ -27,18 +27,12 @@ def plans_yaml() -> str:
     return PLANS
 
 
-async def _admin(harness: Harness, method: str, path: str, body: dict[str, Any] | None = None
-                 ) -> tuple[int, dict[str, Any]]:
-    async with harness.client.request(method, path, json=body, headers=ADMIN) as resp:
-        return resp.status, await resp.json()
-
-
 async def _create(harness: Harness, account: str, **body: Any) -> tuple[int, dict[str, Any]]:
-    return await _admin(harness, "POST", f"/admin/accounts/{account}/keys", body)
+    return await harness.admin("POST", f"/admin/accounts/{account}/keys", body)
 
 
 async def _rotate(harness: Harness, key_id: str, grace_seconds: int = 600) -> tuple[int, dict[str, Any]]:
-    return await _admin(harness, "POST", f"/admin/keys/{key_id}/rotate", {"grace_seconds": grace_seconds})
+    return await harness.admin("POST", f"/admin/keys/{key_id}/rotate", {"grace_seconds": grace_seconds})
 
 
 async def _chat(harness: Harness, key: str) -> int:
@@ -57,7 +51,7 @@ def _shift(harness: Harness, ms: int) -> None:
 
 
 async def _only_key(harness: Harness, account: str) -> str:
-    status, listing = await _admin(harness, "GET", f"/admin/accounts/{account}/keys")
+    status, listing = await harness.admin("GET", f"/admin/accounts/{account}/keys")
     assert status == 200 and len(listing["data"]) == 1
     return str(listing["data"][0]["id"])
 
@@ -111,7 +105,7 @@ async def test_a_rotation_at_the_limit_is_allowed_and_the_old_key_counts_until_i
     _shift(harness, 601_000)
     assert (await _create(harness, account))[0] == 403  # two usable keys: the limit
     assert len(_usable(harness, account)) == 2
-    status, listing = await _admin(harness, "GET", f"/admin/accounts/{account}/keys")
+    status, listing = await harness.admin("GET", f"/admin/accounts/{account}/keys")
     assert sorted(k["status"] for k in listing["data"]) == ["active", "active", "expired", "expired"]
 
 
@@ -121,17 +115,17 @@ async def test_an_expired_or_rotated_key_cannot_be_revived_past_the_limit(harnes
     status, second = await _create(harness, account)
     status, rotated = await _rotate(harness, first)
     assert status == 201
-    status, error = await _admin(harness, "PATCH", f"/admin/keys/{first}", {"expires_at": None})
+    status, error = await harness.admin("PATCH", f"/admin/keys/{first}", {"expires_at": None})
     assert status == 403 and error["error"]["param"] == "expires_at"
     assert len(_usable(harness, account)) == 3  # unchanged
-    status, view = await _admin(harness, "PATCH", f"/admin/keys/{second['id']}", {"label": "renamed"})
+    status, view = await harness.admin("PATCH", f"/admin/keys/{second['id']}", {"label": "renamed"})
     assert status == 200 and view["label"] == "renamed"  # a label never counts
-    status, view = await _admin(harness, "PATCH", f"/admin/keys/{second['id']}", {"expires_at": "2020-01-01T00:00Z"})
+    status, view = await harness.admin("PATCH", f"/admin/keys/{second['id']}", {"expires_at": "2020-01-01T00:00Z"})
     assert status == 200 and view["status"] == "expired"  # shortening is always allowed
-    status, error = await _admin(harness, "PATCH", f"/admin/keys/{second['id']}", {"expires_at": None})
+    status, error = await harness.admin("PATCH", f"/admin/keys/{second['id']}", {"expires_at": None})
     assert status == 403  # the first key (in grace) and its replacement fill the limit
-    assert (await _admin(harness, "DELETE", f"/admin/keys/{first}"))[0] == 200
-    status, view = await _admin(harness, "PATCH", f"/admin/keys/{second['id']}", {"expires_at": None})
+    assert (await harness.admin("DELETE", f"/admin/keys/{first}"))[0] == 200
+    status, view = await harness.admin("PATCH", f"/admin/keys/{second['id']}", {"expires_at": None})
     assert status == 200 and view["status"] == "active"
     assert _usable(harness, account) == {second["id"], rotated["id"]}
     assert [e["type"] for e in harness.ledger(account)].count("key_updated") == 3  # refusals leave no event

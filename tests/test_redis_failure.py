@@ -5,29 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 import redis as sync_redis
-from conftest import Harness, emulator_state, make_settings
+from conftest import Harness, emulator_state
 
-from gateway.app import create_app
 from gateway.embedded import EmbeddedRedis
 
 BODY = {"model": "demo-mini", "messages": [{"role": "user", "content": "hi"}]}
 #: A hang detector, not a speed measurement: the configured Redis timeout is 0.5 s, and a request
 #: that waited on a dead Redis (default socket timeouts are minutes) would blow far past this.
 HANG = 3.0
-
-
-@pytest.fixture
-async def isolated(own_redis: EmbeddedRedis, config_dir: Path, emulator: Any, aiohttp_client: Any) -> Any:
-    client = await aiohttp_client(create_app(make_settings(config_dir, own_redis.url)))
-    h = Harness(client, sync_redis.Redis.from_url(own_redis.url), emulator)
-    yield h
-    await h.close()
 
 
 async def _post(h: Harness, key: str) -> tuple[int, dict[str, Any], float]:

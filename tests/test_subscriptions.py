@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ADMIN, ROOT, Harness, no_limits
+from conftest import ROOT, Harness, no_limits
 
 from gateway.keys import KeySchema
 from gateway.metering import quote
@@ -33,14 +33,8 @@ def plans_yaml() -> str:
     return PLANS
 
 
-async def _admin(harness: Harness, method: str, path: str, body: dict[str, Any] | None = None
-                 ) -> tuple[int, dict[str, Any]]:
-    async with harness.client.request(method, path, json=body, headers=ADMIN) as resp:
-        return resp.status, await resp.json()
-
-
 async def _change(harness: Harness, account: str, plan: str, **extra: Any) -> dict[str, Any]:
-    status, view = await _admin(harness, "PUT", f"/admin/accounts/{account}/plan", {"plan": plan, **extra})
+    status, view = await harness.admin("PUT", f"/admin/accounts/{account}/plan", {"plan": plan, **extra})
     assert status == 200, view
     return view
 
@@ -81,7 +75,7 @@ async def test_renewal_moves_only_the_end_and_keeps_a_pending_downgrade(harness:
     view = await _change(harness, account, "free")  # a downgrade: waits for the next cycle
     assert view["next_plan"] == "free"
     before = harness.state(account)
-    status, renewed = await _admin(harness, "POST", f"/admin/accounts/{account}/renew", {"months": 2})
+    status, renewed = await harness.admin("POST", f"/admin/accounts/{account}/renew", {"months": 2})
     assert status == 200, renewed
     assert (renewed["plan"], renewed["next_plan"]) == ("pro", "free")  # the downgrade is still pending
     assert renewed["plan_expires_at"] == add_month(add_month(ends)).isoformat().replace("+00:00", "Z")
@@ -100,20 +94,20 @@ async def test_renewing_a_subscription_without_an_end_or_past_it_is_a_clear_400(
     account, key = await harness.account(plan="free")
     await _change(harness, account, "pro")
     before = _record(harness, account)
-    status, error = await _admin(harness, "POST", f"/admin/accounts/{account}/renew", {"months": 1})
+    status, error = await harness.admin("POST", f"/admin/accounts/{account}/renew", {"months": 1})
     assert status == 400 and "no end date to extend" in error["error"]["message"]
     assert _record(harness, account) == before  # no end was invented
     ends = _months_ahead(1)
     await _change(harness, account, "pro", expires_at=ends.isoformat())
     _shift(harness, int((ends - datetime.now(UTC)).total_seconds() * 1000) + DAY)
     before = _record(harness, account)
-    status, error = await _admin(harness, "POST", f"/admin/accounts/{account}/renew", {"months": 1})
+    status, error = await harness.admin("POST", f"/admin/accounts/{account}/renew", {"months": 1})
     assert status == 400 and "ended at" in error["error"]["message"]  # a new subscription, not a renewal
     assert _record(harness, account) == before
     for bad in ({"months": 0}, {"months": "1"}, {"months": 1.5}):
-        status, error = await _admin(harness, "POST", f"/admin/accounts/{account}/renew", bad)
+        status, error = await harness.admin("POST", f"/admin/accounts/{account}/renew", bad)
         assert status == 400 and error["error"]["param"] == "months"
-    status, _ = await _admin(harness, "POST", "/admin/accounts/acct_nope/renew", {"months": 1})
+    status, _ = await harness.admin("POST", "/admin/accounts/acct_nope/renew", {"months": 1})
     assert status == 404
     assert await _chat(harness, key) == 200  # the lapse applies at the next request
     assert _record(harness, account)["plan"] == "free"
