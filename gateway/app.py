@@ -143,6 +143,7 @@ async def reaper_ctx(app: web.Application) -> AsyncIterator[None]:
 async def settlement_ctx(app: web.Application) -> AsyncIterator[None]:
     """Renew the leases of this process's requests in flight, and retry queued settlements."""
     gw = app[GATEWAY]
+    gw.retries.max_age = gw.settings.hold_tombstone_seconds / 2
     async with in_background(_renew_forever(gw)), in_background(gw.retries.run_forever(stopping)):
         yield
 
@@ -153,10 +154,12 @@ async def _renew_forever(gw: Gateway) -> None:
         await asyncio.sleep(gw.settings.hold_lease_seconds / 4)
         try:
             await gw.leases.renew_all(gw.meter, gw.metrics)
-        except (StoreUnavailable, *REDIS_DOWN):
+        except (StoreUnavailable, *REDIS_DOWN, redis_errors.RedisError) as exc:
             if stopping():
                 raise
-            log.warning("lease renewal: Redis unavailable, will retry")
+            log.warning("lease renewal failed (%s), will retry", type(exc).__name__)
+        except Exception:  # never let the loop die: a request in flight would lose its hold
+            log.exception("lease renewal failed, will retry")
 
 
 async def reap_once(gw: Gateway) -> int:
@@ -166,7 +169,11 @@ async def reap_once(gw: Gateway) -> int:
     async for key in gw.redis.scan_iter(match=gw.schema.hold_expiry_pattern(), count=500):
         account_id = gw.schema.account_id_from_hold_key(key)
         if account_id:
-            count, _returned = await gw.meter.reap(gw.schema.for_account(account_id))
+            try:
+                count, _returned = await gw.meter.reap(gw.schema.for_account(account_id))
+            except redis_errors.ResponseError as exc:  # one account's failure never stops the others
+                log.warning("reaper: account %s: %s", account_id, exc)
+                continue
             reaped += count
     gw.metrics.reaped.inc(reaped)
     return reaped
@@ -182,10 +189,12 @@ async def _reap_forever(gw: Gateway) -> None:
                 last_trim = time.monotonic()
                 await trim_all(gw.redis, gw.schema, int(gw.settings.ledger_retention_days * 86_400_000),
                                list(gw.settings.ledger_protect_exports), int(time.time() * 1000))
-        except (StoreUnavailable, *REDIS_DOWN):
+        except (StoreUnavailable, *REDIS_DOWN, redis_errors.RedisError) as exc:
             if stopping():
                 raise
-            log.warning("reaper: Redis unavailable, will retry")
+            log.warning("reaper: Redis failed (%s), will retry", type(exc).__name__)
+        except Exception:  # never let the loop die
+            log.exception("reaper pass failed, will retry")
 
 
 # ---------------------------------------------------------------- key holder and operations routes

@@ -8,21 +8,27 @@ or Redis does meanwhile: a settlement Redis cannot take now is queued in the pro
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
+
+from redis.exceptions import RedisError
 
 from gateway import alerts
 from gateway.auth import Principal
 from gateway.config import ModelRoute, Rates
 from gateway.dialects.base import Dialect, ParsedRequest
-from gateway.dialects.drivers import admit
 from gateway.errors import StoreUnavailable
 from gateway.keys import AccountKeys
 from gateway.metering import Quote, Reservation, Settlement, cost_of
+from gateway.money import MAX_SAFE
 from gateway.scripts import REDIS_DOWN
 from gateway.state import Gateway
 from gateway.usage import Usage
+
+log = logging.getLogger("gateway.billing")
 
 
 @dataclass
@@ -41,6 +47,7 @@ class Call:
     started: float
     limits: str = ""  # the limits the hold was taken under (limits.encode)
     usd_quote: Quote | None = None
+    usd_rates: Rates | None = None  # the provider's list price of this request (USD limits, the ledger)
     overhead: float = 0.0
     served: bool = False  # the upstream answered 2xx: from now on the request is charged
     ended: bool = False
@@ -64,17 +71,36 @@ def billable(usage: Usage | None, parsed: ParsedRequest, estimate_out: int) -> t
 
 
 async def end_call(call: Call, usage: Usage | None, *, outcome: str, http_status: int, lowered: int | None = None,
-                   estimate_out: int = 0, streamed: bool = False) -> int:
+                   estimate_out: int = 0, streamed: bool = False, output_unknown: bool = False) -> int:
     """End the hold exactly once, in a task that outlives the request. Returns credits available
-    (an estimate from the reservation when the settlement had to be queued)."""
+    (an estimate from the reservation when the settlement had to be queued). The hold's lease is
+    renewed until its settlement or release has landed. `output_unknown`: the provider may have
+    generated up to the cap and never said how much: an estimate is then the whole hold."""
     call.ended = True
-    call.gw.leases.discard(call.principal.account_id, call.request_id)
     if not call.served:
         task = call.gw.track(asyncio.ensure_future(_release(call, outcome, http_status)))
     else:
         task = call.gw.track(asyncio.ensure_future(
-            _settle(call, usage, outcome, http_status, lowered, estimate_out, streamed)))
+            _settle(call, usage, outcome, http_status, lowered, estimate_out, streamed, output_unknown)))
     return int(await asyncio.shield(task))
+
+
+async def _land(call: Call, op: str, attempt: Callable[[], Awaitable[Any]]) -> Any:
+    """Run a settle or release now; when Redis cannot take it (down, timing out, or answering an
+    error such as OOM, READONLY or TRYAGAIN), queue it in the process to be retried until it lands.
+    Returns the script's result, or None when queued."""
+    gw = call.gw
+
+    async def landed() -> Any:
+        result = await attempt()
+        gw.leases.discard(call.principal.account_id, call.request_id)
+        return result
+
+    try:
+        return await landed()
+    except (StoreUnavailable, *REDIS_DOWN, RedisError):
+        gw.retries.add(call.request_id, op, landed)
+        return None
 
 
 async def _release(call: Call, outcome: str, http_status: int) -> int:
@@ -87,24 +113,51 @@ async def _release(call: Call, outcome: str, http_status: int) -> int:
         await meter.release(keys, rid, outcome, call.limits, call.principal.key_id, provider_answered=answered)
 
     gw.metrics.requests.labels(call.dialect.name, call.route.pattern, str(http_status)).inc()
-    try:
-        await attempt()
-    except (StoreUnavailable, *REDIS_DOWN):
-        gw.retries.add(rid, "release", attempt)
+    await _land(call, "release", attempt)
     return call.reservation.available_after + call.reservation.hold
 
 
 async def _settle(call: Call, usage: Usage | None, outcome: str, http_status: int, lowered: int | None,
-                  estimate_out: int, streamed: bool) -> int:
+                  estimate_out: int, streamed: bool, output_unknown: bool) -> int:
     gw = call.gw
     assert gw.meter is not None
     settle_started = time.perf_counter()
+    try:
+        cost, tokens, usd, bill, event = _charge(call, usage, outcome, http_status, lowered, estimate_out, streamed,
+                                                 output_unknown)
+    except Exception:  # a bug must not make a served request free: charge its hold, and say so
+        log.exception("pricing the settlement of %s failed; charging its hold", call.request_id)
+        cost, tokens, usd, bill = call.reservation.hold, 0, 0, Usage()
+        event = {"model": call.parsed.model, "route": call.route.pattern, "outcome": "pricing_failed",
+                 "estimated": 1, "status": http_status}
+    meter, keys = gw.meter, call.keys
+
+    async def attempt() -> Settlement:
+        settlement = await meter.settle(keys, call.request_id, call.principal.key_id, cost, event, call.limits,
+                                        tokens, usd)
+        _account(call, bill, settlement, cost, http_status)
+        return settlement
+
+    settlement = await _land(call, "settle", attempt)
+    if settlement is None:
+        return max(call.reservation.available_after + call.reservation.hold - cost, 0)
+    gw.metrics.overhead_seconds.observe(call.overhead + time.perf_counter() - settle_started)
+    return int(settlement.available)
+
+
+def _charge(call: Call, usage: Usage | None, outcome: str, http_status: int, lowered: int | None,
+            estimate_out: int, streamed: bool, output_unknown: bool = False
+            ) -> tuple[int, int, int, Usage, dict[str, Any]]:
+    """(cost, tokens, micro-USD, billed usage, ledger event) of a served request. Amounts are
+    clamped below 2^53: a hostile upstream's huge counts can't break the scripts' integer maths."""
     model = call.route.pattern
     bill, estimated = billable(usage, call.parsed, estimate_out)
     cost = cost_of(call.rates, bill)
     if estimated:
         cost = min(cost, max(call.reservation.hold, cost_of(call.rates, Usage(input_tokens=bill.input_tokens))))
-        gw.metrics.estimated.labels(model).inc()
+        if output_unknown:
+            cost = max(cost, call.reservation.hold)
+        call.gw.metrics.estimated.labels(model).inc()
         outcome += "_estimated"
     event: dict[str, Any] = {
         "model": call.parsed.model, "route": model,
@@ -119,24 +172,9 @@ async def _settle(call: Call, usage: Usage | None, outcome: str, http_status: in
     }
     tokens = sum(n or 0 for n in (bill.input_tokens, bill.cached_input_tokens, bill.cache_write_tokens,
                                   bill.cache_write_1h_tokens, bill.output_tokens))
-    usd = cost_of(admit(gw.config.upstreams[call.route.upstream], gw.config.usd_rates(call.route),
-                        call.parsed.drivers), bill)
-    event["usd_micro"] = usd  # the provider's list cost, for billing exports
-    meter, keys = gw.meter, call.keys
-
-    async def attempt() -> Settlement:
-        settlement = await meter.settle(keys, call.request_id, call.principal.key_id, cost, event, call.limits,
-                                        tokens, usd)
-        _account(call, bill, settlement, cost, http_status)
-        return settlement
-
-    try:
-        settlement = await attempt()
-    except (StoreUnavailable, *REDIS_DOWN):
-        gw.retries.add(call.request_id, "settle", attempt)
-        return max(call.reservation.available_after + call.reservation.hold - cost, 0)
-    gw.metrics.overhead_seconds.observe(call.overhead + time.perf_counter() - settle_started)
-    return settlement.available
+    usd = cost_of(call.usd_rates, bill) if call.usd_rates is not None else 0
+    event["usd_micro"] = min(usd, MAX_SAFE)  # the provider's list cost, for billing exports
+    return min(cost, MAX_SAFE), min(tokens, MAX_SAFE), min(usd, MAX_SAFE), bill, event
 
 
 def _account(call: Call, bill: Usage, settlement: Settlement, cost: int, http_status: int) -> None:

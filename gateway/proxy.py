@@ -42,7 +42,6 @@ from gateway.metering import (
     LimitReached,
     PlanChanged,
     Quote,
-    Reservation,
     ReserveSpec,
     affordable_output,
     quote,
@@ -126,11 +125,12 @@ def request_rates(gw: Gateway, route: ModelRoute, parsed: ParsedRequest, rates: 
 
 
 def _spec(gw: Gateway, principal: Principal, plan: Plan, route: ModelRoute, parsed: ParsedRequest, q: Quote,
-          now_ms: int | None) -> tuple[ReserveSpec, Quote]:
-    """The limits that apply to this request, their worst-case amounts and the current cycle."""
+          now_ms: int | None) -> tuple[ReserveSpec, Quote, Rates]:
+    """The limits that apply to this request, their worst-case amounts and the current cycle; and the
+    provider's list price of the request (USD rates and quote) for USD limits and the ledger."""
     limits: list[Limit] = applicable(plan.limits, route.upstream) + list(principal.key_limits)
-    usd = quote(request_rates(gw, route, parsed, gw.config.usd_rates(route)), parsed.prompt_tokens_bound,
-                q.max_output_tokens)
+    usd_rates = request_rates(gw, route, parsed, gw.config.usd_rates(route))
+    usd = quote(usd_rates, parsed.prompt_tokens_bound, q.max_output_tokens)
     now = now_ms if now_ms is not None else int(time.time() * 1000) + gw.meter.clock_offset_ms  # type: ignore[union-attr]
     cycle = gw.cycle_cache.get((principal.anchor_ms, principal.timezone or plan.timezone))
     if cycle is None or not cycle[0] <= now < cycle[1]:
@@ -142,7 +142,7 @@ def _spec(gw: Gateway, principal: Principal, plan: Plan, route: ModelRoute, pars
     bound = parsed.prompt_tokens_bound
     spec = ReserveSpec(bound + q.max_output_tokens, bound + min(q.max_output_tokens, 1), usd.full_cost, usd.min_cost,
                        encode(limits), cycle, plan.monthly_credits, fallback.name, fallback.monthly_credits)
-    return spec, usd
+    return spec, usd, usd_rates
 
 
 def limit_error(gw: Gateway, dialect: Dialect, plan: str, reached: LimitReached) -> RateLimited:
@@ -170,17 +170,20 @@ def limit_error(gw: Gateway, dialect: Dialect, plan: str, reached: LimitReached)
     return RateLimited(message, headers=headers)
 
 
-async def _reserve(gw: Gateway, dialect: Dialect, principal: Principal, parsed: ParsedRequest, request_id: str
-                   ) -> tuple[Principal, ModelRoute, Rates, Quote, Reservation, str, Quote]:
+async def _reserve(gw: Gateway, dialect: Dialect, principal: Principal, parsed: ParsedRequest, request_id: str,
+                   started: float) -> Call:
+    """Price the request and hold its worst case (re-pricing when the plan or the cycle moved);
+    the call in flight, or the refusal."""
     assert gw.meter is not None and gw.auth is not None
     keys = gw.schema.for_account(principal.account_id)
     now_ms: int | None = None
     for _ in range(4):
         route, plan, rates, q = _price(gw, dialect, principal, parsed)
-        spec, usd = _spec(gw, principal, plan, route, parsed, q, now_ms)
+        spec, usd, usd_rates = _spec(gw, principal, plan, route, parsed, q, now_ms)
         try:
             reservation = await gw.meter.reserve(keys, principal.key_id, request_id, plan.name, q, spec)
-            return principal, route, rates, q, reservation, spec.limits, usd
+            return Call(gw, dialect, principal, parsed, route, rates, q, reservation, request_id, started,
+                        spec.limits, usd, usd_rates)
         except StoreUnavailable:
             _cancel_later(gw, keys, request_id)
             raise
@@ -233,9 +236,7 @@ def make_handler(dialect: Dialect, endpoint: str) -> Handler:
         raw = await read_body(request, dialect)
         parsed = dialect.parse_request(endpoint, raw, gw.settings.max_choices, request.match_info.get("model"),
                                       headers=request.headers)
-        principal, route, rates, q, reservation, limits, usd = await _reserve(gw, dialect, principal, parsed,
-                                                                              request_id)
-        call = Call(gw, dialect, principal, parsed, route, rates, q, reservation, request_id, started, limits, usd)
+        call = await _reserve(gw, dialect, principal, parsed, request_id, started)
         call.overhead = time.perf_counter() - started
         gw.leases.add(call.keys, request_id)
         # the forwarding runs in a task of its own: a client that goes away (or a handler cancelled
@@ -302,10 +303,8 @@ def _lowered_cap(call: Call) -> int | None:
     res = call.reservation
     affordable = min(affordable_output(call.rates, call.quote, res.hold),
                      max(res.held_tokens - call.parsed.prompt_tokens_bound, 0))
-    if call.usd_quote is not None:
-        usd_rates = request_rates(call.gw, call.route, call.parsed, call.gw.config.usd_rates(call.route))
-        affordable = min(affordable, affordable_output(usd_rates, call.usd_quote,
-                                                       res.held_usd))
+    if call.usd_quote is not None and call.usd_rates is not None:
+        affordable = min(affordable, affordable_output(call.usd_rates, call.usd_quote, res.held_usd))
     per_choice = affordable // call.parsed.choices
     asked = call.route.max_output_tokens if call.parsed.output_cap is None else call.parsed.output_cap
     return per_choice if per_choice < asked else None
@@ -348,8 +347,9 @@ async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamRe
                 await end_call(call, None, outcome="upstream_cut", http_status=up.status, lowered=lowered)
                 raise UpstreamError("The upstream connection was lost while reading its answer.") from None
             usage = call.dialect.usage_from_body(call.parsed.endpoint, data)
+            unknown_output = usage is None or usage.output_tokens is None
             available = await end_call(call, usage, outcome="ok", http_status=up.status, lowered=lowered,
-                                       estimate_out=0 if usage else len(data) // 4)
+                                       estimate_out=len(data) // 4 if unknown_output else 0)
             return web.Response(body=data, status=up.status,
                                 headers=_response_headers(up.headers, call.request_id, available))
     except (TimeoutError, aiohttp.ServerTimeoutError):
@@ -386,13 +386,15 @@ async def _stream(request: web.Request, call: Call, up: aiohttp.ClientResponse, 
                   lowered: int | None) -> web.StreamResponse:
     """Relay the stream chunk by chunk. A client that goes away (or stalls longer than
     `client_stall_seconds` on one chunk) no longer gets bytes, but the upstream is read on, for up to
-    `drain_seconds`, so the request is billed from the provider's own usage report."""
+    `drain_seconds`, so the request is billed from the provider's own usage report; past that, its
+    output is unknown and the whole hold is charged."""
     settings = call.gw.settings
     response = web.StreamResponse(
         status=up.status, headers=_response_headers(up.headers, call.request_id, call.reservation.available_after))
     outcome = "ok"
     loop = asyncio.get_running_loop()
     drain_until: float | None = None  # set when the client is gone
+    drained_out = False
     try:
         try:
             await response.prepare(request)
@@ -405,9 +407,11 @@ async def _stream(request: web.Request, call: Call, up: aiohttp.ClientResponse, 
                     chunk = await chunks.__anext__()
             except StopAsyncIteration:
                 break
-            except (TimeoutError, aiohttp.ClientError):
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 if drain_until is None:
                     outcome = "upstream_cut"
+                elif isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ClientError):
+                    drained_out = True  # gave up reading: the provider may have generated up to the cap
                 break
             out = meter.feed(chunk)
             if out and drain_until is None:
@@ -429,5 +433,5 @@ async def _stream(request: web.Request, call: Call, up: aiohttp.ClientResponse, 
                 outcome = "client_disconnected"
     finally:
         await end_call(call, meter.usage, outcome=outcome, http_status=up.status, lowered=lowered,
-                       estimate_out=meter.estimated_output_tokens(), streamed=True)
+                       estimate_out=meter.estimated_output_tokens(), streamed=True, output_unknown=drained_out)
     return response

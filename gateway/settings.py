@@ -22,7 +22,7 @@ class Settings:
     max_choices: int = 1  # largest `n` accepted; the reservation multiplies by it
     hold_lease_seconds: float = 120.0  # a hold whose lease is not renewed for this long is reaped
     hold_tombstone_seconds: float = 3600.0  # an ended hold is remembered this long (idempotent retries)
-    drain_seconds: float = 60.0  # after a client leaves a stream, read on this long for the real usage
+    drain_seconds: float = 300.0  # after a client leaves a stream, read on this long for the real usage
     client_stall_seconds: float = 60.0  # a client that takes longer to accept one chunk is dropped
     settle_drain_seconds: float = 30.0  # at shutdown, queued settlements are retried this long
     reap_interval_seconds: float = 5.0
@@ -48,7 +48,7 @@ class Settings:
             "max_choices": int(env.get("GATEWAY_MAX_CHOICES", 1)),
             "hold_lease_seconds": float(env.get("GATEWAY_HOLD_LEASE_SECONDS", 120)),
             "hold_tombstone_seconds": float(env.get("GATEWAY_HOLD_TOMBSTONE_SECONDS", 3600)),
-            "drain_seconds": float(env.get("GATEWAY_DRAIN_SECONDS", 60)),
+            "drain_seconds": float(env.get("GATEWAY_DRAIN_SECONDS", 300)),
             "client_stall_seconds": float(env.get("GATEWAY_CLIENT_STALL_SECONDS", 60)),
             "settle_drain_seconds": float(env.get("GATEWAY_SETTLE_DRAIN_SECONDS", 30)),
             "redis_timeout_seconds": float(env.get("GATEWAY_REDIS_TIMEOUT_SECONDS", 0.5)),

@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from gateway.errors import StoreUnavailable
 from gateway.keys import AccountKeys
 from gateway.metering import Meter
@@ -57,10 +59,16 @@ class Leases:
 
 @dataclass
 class Retries:
-    """Settlement work that failed for Redis reasons, retried by request id until it lands."""
+    """Settlement work that failed for Redis reasons, retried by request id until it lands.
+
+    An item is retried for at most `max_age` seconds: the scripts remember an ended hold (its
+    tombstone) only for a while, and a settlement retried after that could charge twice. An item
+    given up is logged and counted, never dropped silently.
+    """
 
     metrics: Metrics
-    queued: dict[str, tuple[str, Attempt]] = field(default_factory=dict)  # request id -> (op, attempt)
+    max_age: float = 1800.0
+    queued: dict[str, tuple[str, Attempt, float]] = field(default_factory=dict)  # id -> (op, attempt, since)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def add(self, request_id: str, op: str, attempt: Attempt) -> None:
@@ -69,22 +77,35 @@ class Retries:
         current = self.queued.get(request_id)
         if current is not None and current[0] == "settle" and op != "settle":
             return
-        self.queued[request_id] = (op, attempt)
+        self.queued[request_id] = (op, attempt, current[2] if current else time.monotonic())
         self.metrics.settle_retries.labels(op).inc()
         log.warning("%s for %s queued: the credit store is unavailable; retrying", op, request_id)
         self.wake.set()
 
     async def run_once(self) -> int:
-        """Try every queued item once; returns how many are still queued."""
-        for request_id, (op, attempt) in list(self.queued.items()):
+        """Try the queued items in order until one fails (Redis is still unwell: the rest would
+        fail too, each after a timeout); returns how many are still queued."""
+        now = time.monotonic()
+        for request_id, (op, attempt, since) in list(self.queued.items()):
+            if now - since > self.max_age:
+                self._abandon(request_id, op, "it stayed unlanded longer than an ended hold is remembered")
+                continue
             try:
                 await attempt()
-            except (StoreUnavailable, *REDIS_DOWN):
-                continue
+            except (StoreUnavailable, *REDIS_DOWN, RedisError):
+                break
+            except Exception:  # a bug: keep the item, say so, try again later
+                log.exception("%s for %s failed; will retry", op, request_id)
+                break
             if self.queued.get(request_id, (None,))[0] == op:
                 del self.queued[request_id]
                 log.info("%s for %s landed after a retry", op, request_id)
         return len(self.queued)
+
+    def _abandon(self, request_id: str, op: str, why: str) -> None:
+        del self.queued[request_id]
+        self.metrics.settle_abandoned.labels(op).inc()
+        log.error("%s for %s abandoned: %s", op, request_id, why)
 
     async def run_forever(self, stopping: Callable[[], bool]) -> None:
         delay = 0.2
@@ -103,7 +124,5 @@ class Retries:
         while self.queued and time.monotonic() < deadline:
             if await self.run_once():
                 await asyncio.sleep(0.2)
-        for request_id, (op, _attempt) in self.queued.items():
-            self.metrics.settle_abandoned.labels(op).inc()
-            log.error("%s for %s abandoned at shutdown: the credit store stayed unavailable", op, request_id)
-        self.queued.clear()
+        for request_id, (op, _attempt, _since) in list(self.queued.items()):
+            self._abandon(request_id, op, "abandoned at shutdown: the credit store stayed unavailable")

@@ -309,3 +309,79 @@ async def test_settlements_still_queued_at_shutdown_are_logged_and_counted_as_ab
     assert not gw.retries.queued
     assert "settle for req_" in caplog.text and "abandoned" in caplog.text
     assert b'gateway_settlements_abandoned_total{op="settle"} 1.0' in gw.metrics.render()
+
+
+# ---------------------------------------------------------------- what an adversarial review found
+
+
+async def test_a_settlement_redis_answers_with_an_error_is_queued_and_lands_later(
+        isolated: Harness, own_redis: EmbeddedRedis) -> None:
+    account, key = await isolated.account(credits=1)
+    body = _chat("[[emu out=10 delay_ms=50]]", stream=True)
+    async with isolated.client.post("/v1/chat/completions", json=body, headers={AUTH: f"Bearer {key}"}) as resp:
+        assert resp.status == 200
+        await resp.content.readline()
+        isolated.redis.config_set("maxmemory", "1")  # every write now fails with OOM
+        try:
+            assert await resp.read()
+            await isolated.gw.quiesce()
+            assert isolated.gw.retries.queued  # the settle failed with an error reply: queued, not lost
+        finally:
+            isolated.redis.config_set("maxmemory", "0")
+    await _until(lambda: not isolated.gw.retries.queued)
+    await isolated.assert_conserved(account)
+    [event] = [e for e in isolated.ledger(account) if e["type"] in ("usage", "reaped", "released")]
+    assert event["type"] == "usage" and event["out"] == "10" and event["reaped"] == "0"
+
+
+async def test_a_zero_amount_held_in_a_limit_never_breaks_settle_release_or_reap(harness: Harness) -> None:
+    account, _key = await harness.account(credits=1)
+    key_id = (await harness.gw.store.list_keys(account))[0]["id"]  # type: ignore[union-attr]
+    meter, keys = harness.gw.meter, KeySchema().for_account(account)
+    assert meter is not None
+    # a zero-priced route under a USD cap: the request holds 0 micro-USD (Redis < 7.2 refuses "-0")
+    rows = encode([Limit("max_cost_usd_per_cycle", "u", 5 * MICRO, "a", 0, 0),
+                   Limit("requests_per_minute", "n", 3, "a", 60_000, 1000)])
+    free = Quote(10, 10, 0, 0, 0)
+    for i in range(3):
+        await meter.reserve(keys, key_id, f"req_{i}", "free", free, _spec(free, MICRO, rows))
+    assert (await meter.settle(keys, "req_0", key_id, 0, {"outcome": "ok"}, rows, 20, 0)).settled
+    assert await meter.release(keys, "req_1", "upstream_500", rows, key_id, provider_answered=True)
+    later = Meter(meter.runner, meter.lease_ms, clock_offset_ms=meter.lease_ms + 1000)
+    assert await later.reap(keys) == (1, 0)
+    held = {k: int(v) for k, v in harness.redis.hgetall(keys.limits).items() if k.startswith(b"h:")}
+    assert set(held.values()) == {0}
+    await harness.assert_conserved(account)
+
+
+async def test_a_hold_taken_before_holds_had_parts_still_settles_and_reaps(harness: Harness) -> None:
+    account, _key = await harness.account(credits=1)
+    keys = KeySchema().for_account(account)
+    meter = harness.gw.meter
+    assert meter is not None
+    for rid in ("req_old_settled", "req_old_reaped"):  # the previous release stored the amount alone
+        harness.redis.hset(keys.holds, rid, "5000")
+        harness.redis.zadd(keys.hold_expiry, {rid: 0 if rid.endswith("reaped") else 2**52})
+        harness.redis.hincrby(keys.account, "held", 5000)
+    assert (await meter.settle(keys, "req_old_settled", "k", 4000, {"outcome": "ok"})).charged == 4000
+    assert await meter.reap(keys) == (1, 5000)
+    state = await harness.assert_conserved(account)
+    assert state["charged"] == 4000 and state["extra"] + state["allow"] == 2 * MICRO - 4000
+
+
+async def test_a_settlement_queued_longer_than_an_ended_hold_is_remembered_is_given_up_loudly(
+        harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    retries = harness.gw.retries
+    attempts: list[str] = []
+
+    async def attempt() -> None:
+        attempts.append("tried")
+
+    retries.add("req_stale", "settle", attempt)
+    op, call, _since = retries.queued["req_stale"]
+    retries.queued["req_stale"] = (op, call, time.monotonic() - retries.max_age - 1)
+    with caplog.at_level(logging.ERROR, logger="gateway.settlement"):
+        assert await retries.run_once() == 0
+    assert attempts == []  # a late retry could charge twice once the tombstone is gone: not run
+    assert "req_stale" in caplog.text and "abandoned" in caplog.text
+    assert b'gateway_settlements_abandoned_total{op="settle"} 1.0' in harness.gw.metrics.render()

@@ -1,5 +1,6 @@
 -- lib/hold.lua: a hold's record in the holds hash, and ending it against the account's buckets.
--- Live: `amount allowance-part allowance-generation lowered tokens micro-USD`. Ended: a tombstone
+-- Live: `amount allowance-part allowance-generation lowered tokens micro-USD` (a bare amount is a
+-- hold taken before holds had parts: it is ended against the unheld balance). Ended: a tombstone
 -- `~s` settled, `~x` released or cancelled, `~r` reaped; kept until its hold-expiry score passes.
 -- Returns: hold_record: nil, {ended = state} or the live fields; end_hold: the unheld balance after.
 local function hold_record(holds, rid)
@@ -8,6 +9,7 @@ local function hold_record(holds, rid)
   if string.sub(v, 1, 1) == '~' then return {ended = string.sub(v, 2, 2)} end
   local f = {}
   for x in string.gmatch(v, '%S+') do f[#f + 1] = tonumber(x) end
+  if not f[2] then return {amount = f[1], allow = 0, legacy = true, lowered = 0, tokens = 0, usd = 0} end
   return {amount = f[1], allow = f[2], gen = f[3], lowered = f[4], tokens = f[5], usd = f[6]}
 end
 
@@ -24,7 +26,7 @@ local function end_hold(acct, h, charge)
   local allow, extra = tonumber(a[1] or '0'), tonumber(a[2] or '0')
   local held, held_allow = tonumber(a[3] or '0') - h.amount, tonumber(a[4] or '0') - h.allow
   local from_allow = math.min(charge, h.allow)
-  local from_extra = math.min(charge - from_allow, h.amount - h.allow)
+  local from_extra = h.legacy and 0 or math.min(charge - from_allow, h.amount - h.allow)
   local rest = charge - from_allow - from_extra
   allow, extra = allow - from_allow, extra - from_extra
   local unused = h.allow - from_allow

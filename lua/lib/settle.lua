@@ -7,7 +7,7 @@ local function give_back(lim, rid)
   local record = redis.call('HGET', lim, 'r:' .. rid)
   if not record then return end
   for field, amount in string.gmatch(record, '(%S+) (%S+)') do
-    redis.call('HINCRBY', lim, field, -tonumber(amount))
+    redis.call('HINCRBY', lim, field, 0 - tonumber(amount))  -- never -0: Redis < 7.2 rejects '-0'
   end
   redis.call('HDEL', lim, 'r:' .. rid)
 end
