@@ -24,6 +24,7 @@ from gateway.dialects.base import Dialect, ParsedRequest, StreamMeter
 from gateway.dialects.drivers import admit
 from gateway.errors import (
     BadRequest,
+    ClientDisconnected,
     Forbidden,
     GatewayError,
     InsufficientCredits,
@@ -31,6 +32,7 @@ from gateway.errors import (
     PayloadTooLarge,
     RateLimited,
     StoreUnavailable,
+    UnreadableBody,
     UnsupportedMediaType,
     UpstreamError,
     UpstreamTimeout,
@@ -80,15 +82,38 @@ def _response_headers(upstream_headers: Any, request_id: str, available: int) ->
     return headers
 
 
+#: Content-Encodings aiohttp decodes while reading a request body (as its parser spells them).
+_DECODED_ENCODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
+
+
 async def read_body(request: web.Request, dialect: Dialect) -> bytes:
+    """The request body, decoded: what the dialect parses and what goes upstream (without its
+    Content-Encoding, see `forward_headers`). The size limit applies after decoding."""
     if dialect.json_body and request.content_type != "application/json":
         raise UnsupportedMediaType(
             f"Unsupported Content-Type {request.content_type!r}: send the body as application/json.")
+    encodings = request.headers.getall("Content-Encoding", [])
+    encoding = encodings[0].lower() if len(encodings) == 1 else ",".join(encodings)
+    if encodings and encoding not in _DECODED_ENCODINGS and encoding != "identity":
+        shown = encoding[:40].encode("unicode_escape").decode("ascii")
+        raise UnsupportedMediaType(f"Unsupported Content-Encoding {shown!r}: send the body uncompressed, "
+                                   "or with Content-Encoding gzip or deflate.")
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[GATEWAY].settings.max_body_bytes
         raise PayloadTooLarge(f"The request body is larger than this gateway's limit of {limit} bytes.") from None
+    except web.RequestPayloadError:
+        # aiohttp's parser stopped at the bad bytes; marking the payload ended keeps aiohttp from
+        # draining it after the answer (which re-raises and logs a traceback)
+        request.content.feed_eof()
+        if encoding in _DECODED_ENCODINGS:
+            raise UnreadableBody(
+                f"The request body is not valid {encoding} data (Content-Encoding: {encoding}).") from None
+        raise UnreadableBody("The request body could not be read: its framing (Content-Length or chunked "
+                             "encoding) is broken.") from None
+    except ConnectionError:  # the client hung up mid-upload (not Redis: see error_middleware)
+        raise ClientDisconnected("The client closed the connection before its request body was read.") from None
 
 
 def route_for(gw: Gateway, dialect: Dialect, principal: Principal, model: str) -> tuple[ModelRoute, Plan]:
