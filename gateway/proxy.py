@@ -51,6 +51,7 @@ from gateway.metering import (
 )
 from gateway.money import format_credits
 from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway
+from gateway.upstream_errors import relay_body
 
 Handler = Callable[[web.Request], Coroutine[Any, Any, web.StreamResponse]]
 
@@ -304,12 +305,14 @@ def make_free_handler(dialect: Dialect, endpoint: str) -> Handler:
         try:
             async with gw.session.post(upstream.base_url + dialect.upstream_path(request.path), data=raw,
                                        headers=dialect.upstream_headers(upstream, request.headers),
-                                       params=_forward_query(request), timeout=timeout) as up:
+                                       params=_forward_query(request), timeout=timeout,
+                                       allow_redirects=False) as up:
                 data = await up.read()
-                if up.status in (401, 403):
-                    raise UpstreamError("The upstream provider rejected the gateway's credentials.")
+                _refuse_operator_problems(up.status)
                 available = int(account.get("allow") or 0) + int(account.get("extra") or 0) - int(
                     account.get("held") or 0)
+                if up.status >= 400:
+                    return _relayed_error(dialect, up, data, parsed.model, request_id, available)
                 return web.Response(body=data, status=up.status,
                                     headers=_response_headers(up.headers, request_id, available))
         except (TimeoutError, aiohttp.ServerTimeoutError):
@@ -358,10 +361,11 @@ async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamRe
     sent = time.perf_counter()
     try:
         upstream_cm = gw.session.request(request.method, url, data=body if body is not None else raw,
-                                         headers=headers, timeout=timeout, params=_forward_query(request))
+                                         headers=headers, timeout=timeout, params=_forward_query(request),
+                                         allow_redirects=False)
         async with upstream_cm as up:
             gw.metrics.upstream_seconds.labels(upstream.name).observe(time.perf_counter() - sent)
-            if up.status >= 400:
+            if up.status >= 300:  # a refusal, or a redirect: never followed (it would carry the provider key)
                 return await _upstream_error(call, up)
             call.served = True
             if call.parsed.stream and up.content_type == "text/event-stream":
@@ -394,17 +398,36 @@ def _forward_query(request: web.Request) -> dict[str, str]:
 
 
 async def _upstream_error(call: Call, up: aiohttp.ClientResponse) -> web.StreamResponse:
-    """The provider refused or failed before any output: no charge; its answer goes back as is,
-    except credential problems, which are the operator's and are reported as a 502."""
+    """The provider refused, failed or redirected before any output: no charge. Its status, error
+    type and code go back in the dialect's shape without identifying text (`relay_body`), except
+    credential problems and redirects, which are the operator's and are reported as a 502."""
     try:
         data = await up.read()
     except (TimeoutError, aiohttp.ClientError):
         data = b""
     available = await end_call(call, None, outcome=f"upstream_{up.status}", http_status=up.status)
-    if up.status in (401, 403):
+    _refuse_operator_problems(up.status)
+    return _relayed_error(call.dialect, up, data, call.parsed.model, call.request_id, available)
+
+
+def _refuse_operator_problems(status: int) -> None:
+    """A 502 for upstream answers that are the operator's business: its credentials refused, or a
+    redirect (never followed: the provider key would go along to wherever it points)."""
+    if status in (401, 403):
         raise UpstreamError("The upstream provider rejected the gateway's credentials.")
-    return web.Response(body=data, status=up.status,
-                        headers=_response_headers(up.headers, call.request_id, available))
+    if 300 <= status < 400:
+        raise UpstreamError(f"The upstream provider answered with a redirect ({status}), which this gateway "
+                            "does not follow.")
+
+
+def _relayed_error(dialect: Dialect, up: aiohttp.ClientResponse, data: bytes, model: str, request_id: str,
+                   available: int) -> web.Response:
+    headers = _response_headers(up.headers, request_id, available)
+    if dialect.name != "http":
+        headers = {name: value for name, value in headers.items() if name.lower() != "content-type"}
+        headers["Content-Type"] = "application/json"
+    return web.Response(body=relay_body(dialect, up.status, data, model, request_id), status=up.status,
+                        headers=headers)
 
 
 async def _stream(request: web.Request, call: Call, up: aiohttp.ClientResponse, meter: StreamMeter,
