@@ -95,7 +95,7 @@ async def read_body(request: web.Request, dialect: Dialect) -> bytes:
             f"Unsupported Content-Type {request.content_type!r}: send the body as application/json.")
     encodings = request.headers.getall("Content-Encoding", [])
     encoding = encodings[0].lower() if len(encodings) == 1 else ",".join(encodings)
-    if encodings and encoding not in _DECODED_ENCODINGS and encoding != "identity":
+    if encodings and encoding not in _DECODED_ENCODINGS and encoding not in ("identity", ""):
         shown = encoding[:40].encode("unicode_escape").decode("ascii")
         raise UnsupportedMediaType(f"Unsupported Content-Encoding {shown!r}: send the body uncompressed, "
                                    "or with Content-Encoding gzip or deflate.")
