@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,7 +25,7 @@ from gateway.config import Config, load_config
 from gateway.dialects import all_dialects
 from gateway.dialects.base import Dialect
 from gateway.embedded import EmbeddedRedis
-from gateway.errors import GatewayError, NotFound, StoreUnavailable
+from gateway.errors import BadRequest, ClientDisconnected, GatewayError, NotFound, StoreUnavailable, UnreadableBody
 from gateway.keys import KeySchema
 from gateway.ledger import trim_all
 from gateway.metering import Meter
@@ -82,11 +83,44 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         http_error.status = exc.status
         http_error.kind = "not_found" if exc.status == 404 else "invalid_request"
         return _render(request, gw, http_error)
-    except REDIS_DOWN:
+    except (RecursionError, ValueError) as exc:
+        if not await _bad_request_json(request, exc):
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return _render(request, gw, GatewayError("The gateway hit an internal error."))
+        # a route that parses its JSON body without json_object (the admin API): still a 400
+        message = ("The JSON body is nested too deeply." if isinstance(exc, RecursionError)
+                   else "The request body is not valid JSON.")
+        return _render(request, gw, BadRequest(message))
+    except REDIS_DOWN as exc:
+        if _client_gone(request, exc):  # reading the body of a client that hung up: not Redis
+            return _render(request, gw, ClientDisconnected("The client closed the connection."))
         return _render(request, gw, StoreUnavailable("The credit store is unavailable; try again shortly."))
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return _render(request, gw, GatewayError("The gateway hit an internal error."))
+
+
+async def _bad_request_json(request: web.Request, exc: RecursionError | ValueError) -> bool:
+    """Whether the exception comes from decoding the request's own JSON body: raised inside the json
+    package (the C scanner reports deep nesting as a RecursionError from there), and for a ValueError,
+    about the body's text (stored data that fails to decode is the gateway's bug, not a 400)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None or str(tb.tb_frame.f_globals.get("__name__", "")).partition(".")[0] != "json":
+        return False
+    if isinstance(exc, RecursionError):
+        return True  # only a client's input nests that deep
+    if not request.body_exists or not request.content.is_eof():
+        return False  # the body was not read: the JSON was something else
+    raw = await request.read()  # the bytes already read, kept by aiohttp
+    doc = exc.doc if isinstance(exc, json.JSONDecodeError) else getattr(exc, "object", None)
+    return doc in (raw, raw.decode("utf-8", "replace"))
+
+
+def _client_gone(request: web.Request, exc: BaseException) -> bool:
+    transport = request.transport
+    return isinstance(exc, ConnectionResetError) and (transport is None or transport.is_closing())
 
 
 def _render(request: web.Request, gw: Gateway, error: GatewayError) -> web.Response:
@@ -97,7 +131,10 @@ def _render(request: web.Request, gw: Gateway, error: GatewayError) -> web.Respo
     headers["x-request-id"] = request.get(REQUEST_ID) or "req_none"
     if status == 402:
         headers["x-should-retry"] = "false"
-    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+    response = web.Response(status=status, body=body, content_type="application/json", headers=headers)
+    if isinstance(error, UnreadableBody | ClientDisconnected):
+        response.force_close()  # the rest of the connection's bytes cannot be trusted, or nobody reads them
+    return response
 
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -41,6 +41,11 @@ class InsufficientCredits(GatewayError):
     held_micro: int = 0  # ... and what requests in flight held of it
 
 
+class UnreadableBody(BadRequest):
+    """The request body could not be read as sent (bad Content-Encoding data, broken framing): the
+    connection is closed after the answer, since the rest of its bytes cannot be trusted."""
+
+
 class Forbidden(GatewayError):
     status = 403
     kind = "permission"
@@ -81,6 +86,14 @@ class UpstreamError(GatewayError):
 class UpstreamTimeout(GatewayError):
     status = 504
     kind = "upstream_timeout"
+
+
+class ClientDisconnected(GatewayError):
+    """The client went away before its request was read: nobody to answer, nothing held.
+    499 is the status proxies log for it ("client closed request")."""
+
+    status = 499
+    kind = "client_closed"
 
 
 class StoreUnavailable(GatewayError):

@@ -24,6 +24,7 @@ from gateway.dialects.base import Dialect, ParsedRequest, StreamMeter
 from gateway.dialects.drivers import admit
 from gateway.errors import (
     BadRequest,
+    ClientDisconnected,
     Forbidden,
     GatewayError,
     InsufficientCredits,
@@ -31,6 +32,7 @@ from gateway.errors import (
     PayloadTooLarge,
     RateLimited,
     StoreUnavailable,
+    UnreadableBody,
     UnsupportedMediaType,
     UpstreamError,
     UpstreamTimeout,
@@ -48,6 +50,7 @@ from gateway.metering import (
 )
 from gateway.money import format_credits
 from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway
+from gateway.upstream_errors import relay_body
 
 Handler = Callable[[web.Request], Coroutine[Any, Any, web.StreamResponse]]
 
@@ -79,15 +82,38 @@ def _response_headers(upstream_headers: Any, request_id: str, available: int) ->
     return headers
 
 
+#: Content-Encodings aiohttp decodes while reading a request body (as its parser spells them).
+_DECODED_ENCODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
+
+
 async def read_body(request: web.Request, dialect: Dialect) -> bytes:
+    """The request body, decoded: what the dialect parses and what goes upstream (without its
+    Content-Encoding, see `forward_headers`). The size limit applies after decoding."""
     if dialect.json_body and request.content_type != "application/json":
         raise UnsupportedMediaType(
             f"Unsupported Content-Type {request.content_type!r}: send the body as application/json.")
+    encodings = request.headers.getall("Content-Encoding", [])
+    encoding = encodings[0].lower() if len(encodings) == 1 else ",".join(encodings)
+    if encodings and encoding not in _DECODED_ENCODINGS and encoding not in ("identity", ""):
+        shown = encoding[:40].encode("unicode_escape").decode("ascii")
+        raise UnsupportedMediaType(f"Unsupported Content-Encoding {shown!r}: send the body uncompressed, "
+                                   "or with Content-Encoding gzip or deflate.")
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[GATEWAY].settings.max_body_bytes
         raise PayloadTooLarge(f"The request body is larger than this gateway's limit of {limit} bytes.") from None
+    except web.RequestPayloadError:
+        # aiohttp's parser stopped at the bad bytes; marking the payload ended keeps aiohttp from
+        # draining it after the answer (which re-raises and logs a traceback)
+        request.content.feed_eof()
+        if encoding in _DECODED_ENCODINGS:
+            raise UnreadableBody(
+                f"The request body is not valid {encoding} data (Content-Encoding: {encoding}).") from None
+        raise UnreadableBody("The request body could not be read: its framing (Content-Length or chunked "
+                             "encoding) is broken.") from None
+    except ConnectionError:  # the client hung up mid-upload (not Redis: see error_middleware)
+        raise ClientDisconnected("The client closed the connection before its request body was read.") from None
 
 
 def route_for(gw: Gateway, dialect: Dialect, principal: Principal, model: str) -> tuple[ModelRoute, Plan]:
@@ -280,12 +306,14 @@ def make_free_handler(dialect: Dialect, endpoint: str) -> Handler:
         try:
             async with gw.session.post(upstream.base_url + dialect.upstream_path(request.path), data=raw,
                                        headers=dialect.upstream_headers(upstream, request.headers),
-                                       params=_forward_query(request), timeout=timeout) as up:
+                                       params=_forward_query(request), timeout=timeout,
+                                       allow_redirects=False) as up:
                 data = await up.read()
-                if up.status in (401, 403):
-                    raise UpstreamError("The upstream provider rejected the gateway's credentials.")
+                _refuse_operator_problems(up.status)
                 available = int(account.get("allow") or 0) + int(account.get("extra") or 0) - int(
                     account.get("held") or 0)
+                if up.status >= 400:
+                    return _relayed_error(dialect, up, data, parsed.model, request_id, available)
                 return web.Response(body=data, status=up.status,
                                     headers=_response_headers(up.headers, request_id, available))
         except (TimeoutError, aiohttp.ServerTimeoutError):
@@ -332,10 +360,11 @@ async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamRe
     sent = time.perf_counter()
     try:
         upstream_cm = gw.session.request(request.method, url, data=body if body is not None else raw,
-                                         headers=headers, timeout=timeout, params=_forward_query(request))
+                                         headers=headers, timeout=timeout, params=_forward_query(request),
+                                         allow_redirects=False)
         async with upstream_cm as up:
             gw.metrics.upstream_seconds.labels(upstream.name).observe(time.perf_counter() - sent)
-            if up.status >= 400:
+            if up.status >= 300:  # a refusal, or a redirect: never followed (it would carry the provider key)
                 return await _upstream_error(call, up)
             call.served = True
             if call.parsed.stream and up.content_type == "text/event-stream":
@@ -369,17 +398,36 @@ def _forward_query(request: web.Request) -> dict[str, str]:
 
 
 async def _upstream_error(call: Call, up: aiohttp.ClientResponse) -> web.StreamResponse:
-    """The provider refused or failed before any output: no charge; its answer goes back as is,
-    except credential problems, which are the operator's and are reported as a 502."""
+    """The provider refused, failed or redirected before any output: no charge. Its status, error
+    type and code go back in the dialect's shape without identifying text (`relay_body`), except
+    credential problems and redirects, which are the operator's and are reported as a 502."""
     try:
         data = await up.read()
     except (TimeoutError, aiohttp.ClientError):
         data = b""
     available = await end_call(call, None, outcome=f"upstream_{up.status}", http_status=up.status)
-    if up.status in (401, 403):
+    _refuse_operator_problems(up.status)
+    return _relayed_error(call.dialect, up, data, call.parsed.model, call.request_id, available)
+
+
+def _refuse_operator_problems(status: int) -> None:
+    """A 502 for upstream answers that are the operator's business: its credentials refused, or a
+    redirect (never followed: the provider key would go along to wherever it points)."""
+    if status in (401, 403):
         raise UpstreamError("The upstream provider rejected the gateway's credentials.")
-    return web.Response(body=data, status=up.status,
-                        headers=_response_headers(up.headers, call.request_id, available))
+    if 300 <= status < 400:
+        raise UpstreamError(f"The upstream provider answered with a redirect ({status}), which this gateway "
+                            "does not follow.")
+
+
+def _relayed_error(dialect: Dialect, up: aiohttp.ClientResponse, data: bytes, model: str, request_id: str,
+                   available: int) -> web.Response:
+    headers = _response_headers(up.headers, request_id, available)
+    if dialect.name != "http":
+        headers = {name: value for name, value in headers.items() if name.lower() != "content-type"}
+        headers["Content-Type"] = "application/json"
+    return web.Response(body=relay_body(dialect, up.status, data, model, request_id), status=up.status,
+                        headers=headers)
 
 
 async def _stream(request: web.Request, call: Call, up: aiohttp.ClientResponse, meter: StreamMeter,

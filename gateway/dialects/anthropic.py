@@ -215,7 +215,7 @@ class AnthropicDialect:
             if lowered_cap - 1 < _MIN_THINKING_BUDGET:
                 raise InsufficientCredits("Insufficient credits for the minimum extended-thinking budget.")
             body["thinking"] = {**(thinking or {}), "budget_tokens": lowered_cap - 1}
-        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(), False
+        return json.dumps(body, ensure_ascii=True, separators=(",", ":")).encode(), False
 
     def upstream_headers(self, upstream: Upstream, incoming: Mapping[str, str]) -> dict[str, str]:
         check_betas(upstream, betas_of(incoming))  # also when the request was parsed without its headers

@@ -18,11 +18,13 @@ from gateway.dialects.drivers import NONE, CostDrivers
 from gateway.errors import BadRequest, GatewayError
 from gateway.usage import Usage
 
-#: Request headers never forwarded upstream: credentials, hop-by-hop, and ones aiohttp sets itself.
+#: Request headers never forwarded upstream: credentials, hop-by-hop, ones aiohttp sets itself, and
+#: Content-Encoding (the gateway reads the body decoded and forwards it so, see `read_body`).
 DROP_REQUEST_HEADERS = frozenset({
     "authorization", "x-api-key", "x-goog-api-key", "api-key", "openai-organization", "openai-project",
     "host", "content-length", "connection", "keep-alive", "proxy-authorization", "proxy-connection",
     "te", "trailer", "transfer-encoding", "upgrade", "accept-encoding", "cookie", "x-admin-key",
+    "content-encoding", "expect",
 })
 
 
@@ -167,8 +169,12 @@ def checked_model(value: Any, param: str = "model", *, in_path: bool = False) ->
 
 
 def forward_headers(incoming: Mapping[str, str]) -> dict[str, str]:
-    """Copy request headers minus credentials and hop-by-hop ones."""
-    out = {name: value for name, value in incoming.items() if name.lower() not in DROP_REQUEST_HEADERS}
+    """Copy request headers minus credentials and hop-by-hop ones, including those the request's
+    `Connection` header declares hop-by-hop (RFC 9110 §7.6.1)."""
+    declared = {token.strip().lower() for name, value in incoming.items() if name.lower() == "connection"
+                for token in value.split(",")}
+    out = {name: value for name, value in incoming.items()
+           if name.lower() not in DROP_REQUEST_HEADERS and name.lower() not in declared}
     out["Accept-Encoding"] = "identity"  # parse plain bytes; forward them unchanged
     return out
 

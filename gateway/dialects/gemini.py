@@ -195,7 +195,7 @@ class GeminiDialect:
         config_key, cap_key = (req.cap_field or "generationConfig.maxOutputTokens").split(".")
         body = dict(req.body)
         body[config_key] = {**(body.get(config_key) or {}), cap_key: lowered_cap}
-        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(), False
+        return json.dumps(body, ensure_ascii=True, separators=(",", ":")).encode(), False
 
     def upstream_headers(self, upstream: Upstream, incoming: Mapping[str, str]) -> dict[str, str]:
         return inject_provider_key(forward_headers(incoming), upstream)

@@ -335,7 +335,7 @@ class OpenAIDialect:
                 changed, hide_usage = True, True
         if not changed:
             return None, False
-        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(), hide_usage
+        return json.dumps(body, ensure_ascii=True, separators=(",", ":")).encode(), hide_usage
 
     def upstream_headers(self, upstream: Upstream, incoming: Mapping[str, str]) -> dict[str, str]:
         return inject_provider_key(forward_headers(incoming), upstream)
