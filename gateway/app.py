@@ -168,6 +168,7 @@ async def session_ctx(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
     gw.session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
     yield
+    await gw.pending_settlements()  # requests still forwarding finish (and settle) before the pool closes
     await gw.session.close()
 
 

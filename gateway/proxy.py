@@ -393,8 +393,18 @@ async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamRe
         raise UpstreamError(f"Could not reach the upstream provider ({type(exc).__name__}).") from None
 
 
+#: Query parameters each dialect forwards (others could change what the answer reports, e.g. Gemini's
+#: `alt=proto` or `fields`, so they are dropped); per-call tools forward everything but the key.
+_QUERY_FORWARDED = {"openai": frozenset({"api-version"}), "anthropic": frozenset({"beta"}),
+                    "gemini": frozenset({"alt"})}
+
+
 def _forward_query(request: web.Request) -> dict[str, str]:
-    return {k: v for k, v in request.query.items() if k != "key"}
+    allowed = _QUERY_FORWARDED.get(request[REQUEST_DIALECT].name)
+    query = {k: v for k, v in request.query.items() if k != "key" and (allowed is None or k in allowed)}
+    if "alt" in query and (query["alt"] != "sse" or not request.path.endswith(":streamGenerateContent")):
+        del query["alt"]  # only a stream may ask for SSE; alt=proto would hide usageMetadata
+    return query
 
 
 async def _upstream_error(call: Call, up: aiohttp.ClientResponse) -> web.StreamResponse:

@@ -88,3 +88,31 @@ def test_errors_in_google_shape() -> None:
     assert json.loads(D.error_response(Unauthorized("bad"))[1])["error"]["status"] == "UNAUTHENTICATED"
     event = D.stream_error_event("lost")
     assert event.startswith(b"data: ") and json.loads(event[6:])["error"]["status"] == "UNAVAILABLE"
+
+
+@pytest.mark.parametrize("config", [
+    {"generationConfig": {"maxOutputTokens": 10}, "generation_config": {"max_output_tokens": 60000}},
+    {"generationConfig": {"maxOutputTokens": 10, "candidate_count": 8}},
+    {"generation_config": {"max_output_tokens": 10, "maxOutputTokens": 60000}},
+])
+def test_mixed_generation_config_spellings_are_refused_not_priced_one_way_and_served_another(
+        config: dict[str, object]) -> None:
+    with pytest.raises(BadRequest):
+        _parse({"contents": [{"parts": [{"text": "hi"}]}], **config})
+
+
+def test_image_or_audio_output_is_refused() -> None:
+    with pytest.raises(BadRequest) as refused:
+        _parse({"contents": [{"parts": [{"text": "hi"}]}],
+                "generationConfig": {"responseModalities": ["TEXT", "IMAGE"]}})
+    assert refused.value.param == "responseModalities"
+    assert _parse({"contents": [{"parts": [{"text": "hi"}]}],
+                   "generationConfig": {"responseModalities": ["TEXT"]}}) is not None
+
+
+def test_inline_data_spelt_with_json_escapes_still_gets_its_allowance() -> None:
+    body = {"contents": [{"parts": [{"inlineData": {"mimeType": "image/png", "data": "AAAA"}}]}]}
+    escaped = json.dumps(body).replace("inlineData", "inline\\u0044ata").encode()
+    assert json.loads(escaped) == body
+    parsed = D.parse_request("generateContent", escaped, 4, "gemini-2.5-flash")
+    assert parsed.prompt_tokens_bound > 2000  # type: ignore[attr-defined]

@@ -93,10 +93,30 @@ def test_the_prompt_bound_covers_unicode_and_media() -> None:
 
 def test_cap_fields_are_read_and_n_is_bounded() -> None:
     assert _parse({"model": "m", "messages": [{}], "max_tokens": 7}).output_cap == 7
-    parsed = _parse({"model": "m", "messages": [{}], "max_completion_tokens": 9, "max_tokens": 7, "n": 3})
+    parsed = _parse({"model": "m", "messages": [{}], "max_completion_tokens": 9, "n": 3})
     assert (parsed.cap_field, parsed.output_cap, parsed.choices) == ("max_completion_tokens", 9, 3)
     with pytest.raises(BadRequest):
         _parse({"model": "m", "messages": [{}], "n": 5})
+    with pytest.raises(BadRequest):  # two caps: an upstream might honour the one not priced
+        _parse({"model": "m", "messages": [{}], "max_completion_tokens": 9, "max_tokens": 7000})
+
+
+def test_output_the_gateway_cannot_price_is_refused() -> None:
+    for extra in ({"modalities": ["text", "audio"]}, {"audio": {"voice": "alloy", "format": "wav"}}):
+        with pytest.raises(BadRequest):
+            _parse({"model": "m", "messages": [{}], **extra})
+    with pytest.raises(BadRequest) as refused:
+        D.parse_request("responses", json.dumps({"model": "m", "input": "x", "background": True}).encode(), 4)
+    assert refused.value.param == "background"
+
+
+def test_media_spelt_with_json_escapes_still_gets_its_allowance() -> None:
+    plain = {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]}
+    escaped = json.dumps(plain).replace("image_url", "image\\u005furl").encode()
+    assert json.loads(escaped) == plain
+    bound = D.parse_request("chat", json.dumps(plain).encode(), 4).prompt_tokens_bound
+    assert D.parse_request("chat", escaped, 4).prompt_tokens_bound >= bound - 20 > 4000
 
 
 def test_upstream_body_is_untouched_unless_it_must_change() -> None:

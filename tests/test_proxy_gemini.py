@@ -140,3 +140,18 @@ async def test_key_in_the_query_never_goes_upstream_nor_into_logs_or_metrics(
     metrics = await (await harness.client.get("/metrics")).text()
     assert key not in caplog.text and key not in metrics
     await harness.assert_conserved(account)
+
+
+async def test_only_the_query_parameters_a_dialect_needs_are_forwarded(harness: Harness) -> None:
+    # `alt=proto`, `fields` or a field mask could strip usageMetadata from the answer the bill is read from
+    _account, key = await harness.account(credits=1)
+    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+    for path in ("/v1beta/models/demo-gemini:generateContent?alt=proto&fields=candidates",
+                 "/v1beta/models/demo-gemini:streamGenerateContent?alt=sse&fields=candidates&$fields=x"):
+        async with harness.client.post(path, json=body, headers={"x-goog-api-key": key,
+                                                                 "X-Goog-FieldMask": "candidates"}) as resp:
+            assert resp.status == 200
+            await resp.read()
+        seen = emulator_state(harness.emulator).received[-1]
+        assert seen["query"] == ({"alt": "sse"} if "stream" in path else {})
+        assert "x-goog-fieldmask" not in {h.lower() for h in seen["headers"]}

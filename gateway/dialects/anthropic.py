@@ -9,7 +9,14 @@ from dataclasses import replace
 from typing import Any
 
 from gateway.config import Upstream
-from gateway.dialects.base import ParsedRequest, checked_model, forward_headers, inject_provider_key, json_object
+from gateway.dialects.base import (
+    ParsedRequest,
+    checked_model,
+    forward_headers,
+    inject_provider_key,
+    json_object,
+    media_parts,
+)
 from gateway.dialects.drivers import NONE, CostDrivers, ToolUse, betas_of, check_betas, tool_kind
 from gateway.errors import BadRequest, GatewayError, InsufficientCredits
 from gateway.money import ceil_div
@@ -22,6 +29,7 @@ TOOL_SYSTEM_TOKENS = 1_000  # Anthropic's hidden tool-use system prompt (a few h
 _TEMPLATE_TOKENS = 16
 _MIN_THINKING_BUDGET = 1024
 _MEDIA = re.compile(rb'"type"\s*:\s*"(?:image|document)"')
+_MEDIA_NAMES = frozenset({"image", "document"})
 _DELTA_TEXT = re.compile(r'"(?:text|thinking|partial_json)"\s*:\s*"((?:[^"\\]|\\.)+)"')
 
 _ERROR_TYPES = {
@@ -192,7 +200,7 @@ class AnthropicDialect:
             cap = body.get("max_tokens")
             if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
                 raise BadRequest("max_tokens: Field required (an integer of at least 1)", param="max_tokens")
-        media = len(_MEDIA.findall(raw))
+        media = media_parts(raw, _MEDIA, body, _MEDIA_NAMES, type_only=True)
         tools = TOOL_SYSTEM_TOKENS if body.get("tools") else 0
         return ParsedRequest(
             endpoint=endpoint, model=model, stream=bool(stream), body=body,

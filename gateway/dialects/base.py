@@ -24,6 +24,7 @@ DROP_REQUEST_HEADERS = frozenset({
     "authorization", "x-api-key", "x-goog-api-key", "api-key", "openai-organization", "openai-project",
     "host", "content-length", "connection", "keep-alive", "proxy-authorization", "proxy-connection",
     "te", "trailer", "transfer-encoding", "upgrade", "accept-encoding", "cookie", "x-admin-key",
+    "x-goog-fieldmask",  # a field mask could strip usageMetadata from the answer the bill is read from
     "content-encoding", "expect",
 })
 
@@ -166,6 +167,29 @@ def checked_model(value: Any, param: str = "model", *, in_path: bool = False) ->
         raise BadRequest(f"Invalid model name {shown!r}: a model name has at most {MAX_MODEL_NAME} characters, "
                          f"{where}no '\\', '..', '%', whitespace or control characters.", param=param)
     return value
+
+
+def media_parts(raw: bytes, pattern: re.Pattern[bytes], body: Any, names: frozenset[str],
+                type_only: bool = False) -> int:
+    """How many media parts (images, audio, files) a request carries: `pattern` counted on the raw
+    bytes, or, when the body uses JSON escapes (which could spell a name past the pattern), the
+    parsed body walked for the same `names` as keys or string values (`type_only`: only as the
+    value of a "type" key)."""
+    if b"\\u" not in raw:
+        return len(pattern.findall(raw))
+    count, stack = 0, [body]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                count += not type_only and key in names
+                if isinstance(value, str):
+                    count += value in names and (key == "type" or not type_only)
+                elif isinstance(value, dict | list):
+                    stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(item for item in node if isinstance(item, dict | list))
+    return count
 
 
 def forward_headers(incoming: Mapping[str, str]) -> dict[str, str]:

@@ -10,7 +10,14 @@ from dataclasses import replace
 from typing import Any
 
 from gateway.config import Upstream
-from gateway.dialects.base import ParsedRequest, checked_model, forward_headers, inject_provider_key, json_object
+from gateway.dialects.base import (
+    ParsedRequest,
+    checked_model,
+    forward_headers,
+    inject_provider_key,
+    json_object,
+    media_parts,
+)
 from gateway.dialects.drivers import NONE, CostDrivers, ToolUse
 from gateway.errors import BadRequest, GatewayError
 from gateway.money import ceil_div
@@ -20,6 +27,10 @@ from gateway.usage import Usage
 MEDIA_PART_TOKENS = 2_000  # per inline or file part (image, audio, video, document)
 _TEMPLATE_TOKENS = 16
 _MEDIA = re.compile(rb'"(?:inlineData|inline_data|fileData|file_data)"')
+_MEDIA_NAMES = frozenset({"inlineData", "inline_data", "fileData", "file_data"})
+#: Each generation-config spelling, with the names of the other one it must not be mixed with.
+_SPELLINGS = (("generationConfig", "maxOutputTokens", "candidateCount", ("max_output_tokens", "candidate_count")),
+              ("generation_config", "max_output_tokens", "candidate_count", ("maxOutputTokens", "candidateCount")))
 _TEXT = re.compile(r'"text"\s*:\s*"((?:[^"\\]|\\.)+)"')
 GENERATE = ("generateContent", "streamGenerateContent")
 EMBED = ("embedContent", "batchEmbedContents")
@@ -126,11 +137,20 @@ def _drivers(body: dict[str, Any]) -> CostDrivers:
 
 
 def _generation_cap(body: dict[str, Any]) -> tuple[str | None, str | None, int | None, int]:
-    """(config key, cap key, cap, candidate count) in whichever spelling the client used."""
-    for config_key, cap_key, count_key in (("generationConfig", "maxOutputTokens", "candidateCount"),
-                                           ("generation_config", "max_output_tokens", "candidate_count")):
+    """(config key, cap key, cap, candidate count) in whichever spelling the client used. Both
+    spellings in one body are refused: the API reads one of them, and it must be the one priced."""
+    if "generationConfig" in body and "generation_config" in body:
+        raise BadRequest("Send 'generationConfig' or 'generation_config', not both.", param="generationConfig")
+    for config_key, cap_key, count_key, other in _SPELLINGS:
         config = body.get(config_key)
         if isinstance(config, dict):
+            mixed = [name for name in other if name in config]
+            if mixed:
+                raise BadRequest(f"'{config_key}.{mixed[0]}' mixes spellings: use '{cap_key}' and '{count_key}'.",
+                                 param=mixed[0])
+            modalities = config.get("responseModalities", config.get("response_modalities"))
+            if isinstance(modalities, list) and any(str(m).upper() != "TEXT" for m in modalities):
+                raise BadRequest("Only text output is available through this gateway.", param="responseModalities")
             cap, count = config.get(cap_key), config.get(count_key, 1)
             for name, value in ((cap_key, cap), (count_key, count)):
                 if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -177,7 +197,7 @@ class GeminiDialect:
             if not isinstance(body.get("requests"), list):
                 raise BadRequest("* BatchEmbedContentsRequest.requests: requests is not specified", param="requests")
             _check_inner_models(body["requests"], path_model)
-        media = len(_MEDIA.findall(raw))
+        media = media_parts(raw, _MEDIA, body, _MEDIA_NAMES)
         return ParsedRequest(
             endpoint=endpoint, model=path_model, stream=endpoint == "streamGenerateContent", body=body,
             cap_field=f"{config_key}.{cap_key}" if cap is not None else None,

@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.config import Upstream
-from gateway.dialects.base import ParsedRequest, checked_model, forward_headers, inject_provider_key, json_object
+from gateway.dialects.base import (
+    ParsedRequest,
+    checked_model,
+    forward_headers,
+    inject_provider_key,
+    json_object,
+    media_parts,
+)
 from gateway.dialects.drivers import NONE, CostDrivers, ToolUse, tool_kind
 from gateway.errors import BadRequest, GatewayError
 from gateway.money import ceil_div
@@ -21,6 +28,18 @@ from gateway.usage import Usage
 #: The overdraft this allows is bounded by (actual media tokens - allowance) x input rate.
 MEDIA_PART_TOKENS = 2_000
 _MEDIA = re.compile(rb'"(?:image_url|input_audio|input_image|file)"')
+_MEDIA_NAMES = frozenset({"image_url", "input_audio", "input_image", "file"})
+
+
+def _refuse_unpriced_output(endpoint: str, body: dict[str, Any]) -> None:
+    """Output the gateway cannot price or bound: audio output (billed at audio rates), and Responses
+    run in the background (the answer comes later, its usage never through this request)."""
+    modalities = body.get("modalities")
+    if body.get("audio") is not None or (isinstance(modalities, list) and "audio" in modalities):
+        raise BadRequest("Audio output is not available through this gateway.", param="modalities")
+    if endpoint == "responses" and body.get("background"):
+        raise BadRequest("Background responses are not available through this gateway: stream the response "
+                         "or wait for it.", param="background")
 _TEMPLATE_TOKENS = 16  # reply primer and role markers beyond what the JSON bytes already cover
 
 
@@ -296,7 +315,10 @@ class OpenAIDialect:
             if value is not None:
                 cap_field, cap = name, value
                 break
-        media = len(_MEDIA.findall(raw))
+        if endpoint == "chat" and "max_completion_tokens" in body and "max_tokens" in body:
+            raise BadRequest("Set only one of 'max_completion_tokens' and 'max_tokens'.", param="max_tokens")
+        _refuse_unpriced_output(endpoint, body)
+        media = media_parts(raw, _MEDIA, body, _MEDIA_NAMES)
         return ParsedRequest(
             endpoint=endpoint,
             model=model,
