@@ -323,8 +323,8 @@ def _listener_app(gw: Gateway, keys: AdminKeys, operator: bool | None) -> web.Ap
         middlewares.append(_listener_policy(operator))
     middlewares.append(body_deadline(settings.body_timeout_seconds))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes,
-                          handler_args=handler_args(settings.header_timeout_seconds))
-    cap_connections_per_client(app, settings.max_connections_per_client)
+                          handler_args=handler_args(settings.header_timeout_seconds, settings.body_timeout_seconds))
+    cap_connections_per_client(app, settings.max_connections_per_client, gw.metrics.connections_refused.inc)
     app[GATEWAY] = gw
     app[ADMIN_KEYS] = keys
     return app

@@ -88,15 +88,18 @@ def _expire_body(request: web.Request) -> None:
 
 
 class ConnectionCap:
-    """Open connections per client address on one listener (0: no cap)."""
+    """Open connections per client address on one listener (0: no cap); `refused` is called for each
+    connection turned away (a metric: a log line each would let an attacker flood the log)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, refused: Callable[[], object] = lambda: None) -> None:
         self.limit = limit
         self.open: dict[str, int] = {}
+        self._refused = refused
 
     def admit(self, client: str) -> bool:
         count = self.open.get(client, 0)
         if self.limit > 0 and count >= self.limit:
+            self._refused()
             return False
         self.open[client] = count + 1
         return True
@@ -168,7 +171,8 @@ class _CappedServer:
         return getattr(self._server, name)
 
 
-def cap_connections_per_client(app: web.Application, limit: int) -> None:
+def cap_connections_per_client(app: web.Application, limit: int, refused: Callable[[], object] = lambda: None
+                               ) -> None:
     """Serve `app` with at most `limit` open connections per client address on each listener.
 
     `web.run_app`, `AppRunner` and the test server all build a listener's protocol factory through the
@@ -178,12 +182,14 @@ def cap_connections_per_client(app: web.Application, limit: int) -> None:
     make_server = app._make_handler
 
     def make_capped_server(**kwargs: Any) -> Any:
-        return _CappedServer(make_server(**kwargs), ConnectionCap(limit))
+        return _CappedServer(make_server(**kwargs), ConnectionCap(limit, refused))
 
     app._make_handler = make_capped_server  # type: ignore[method-assign]
 
 
-def handler_args(header_timeout: float) -> dict[str, Any]:
+def handler_args(header_timeout: float, body_timeout: float) -> dict[str, Any]:
     """aiohttp request handler options for `web.Application(handler_args=...)`: they apply however the
-    app is served (run_app, AppRunner, the test server)."""
-    return {"keepalive_timeout": header_timeout, "logger": ServerErrorLog()}
+    app is served (run_app, AppRunner, the test server). An unread body left after an answer is
+    drained for at most the body timeout (aiohttp's default: 10 s)."""
+    return {"keepalive_timeout": header_timeout, "logger": ServerErrorLog(),
+            "lingering_time": min(10.0, body_timeout) if body_timeout > 0 else 10.0}

@@ -20,6 +20,7 @@ from conftest import ADMIN, SETUP_EVENTS, Harness, emulator_state, make_settings
 
 from gateway.app import AccessLogger, create_app
 from gateway.keys import KeySchema
+from gateway.state import GATEWAY
 
 PLANS = """
 default_plan: free
@@ -202,6 +203,7 @@ async def test_connections_over_the_per_client_cap_are_closed_at_once(guarded: T
         reader, writer = await asyncio.open_connection(guarded.host, guarded.port)
         assert await asyncio.wait_for(reader.read(), 2.0) == b""  # the fifth: closed before any request
         writer.close()
+        assert b"gateway_connections_refused_total 1.0" in guarded.app[GATEWAY].metrics.render()
         # the admitted ones are served
         _, first_writer = held[0]
         first_writer.write(b"GET /health HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
