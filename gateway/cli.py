@@ -31,7 +31,7 @@ from gateway.keys import KeySchema
 from gateway.ledger import export_cursor_key, export_events, render
 from gateway.money import credits_number, credits_to_micro
 from gateway.scripts import ScriptRunner, load_scripts
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError
 from gateway.store import Store, account_view, check_idempotency_key, key_view, parse_expiry
 
 log = logging.getLogger("gateway")
@@ -61,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings.from_env(config_dir=args.config_dir, redis_url=args.redis_url, **listener)
         load_config(settings.config_dir)
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, SettingsError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     embedded = None
@@ -313,7 +313,7 @@ def _run(coro: Callable[[argparse.Namespace], Coroutine[Any, Any, None]]) -> Cal
     def runner(args: argparse.Namespace) -> int:
         try:
             asyncio.run(coro(args))
-        except (GatewayError, ConfigError) as exc:
+        except (GatewayError, ConfigError, SettingsError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         return 0

@@ -77,9 +77,13 @@ class Settings:
         return cls(**values)  # type: ignore[arg-type]
 
 
+class SettingsError(ValueError):
+    """A setting from the environment that cannot be used (the message never quotes a secret)."""
+
+
 def parse_named_keys(text: str, separator: str = ",") -> tuple[tuple[str, Secret], ...]:
     """`name:key` pairs separated by `separator` (blank entries and `#` comments skipped); raises
-    ValueError naming the entry's position, never its key."""
+    SettingsError naming the entry's position, never its key."""
     found: list[tuple[str, Secret]] = []
     for number, entry in enumerate(text.split(separator), 1):
         entry = entry.strip()
@@ -87,6 +91,6 @@ def parse_named_keys(text: str, separator: str = ",") -> tuple[tuple[str, Secret
             continue
         name, sep, key = entry.partition(":")
         if not sep or not name.strip() or not key.strip():
-            raise ValueError(f"admin key entry {number} is not of the form name:key")
+            raise SettingsError(f"admin key entry {number} is not of the form name:key")
         found.append((name.strip(), Secret(key.strip())))
     return tuple(found)

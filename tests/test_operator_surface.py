@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestServer
 from conftest import ADMIN, ADMIN_KEY, make_settings
 
 from gateway.app import AccessLogger, create_app
+from gateway.cli import main
 from gateway.embedded import free_port
 from gateway.secret import Secret
 from gateway.settings import Settings
@@ -135,3 +136,11 @@ def test_admin_keys_come_named_from_the_environment(monkeypatch: pytest.MonkeyPa
     with pytest.raises(ValueError, match="entry 1") as error:
         Settings.from_env()
     assert "ops-without-a-key" not in str(error.value)
+
+
+def test_serve_refuses_a_malformed_admin_keys_setting_without_a_traceback(
+        monkeypatch: pytest.MonkeyPatch, config_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("GATEWAY_ADMIN_KEYS", "ops:KEY1,forgot-the-key")
+    assert main(["serve", "--config-dir", str(config_dir), "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "admin key entry 2" in err and "Traceback" not in err and "KEY1" not in err
