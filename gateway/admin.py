@@ -2,29 +2,46 @@
 
 from __future__ import annotations
 
-import hmac
 import json
+import logging
 from typing import Any
 
 from aiohttp import web
 
+from gateway.admin_keys import ADMIN_KEYS, AdminKeys
+from gateway.alerts import webhook_label
 from gateway.auth import check_scopes
 from gateway.config import key_limits
 from gateway.errors import BadRequest, Unauthorized
 from gateway.money import credits_number, credits_to_micro
 from gateway.state import GATEWAY, Gateway
-from gateway.store import Credited, Store, account_view, check_idempotency_key, key_view, parse_expiry
+from gateway.store import (
+    Credited,
+    Store,
+    account_view,
+    check_idempotency_key,
+    key_view,
+    parse_expiry,
+    redis_guard,
+)
+
+log = logging.getLogger("gateway.admin")
 
 
 def check_admin(request: web.Request) -> tuple[Gateway, Store]:
+    """The gateway and its store, for a request that carries an admin key (`Authorization: Bearer` or
+    `X-Admin-Key`); the key's name is logged, never the key."""
     gw = request.app[GATEWAY]
-    expected = gw.settings.admin_key.reveal()
-    if not expected:
-        raise Unauthorized("The admin API is disabled: set GATEWAY_ADMIN_KEY.")
+    keys = request.app.get(ADMIN_KEYS) or AdminKeys(gw.settings)
+    if not keys.configured:
+        raise Unauthorized("The admin API is disabled: set GATEWAY_ADMIN_KEY (or GATEWAY_ADMIN_KEYS).")
     auth = request.headers.get("Authorization", "")
     given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("X-Admin-Key", "")
-    if not hmac.compare_digest(given.encode(), expected.encode()):
+    name = keys.name_of(given)
+    if name is None:
+        log.warning("admin %s %s refused: no valid admin key", request.method, request.path)
         raise Unauthorized("Invalid admin key.")
+    log.info("admin %s %s by key %r", request.method, request.path, name)
     assert gw.store is not None
     return gw, gw.store
 
@@ -224,7 +241,39 @@ async def list_plans(request: web.Request) -> web.Response:
     return web.json_response({"data": data, "packs": packs})
 
 
+async def set_webhook(request: web.Request) -> web.Response:
+    """PUT /admin/accounts/{id}/webhook {url, secret}: the account's own alert webhook (over the plan's).
+    The ledger and the answer name it by host and fingerprint only: its path (Slack-style URLs are
+    secrets) and the secret stay in the account record."""
+    gw, store = check_admin(request)
+    account_id = request.match_info["account_id"]
+    await store.account_raw(account_id)
+    body = await read_json(request)
+    url, secret = body.get("url"), body.get("secret", "")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")) or not isinstance(secret, str):
+        raise BadRequest("'url' must be an http(s) URL and 'secret' a string.", param="url")
+    label = webhook_label(url)
+    await store.admin_event(account_id, {"type": "webhook_set", "webhook": label},
+                            gw.schema.for_account(account_id).account, {"webhook_url": url, "webhook_secret": secret})
+    return web.json_response({"account_id": account_id, "webhook": label})
+
+
+async def get_webhook(request: web.Request) -> web.Response:
+    """GET /admin/accounts/{id}/webhook: the one answer that shows the account's webhook URL (the
+    operator asked for it); the secret is write-only."""
+    gw, store = check_admin(request)
+    account_id = request.match_info["account_id"]
+    await store.account_raw(account_id)
+    async with redis_guard():
+        url, secret = await gw.redis.hmget(gw.schema.for_account(account_id).account,
+                                           ["webhook_url", "webhook_secret"])
+    return web.json_response({"account_id": account_id, "url": url or None,
+                              "webhook": webhook_label(url) if url else None, "secret_set": bool(secret)})
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_put("/admin/accounts/{account_id}/webhook", set_webhook)
+    app.router.add_get("/admin/accounts/{account_id}/webhook", get_webhook)
     app.router.add_get("/admin/plans", list_plans)
     app.router.add_get("/admin/accounts", list_accounts)
     app.router.add_get("/admin/stats", stats)

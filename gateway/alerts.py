@@ -19,6 +19,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -34,17 +35,21 @@ MAX_ATTEMPTS = 10
 
 
 def due(plan: Plan, s: Settlement) -> list[tuple[str, str]]:
-    """(alert field, message) for every threshold this settlement's counters have reached."""
+    """(alert field, message) for every threshold this settlement crossed (allowance used, and the
+    balance falling under the low-credit share: the settlement that took the counter over it, so
+    settlements racing to record it agree on which one fired it) or has reached (per-cycle caps)."""
     policy = plan.alerts
     found: list[tuple[str, str]] = []
     allowance = plan.monthly_credits
+    used_before, balance_before = s.cycle_used - s.charged, s.balance + s.charged
     if allowance > 0:
         for threshold in policy.thresholds:
-            if s.cycle_used * 100 >= threshold * allowance:
+            if used_before * 100 < threshold * allowance <= s.cycle_used * 100:
                 found.append((f"{s.cycle_start_ms}:allowance:{threshold}",
                               f"{threshold}% of this cycle's {format_credits(allowance)}-credit allowance is used."))
-        if s.available < allowance * policy.low_credit_share:
-            found.append((f"{s.cycle_start_ms}:low_credit", f"Low credits: {format_credits(max(s.available, 0))} "
+        low = allowance * policy.low_credit_share
+        if s.balance < low <= balance_before:
+            found.append((f"{s.cycle_start_ms}:low_credit", f"Low credits: {format_credits(max(s.balance, 0))} "
                           f"remaining, under {policy.low_credit_share:.0%} of the allowance."))
     for limit_id, value, cap in s.cycle_limits:
         for threshold in policy.thresholds:
@@ -94,11 +99,11 @@ def notify(gw: Gateway, account_id: str, plan: Plan, found: list[tuple[str, str]
 async def fire(gw: Gateway, account_id: str, plan: Plan, found: list[tuple[str, str]],
                request_id: str) -> list[dict[str, Any]]:
     """Record the alerts in `found` not yet fired this cycle; queue their webhooks. Never raises: a
-    failure here (Redis away) must not touch the request, and the next settlement retries."""
+    failure here (Redis away) must not touch the request (the alert is then lost, and logged)."""
     try:
         return await _fire(gw, account_id, plan, found, request_id)
     except Exception:
-        log.warning("alerts for %s not recorded (Redis unavailable?); the next settlement retries", account_id)
+        log.warning("alerts for %s not recorded (Redis unavailable?)", account_id)
         return []
 
 
@@ -119,22 +124,45 @@ async def _fire(gw: Gateway, account_id: str, plan: Plan, found: list[tuple[str,
         gw.fired_alerts.clear()  # only a cache: HSETNX is what makes an alert fire once
     for field, _ in found:
         gw.fired_alerts.add((account_id, field))
-    if new:
-        account = await gw.redis.hmget(keys.account, ["webhook_url", "webhook_secret"])
-        url = account[0] or plan.alerts.webhook_url
-        secret = account[1] or plan.alerts.webhook_secret.reveal()
-        if url:
-            await enqueue(gw, url, secret, new)
+    if new and (await _webhook_of(gw, account_id, plan))[0]:
+        await enqueue(gw, account_id, new)
     return new
 
 
-async def enqueue(gw: Gateway, url: str, secret: str, alerts: list[dict[str, Any]]) -> None:
+def webhook_label(url: str) -> str:
+    """How the ledger, logs and admin answers name a webhook: its host and a fingerprint of the whole
+    URL, never its path or query (a Slack-style URL is itself a secret)."""
+    try:
+        host = urlsplit(url).hostname or "unknown-host"
+    except ValueError:
+        host = "unknown-host"
+    return f"{host} sha256:{hashlib.sha256(url.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
+
+
+async def _webhook_of(gw: Gateway, account_id: str, plan: Plan | None = None) -> tuple[str, str]:
+    """The account's webhook URL and secret as configured now: its own, else its plan's."""
+    url, secret, plan_name = await gw.redis.hmget(gw.schema.for_account(account_id).account,
+                                                  ["webhook_url", "webhook_secret", "plan"])
+    if url:
+        return url, secret or ""
+    plan = gw.config.plans.get(plan_name or "") or plan
+    if plan is None or not plan.alerts.webhook_url:
+        return "", ""
+    return plan.alerts.webhook_url, plan.alerts.webhook_secret.reveal()
+
+
+def _record_key(gw: Gateway, delivery: str) -> str:
+    return f"{gw.schema.prefix}delivery:{delivery}"
+
+
+async def enqueue(gw: Gateway, account_id: str, alerts: list[dict[str, Any]]) -> None:
+    """Queue one delivery per alert. A record holds the account and the body, never the URL or the
+    secret: they are looked up when it is sent, so a changed webhook applies to pending deliveries."""
     pipe = gw.redis.pipeline(transaction=False)
     for alert in alerts:
         delivery = "dlv_" + secrets.token_hex(8)
         body = json.dumps({"type": "gateway.alert", **alert}, separators=(",", ":"))
-        pipe.hset(f"{gw.schema.prefix}webhook:{delivery}", mapping={"url": url, "secret": secret, "body": body,
-                                                                      "attempts": 0})
+        pipe.set(_record_key(gw, delivery), json.dumps({"account_id": account_id, "body": body, "attempts": 0}))
         pipe.zadd(f"{gw.schema.prefix}webhooks", {delivery: int(time.time() * 1000)})
     await pipe.execute()
 
@@ -145,34 +173,96 @@ def signature(secret: str, timestamp: int, body: str) -> str:
     return f"t={timestamp},v1={mac}"
 
 
-async def _deliver(gw: Gateway, delivery: str) -> None:
-    record_key = f"{gw.schema.prefix}webhook:{delivery}"
-    queue = f"{gw.schema.prefix}webhooks"
-    rec = await gw.redis.hgetall(record_key)
+def _parse_record(raw: str) -> tuple[str, str, int] | None:
+    """(account id, body, attempts so far) of a stored delivery, or None when it is not one."""
+    try:
+        rec = json.loads(raw)
+        account_id, body, attempts = rec["account_id"], rec["body"], rec.get("attempts", 0)
+    except (ValueError, TypeError, KeyError):
+        return None
+    if not isinstance(account_id, str) or not isinstance(body, str) or not isinstance(attempts, int):
+        return None
+    return account_id, body, attempts
+
+
+async def _legacy_record(gw: Gateway, delivery: str) -> str | None:
+    """A delivery queued by an older version (a hash holding the URL and the secret): rewritten as a
+    record of the new kind, and the hash deleted, so no secret stays in the queue."""
+    old_key = f"{gw.schema.prefix}webhook:{delivery}"
+    rec = await gw.redis.hgetall(old_key)
     if not rec:
+        return None
+    try:
+        account_id = json.loads(rec.get("body", ""))["account_id"]
+    except (ValueError, TypeError, KeyError):
+        account_id = None
+    raw = json.dumps({"account_id": account_id, "body": rec.get("body"), "attempts": int(rec.get("attempts") or 0)}
+                     ) if isinstance(account_id, str) else "{}"
+    pipe = gw.redis.pipeline(transaction=False)
+    pipe.set(_record_key(gw, delivery), raw, nx=True)
+    pipe.delete(old_key)
+    await pipe.execute()
+    return raw
+
+
+async def _deliver(gw: Gateway, delivery: str) -> None:
+    """Send one queued delivery. Every update is conditional on the record still existing (SET XX,
+    ZADD XX): a delivery another process has finished, or that was removed meanwhile, is never
+    brought back; a record that cannot be read is dropped with one log line."""
+    record_key = _record_key(gw, delivery)
+    queue = f"{gw.schema.prefix}webhooks"
+    raw = await gw.redis.get(record_key) or await _legacy_record(gw, delivery)
+    if raw is None:
         await gw.redis.zrem(queue, delivery)
+        return
+    parsed = _parse_record(raw)
+    if parsed is None:
+        log.warning("webhook delivery %s dropped: its record is malformed", delivery)
+        await _forget(gw, delivery)
+        return
+    account_id, body, attempts = parsed
+    url, secret = await _webhook_of(gw, account_id)
+    if not url:
+        log.warning("webhook delivery %s for %s dropped: the account has no webhook any more", delivery, account_id)
+        await _forget(gw, delivery)
         return
     timestamp = int(time.time())
     headers = {"Content-Type": "application/json", "X-Gateway-Delivery": delivery,
-               "X-Gateway-Signature": signature(rec.get("secret", ""), timestamp, rec["body"])}
+               "X-Gateway-Signature": signature(secret, timestamp, body)}
     ok = False
     assert gw.session is not None
-    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-        async with gw.session.post(rec["url"], data=rec["body"], headers=headers,
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+        async with gw.session.post(url, data=body, headers=headers, allow_redirects=False,
                                    timeout=aiohttp.ClientTimeout(total=10)) as resp:
             ok = 200 <= resp.status < 300
     if ok:
-        await gw.redis.zrem(queue, delivery)
-        await gw.redis.delete(record_key)
+        await _forget(gw, delivery)
         return
-    attempts = int(await gw.redis.hincrby(record_key, "attempts", 1))
+    attempts += 1
     if attempts >= MAX_ATTEMPTS:
-        log.error("webhook delivery %s dropped after %d attempts", delivery, attempts)
-        await gw.redis.zrem(queue, delivery)
-        await gw.redis.delete(record_key)
+        log.error("webhook delivery %s to %s dropped after %d attempts", delivery, webhook_label(url), attempts)
+        await _forget(gw, delivery)
         return
     backoff = min(gw.settings.webhook_backoff_seconds * 2 ** (attempts - 1), 3600)
-    await gw.redis.zadd(queue, {delivery: int((time.time() + backoff) * 1000)})
+    if await gw.redis.set(record_key, json.dumps({"account_id": account_id, "body": body, "attempts": attempts}),
+                          xx=True):
+        await gw.redis.zadd(queue, {delivery: int((time.time() + backoff) * 1000)}, xx=True)
+
+
+async def _forget(gw: Gateway, delivery: str) -> None:
+    pipe = gw.redis.pipeline(transaction=False)
+    pipe.zrem(f"{gw.schema.prefix}webhooks", delivery)
+    pipe.delete(_record_key(gw, delivery))
+    await pipe.execute()
+
+
+async def _deliver_quietly(gw: Gateway, delivery: str) -> None:
+    try:
+        await _deliver(gw, delivery)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # Redis away or a bug: the lease brings it back in 60 s, and it is logged
+        log.warning("webhook delivery %s failed: %s; will retry", delivery, type(exc).__name__)
 
 
 async def _deliver_forever(gw: Gateway) -> None:
@@ -186,7 +276,7 @@ async def _deliver_forever(gw: Gateway) -> None:
                 for delivery in await gw.redis.zrangebyscore(queue, "-inf", now, start=0, num=20):
                     # a 60 s lease: another process takes it over only if this one dies mid-delivery
                     await gw.redis.zadd(queue, {delivery: now + 60_000}, xx=True)
-                    task = asyncio.create_task(_deliver(gw, delivery))
+                    task = asyncio.create_task(_deliver_quietly(gw, delivery))
                     running.add(task)
                     task.add_done_callback(running.discard)
             except Exception:  # Redis away: try again on the next tick

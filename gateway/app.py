@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import time
@@ -19,15 +20,26 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from gateway import admin, dashboard, usage_routes
+from gateway.admin_keys import ADMIN_KEYS, AdminKeys
 from gateway.alerts import list_alerts, webhooks_ctx
 from gateway.auth import Authenticator
 from gateway.config import Config, load_config
 from gateway.dialects import all_dialects
 from gateway.dialects.base import Dialect
+from gateway.dialects.http import tool_path
 from gateway.embedded import EmbeddedRedis
-from gateway.errors import BadRequest, ClientDisconnected, GatewayError, NotFound, StoreUnavailable, UnreadableBody
+from gateway.errors import (
+    BadRequest,
+    ClientDisconnected,
+    GatewayError,
+    NotFound,
+    StoreUnavailable,
+    Unauthorized,
+    UnreadableBody,
+)
 from gateway.keys import KeySchema
 from gateway.ledger import trim_all
+from gateway.listener import body_deadline, cap_connections_per_client, handler_args
 from gateway.metering import Meter
 from gateway.metrics import Metrics
 from gateway.proxy import make_free_handler, make_handler
@@ -317,24 +329,92 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[GATEWAY].metrics.render()
+    """Prometheus metrics; with GATEWAY_METRICS_KEY set, only for `Authorization: Bearer <that key>`."""
+    gw = request.app[GATEWAY]
+    expected = gw.settings.metrics_key.reveal()
+    if expected:
+        auth = request.headers.get("Authorization", "")
+        given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        if not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode()):
+            raise Unauthorized("The metrics need the metrics key: Authorization: Bearer <GATEWAY_METRICS_KEY>.",
+                               headers={"WWW-Authenticate": "Bearer"})
+    body = gw.metrics.render()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
-def create_app(settings: Settings, config: Config | None = None) -> web.Application:
-    """Build the gateway application. Redis, the upstream session and the reaper start with it."""
-    counters = Metrics()
-    gw = Gateway(
-        settings=settings,
-        config=config or load_config(settings.config_dir),
-        schema=KeySchema(settings.key_prefix),
-        metrics=counters,
-        dialects=all_dialects(),
-        retries=Retries(counters),
-    )
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+# ---------------------------------------------------------------- listeners
+
+OPERATOR_APP = web.AppKey("operator_app", web.Application)
+_BOTH_LISTENERS = frozenset({"/health", "/ready", "/dashboard", "/dashboard/{name}"})
+
+
+def _is_operator_route(canonical: str) -> bool:
+    return canonical == "/metrics" or canonical == "/admin" or canonical.startswith("/admin/")
+
+
+def _listener_policy(operator: bool) -> Any:
+    """With a separate operator listener, the public one answers 404 for the admin API and the metrics,
+    and the operator one serves nothing else (besides health, readiness and the dashboard page)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                         ) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        canonical = resource.canonical if resource is not None else None
+        if canonical is not None and canonical not in _BOTH_LISTENERS and _is_operator_route(canonical) != operator:
+            raise web.HTTPNotFound()
+        return await handler(request)
+
+    return middleware
+
+
+def _listener_app(gw: Gateway, keys: AdminKeys, operator: bool | None) -> web.Application:
+    """An application for one listener: every guard against hostile clients (header and body timeouts,
+    connections per client, one quiet log line per malformed request), and, when the operator surface
+    has a listener of its own (`operator` not None), which side of it this one is."""
+    settings = gw.settings
+    middlewares: list[Any] = [error_middleware]
+    if operator is not None:
+        middlewares.append(_listener_policy(operator))
+    middlewares.append(body_deadline(settings.body_timeout_seconds))
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes,
+                          handler_args=handler_args(settings.header_timeout_seconds, settings.body_timeout_seconds))
+    cap_connections_per_client(app, settings.max_connections_per_client, gw.metrics.connections_refused.inc)
     app[GATEWAY] = gw
-    app.cleanup_ctx.extend([redis_ctx, session_ctx, settlement_ctx, reaper_ctx, reload_ctx, webhooks_ctx])
+    app[ADMIN_KEYS] = keys
+    return app
+
+
+async def operator_listener_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The admin API, the metrics and the dashboard on their own listener (GATEWAY_ADMIN_PORT)."""
+    settings = app[GATEWAY].settings
+    runner = web.AppRunner(app[OPERATOR_APP], access_log_class=AccessLogger)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.admin_host, settings.admin_port,
+                           reuse_port=True if settings.admin_reuse_port else None)
+        await site.start()
+        log.info("operator listener (admin API, metrics, dashboard) on %s:%s", settings.admin_host,
+                 settings.admin_port)
+        yield
+    finally:
+        await runner.cleanup()
+
+
+def _checked_tool_path(dialect: Dialect, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                       ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """`/tools/...` behind a check of the raw path (dot segments, encoded separators): refused with 400
+    before the key is looked up or anything is held."""
+
+    async def checked(request: web.Request) -> web.StreamResponse:
+        request[REQUEST_DIALECT] = dialect
+        tool_path(request.raw_path)
+        return await handler(request)
+
+    return checked
+
+
+def _add_routes(app: web.Application, gw: Gateway) -> None:
     openai, anthropic = gw.dialects["openai"], gw.dialects["anthropic"]
     for prefix in ("/v1", ""):
         app.router.add_post(f"{prefix}/chat/completions", make_handler(openai, "chat"))
@@ -353,7 +433,8 @@ def create_app(settings: Settings, config: Config | None = None) -> web.Applicat
         app.router.add_post(f"{base}:countTokens", make_free_handler(gemini, "countTokens"))
     app.router.add_get("/v1beta/models", list_models)
     app.router.add_get("/v1beta/models/{model}", get_model)
-    app.router.add_route("*", "/tools/{model}/{tail:.*}", make_handler(gw.dialects["http"], "call"))
+    app.router.add_route("*", "/tools/{model}/{tail:.*}", _checked_tool_path(gw.dialects["http"],
+                                                                            make_handler(gw.dialects["http"], "call")))
     app.router.add_get("/gateway/credits", credits)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
@@ -361,4 +442,28 @@ def create_app(settings: Settings, config: Config | None = None) -> web.Applicat
     admin.add_routes(app)
     usage_routes.add_routes(app)
     dashboard.add_routes(app)
+
+
+def create_app(settings: Settings, config: Config | None = None) -> web.Application:
+    """Build the gateway application. Redis, the upstream session and the reaper start with it; with
+    `settings.admin_port`, so does the operator listener (admin API, metrics, dashboard)."""
+    counters = Metrics()
+    gw = Gateway(
+        settings=settings,
+        config=config or load_config(settings.config_dir),
+        schema=KeySchema(settings.key_prefix),
+        metrics=counters,
+        dialects=all_dialects(),
+        retries=Retries(counters),
+    )
+    keys = AdminKeys(settings)
+    separate = settings.admin_port is not None
+    app = _listener_app(gw, keys, operator=False if separate else None)
+    app.cleanup_ctx.extend([redis_ctx, session_ctx, settlement_ctx, reaper_ctx, reload_ctx, webhooks_ctx])
+    _add_routes(app, gw)
+    if separate:
+        operator = _listener_app(gw, keys, operator=True)
+        _add_routes(operator, gw)
+        app[OPERATOR_APP] = operator
+        app.cleanup_ctx.append(operator_listener_ctx)
     return app

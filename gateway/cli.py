@@ -31,7 +31,7 @@ from gateway.keys import KeySchema
 from gateway.ledger import export_cursor_key, export_events, render
 from gateway.money import credits_number, credits_to_micro
 from gateway.scripts import ScriptRunner, load_scripts
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError
 from gateway.store import Store, account_view, check_idempotency_key, key_view, parse_expiry
 
 log = logging.getLogger("gateway")
@@ -57,18 +57,20 @@ def _emulator_worker(host: str, port: int, latency_ms: float = 0.0, chunk_delay_
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    settings = Settings.from_env(config_dir=args.config_dir, redis_url=args.redis_url)
+    listener = {"admin_port": args.admin_port, "admin_host": args.admin_host, "admin_reuse_port": args.workers > 1}
     try:
+        settings = Settings.from_env(config_dir=args.config_dir, redis_url=args.redis_url, **listener)
         load_config(settings.config_dir)
-    except ConfigError as exc:
+    except (ConfigError, SettingsError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     embedded = None
     if settings.redis_url is None:
         embedded = EmbeddedRedis(settings.data_dir)
         embedded.start()
-        settings = Settings.from_env(config_dir=args.config_dir, redis_url=embedded.url)
-        print(f"embedded redis-server at {embedded.url} (data in {settings.data_dir}/)", file=sys.stderr)
+        settings = Settings.from_env(config_dir=args.config_dir, redis_url=embedded.url, **listener)
+        print(f"embedded redis-server at {embedded.location} (password and data in {settings.data_dir}/)",
+              file=sys.stderr)
     ctx = multiprocessing.get_context("spawn")
     children = []
     if args.with_emulator:
@@ -78,6 +80,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         children.append(emu)
         print(f"provider emulator on http://{args.host}:{args.emulator_port}/v1", file=sys.stderr)
     print(f"gateway listening on http://{args.host}:{args.port} ({args.workers} worker(s))", file=sys.stderr)
+    if settings.admin_port is not None:
+        print(f"admin API, metrics and dashboard on http://{settings.admin_host}:{settings.admin_port} only",
+              file=sys.stderr)
     try:
         if args.workers <= 1:
             _serve_worker(settings, args.host, args.port, False)
@@ -308,7 +313,7 @@ def _run(coro: Callable[[argparse.Namespace], Coroutine[Any, Any, None]]) -> Cal
     def runner(args: argparse.Namespace) -> int:
         try:
             asyncio.run(coro(args))
-        except (GatewayError, ConfigError) as exc:
+        except (GatewayError, ConfigError, SettingsError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         return 0
@@ -334,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=os.environ.get("GATEWAY_HOST", "127.0.0.1"))
     serve.add_argument("--port", type=int, default=int(os.environ.get("GATEWAY_PORT", 8080)))
     serve.add_argument("--workers", type=int, default=int(os.environ.get("GATEWAY_WORKERS", 1)))
+    serve.add_argument("--admin-port", type=int, default=None,
+                       help="serve /admin, /metrics and the dashboard on this port only (GATEWAY_ADMIN_PORT)")
+    serve.add_argument("--admin-host", default=None,
+                       help="the admin listener's address (GATEWAY_ADMIN_HOST, default 127.0.0.1)")
     serve.add_argument("--with-emulator", action="store_true", help="also run the demo provider emulator")
     serve.add_argument("--emulator-port", type=int, default=8090)
     serve.set_defaults(func=cmd_serve)

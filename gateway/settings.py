@@ -34,6 +34,15 @@ class Settings:
     webhook_poll_seconds: float = 0.5  # how often due webhook deliveries are looked for
     webhook_backoff_seconds: float = 2.0  # the first retry's delay; doubled on each further failure
     clock_offset_ms: int = 0  # test-only: shifts the scripts' Redis clock; 0 in production
+    header_timeout_seconds: float = 10.0  # a request head must arrive whole within this (also the idle keep-alive)
+    body_timeout_seconds: float = 30.0  # a request body must arrive whole within this after its head
+    max_connections_per_client: int = 1024  # open connections per client address and listener (0: no cap)
+    admin_port: int | None = None  # a separate listener for /admin, /metrics and the dashboard; None: public port
+    admin_host: str = "127.0.0.1"
+    admin_reuse_port: bool = False  # several worker processes share the admin port
+    admin_keys: tuple[tuple[str, Secret], ...] = ()  # named admin keys, besides admin_key (named "admin")
+    admin_keys_file: Path | None = None  # "name:key" lines, re-read when it changes (revocation without restart)
+    metrics_key: Secret = field(default_factory=lambda: Secret(""))  # when set, /metrics wants this bearer key
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -55,6 +64,33 @@ class Settings:
             "config_poll_seconds": float(env.get("GATEWAY_CONFIG_POLL_SECONDS", 2.0)),
             "ledger_retention_days": float(env.get("GATEWAY_LEDGER_RETENTION_DAYS", 400)),
             "ledger_protect_exports": tuple(n for n in env.get("GATEWAY_LEDGER_PROTECT_EXPORTS", "").split(",") if n),
+            "header_timeout_seconds": float(env.get("GATEWAY_HEADER_TIMEOUT_SECONDS", 10)),
+            "body_timeout_seconds": float(env.get("GATEWAY_BODY_TIMEOUT_SECONDS", 30)),
+            "max_connections_per_client": int(env.get("GATEWAY_MAX_CONNECTIONS_PER_CLIENT", 1024)),
+            "admin_port": int(env["GATEWAY_ADMIN_PORT"]) if env.get("GATEWAY_ADMIN_PORT") else None,
+            "admin_host": env.get("GATEWAY_ADMIN_HOST") or "127.0.0.1",
+            "admin_keys": parse_named_keys(env.get("GATEWAY_ADMIN_KEYS", "")),
+            "admin_keys_file": Path(env["GATEWAY_ADMIN_KEYS_FILE"]) if env.get("GATEWAY_ADMIN_KEYS_FILE") else None,
+            "metrics_key": Secret(env.get("GATEWAY_METRICS_KEY", "")),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
+
+
+class SettingsError(ValueError):
+    """A setting from the environment that cannot be used (the message never quotes a secret)."""
+
+
+def parse_named_keys(text: str, separator: str = ",") -> tuple[tuple[str, Secret], ...]:
+    """`name:key` pairs separated by `separator` (blank entries and `#` comments skipped); raises
+    SettingsError naming the entry's position, never its key."""
+    found: list[tuple[str, Secret]] = []
+    for number, entry in enumerate(text.split(separator), 1):
+        entry = entry.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        name, sep, key = entry.partition(":")
+        if not sep or not name.strip() or not key.strip():
+            raise SettingsError(f"admin key entry {number} is not of the form name:key")
+        found.append((name.strip(), Secret(key.strip())))
+    return tuple(found)

@@ -6,8 +6,8 @@
 -- ARGV[4] key id         ARGV[5] the event's descriptive fields as one JSON object
 -- ARGV[6] the limits the request was reserved under (JSON, as reserve-5 ARGV[12]; '' for none)
 -- ARGV[7] actual tokens  ARGV[8] actual micro-USD   ARGV[9] how long the ended hold's tombstone stays (ms)
--- Returns {status, charged, available_after, cycle used, cycle start, per-cycle limits as id, value,
--- cap...}; status 0 settled, 2 already settled or released (no effect).
+-- Returns {status, charged, available_after, cycle used, cycle start, balance after (allowance +
+-- purchased), per-cycle limits as id, value, cap...}; status 0 settled, 2 already ended (no effect).
 -- The charge exceeds the hold only out of credits no other hold claims, and never below zero. A hold
 -- the reaper returned (its lease ran out) is still charged, out of unclaimed credits. What could not
 -- be collected is recorded in the event as `uncollected` and in the account's `uncollected` total.
@@ -36,7 +36,8 @@ if ARGV[6] ~= '' then
 end
 redis.call('XADD', KEYS[4], '*', 'type', 'usage', 'ts', now, 'rid', ARGV[1], 'key_id', ARGV[4],
            'cost', charge, 'hold', h.amount, 'uncollected', actual - charge, 'reaped', reaped, 'data', ARGV[5])
-local c = redis.call('HMGET', KEYS[1], 'cycle_used', 'cycle_start_ms')
-local reply = {0, charge, available, tonumber(c[1] or '0'), tonumber(c[2] or '0')}
+local c = redis.call('HMGET', KEYS[1], 'cycle_used', 'cycle_start_ms', 'allow', 'extra')
+local reply = {0, charge, available, tonumber(c[1] or '0'), tonumber(c[2] or '0'),
+               tonumber(c[3] or '0') + tonumber(c[4] or '0')}
 for _, v in ipairs(counted) do reply[#reply + 1] = v end
 return reply

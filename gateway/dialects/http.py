@@ -9,13 +9,53 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from urllib.parse import quote, unquote
 
 from gateway.config import Upstream
 from gateway.dialects.base import ParsedRequest, forward_headers, inject_provider_key
-from gateway.errors import GatewayError
+from gateway.errors import BadRequest, GatewayError
 from gateway.usage import Usage
 
 PREFIX = "/tools/"
+_PCHAR = "!$&'()*+,;=:@-._~"  # RFC 3986 path characters kept as they are (besides letters and digits)
+_ENCODED_SEPARATORS = ("%2f", "%3f", "%23", "%5c")  # / ? # \\ sent encoded: refused, never decoded into the path
+
+
+def _refuse(why: str) -> BadRequest:
+    return BadRequest(f"The tool path is not allowed: {why}.", param="path")
+
+
+def _tail(path: str) -> str:
+    if not path.startswith(PREFIX):
+        raise _refuse("it must start with /tools/{entry}/")
+    _entry, _, tail = path[len(PREFIX):].partition("/")
+    return tail
+
+
+def _segments(tail: str, *, encoded: bool) -> str:
+    """`/` + the tail's segments, each decoded once (when `encoded`), checked and quoted again."""
+    quoted = []
+    for segment in tail.split("/"):
+        if encoded:
+            if any(sep in segment.lower() for sep in _ENCODED_SEPARATORS):
+                raise _refuse("encoded '/', '?', '#' or '\\'")
+            try:
+                segment = unquote(segment, errors="strict")
+            except UnicodeDecodeError:
+                raise _refuse("percent-encoding that is not UTF-8") from None
+        if segment in (".", ".."):
+            raise _refuse("'.' and '..' segments")
+        if any(ch in "?#%\\" or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in segment):
+            raise _refuse("'?', '#', '%', '\\' or control characters")
+        quoted.append(quote(segment, safe=_PCHAR))
+    return "/" + "/".join(quoted)
+
+
+def tool_path(raw_target: str) -> str:
+    """The upstream path (below the entry's base URL) for a raw request target `/tools/{entry}/{tail}`
+    (as sent, percent-encoding included; a query string is ignored): raises BadRequest for a tail that
+    could leave the base path once decoded or normalised by anyone on the way."""
+    return _segments(_tail(raw_target.partition("?")[0]), encoded=True)
 
 
 class _NoStream:
@@ -46,8 +86,9 @@ class HttpDialect:
         return headers.get("x-api-key") or None
 
     def upstream_path(self, path: str) -> str:
-        _name, _, rest = path[len(PREFIX):].partition("/")
-        return "/" + rest
+        """The tail after `/tools/{entry}/`, as quoted segments below the entry's base path: a tail that
+        could leave it (dot segments, `?`, `#`, `\\`, control characters) is refused."""
+        return _segments(_tail(path), encoded=False)
 
     def parse_request(self, endpoint: str, raw: bytes, max_choices: int, path_model: str | None = None,
                       headers: Mapping[str, str] | None = None) -> ParsedRequest:
