@@ -1,7 +1,9 @@
 """Usage and alerts over HTTP: `GET /gateway/usage[/summary]` and `/gateway/alerts` for a key holder,
 `GET /admin/accounts/{id}/usage[/summary]` and `/alerts` for an operator. Usage filters: `from`/`to`
 (ISO 8601 or unix ms), `model`, `provider`; pages of `limit` events (at most 1000) continued with
-`cursor`."""
+`cursor`. A page reads a bounded number of ledger entries however few match, so a filter that matches
+nothing answers an empty page with a `next_cursor`; a summary reads a bounded number of entries and
+says `truncated` past them (see gateway.ledger)."""
 
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ async def key_holder(request: web.Request) -> tuple[Gateway, str, dict[str, str]
     assert gw.auth is not None
     raw = (gw.dialects["openai"].client_key(request.headers, request.query)
            or request.headers.get("x-api-key") or request.headers.get("x-goog-api-key"))
-    principal = await gw.auth.authenticate(raw)
+    principal = await gw.auth.authenticate(raw, request.remote)
     return gw, principal.account_id, await gw.auth.live_account(principal)
 
 
