@@ -266,7 +266,7 @@ async def _allowed_models(request: web.Request) -> list[dict[str, Any]]:
     assert gw.auth is not None
     dialect = _models_dialect(request, gw)
     request[REQUEST_DIALECT] = dialect
-    principal = await gw.auth.authenticate(dialect.client_key(request.headers, request.query))
+    principal = await gw.auth.authenticate(dialect.client_key(request.headers, request.query), request.remote)
     account = await gw.auth.live_account(principal)
     plan = gw.config.plans.get(account.get("plan", ""))
     if plan is None:

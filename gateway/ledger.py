@@ -20,6 +20,8 @@ from gateway.keys import AccountKeys, KeySchema
 from gateway.money import credits_number
 
 PAGE_MAX = 1000
+SCAN_MAX = 2 * PAGE_MAX  # ledger entries one usage page reads at most, matching or not
+SUMMARY_SCAN_MAX = 20_000  # ledger entries one cycle summary reads at most (then `truncated`)
 EVENT_SOURCE = "metering-gateway"
 #: Every token count a usage event carries, as the API names it <- as the ledger stores it. Each is
 #: priced at its own rate, so each stays separate everywhere: `input_tokens` is the uncached input
@@ -97,24 +99,31 @@ class Query:
                 and (self.provider is None or event.get("upstream") == self.provider))
 
 
-async def query_usage(redis: Any, account_id: str, keys: AccountKeys, q: Query) -> tuple[list[dict[str, Any]],
-                                                                                           str | None]:
-    """One page of usage events, oldest first; returns (events, cursor of the next page or None)."""
+async def query_usage(redis: Any, account_id: str, keys: AccountKeys, q: Query, scan_max: int | None = None
+                      ) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of usage events, oldest first; returns (events, cursor of the next page or None).
+    A page reads at most `scan_max` ledger entries, however few match: when they run out first, the
+    page holds what matched (perhaps nothing) and the cursor continues after the last entry read."""
     start = f"({q.cursor}" if q.cursor else (str(q.start_ms) if q.start_ms is not None else "-")
     end = str(q.end_ms) if q.end_ms is not None else "+"
     found: list[dict[str, Any]] = []
-    while len(found) < q.limit:
-        batch = await redis.xrange(keys.ledger, start, end, count=max(q.limit * 2, 100))
-        if not batch:
-            return found, None
+    budget = max(SCAN_MAX if scan_max is None else scan_max, q.limit)
+    while budget > 0:
+        count = min(max(q.limit * 2, 100), budget)
+        batch = await redis.xrange(keys.ledger, start, end, count=count)
+        budget -= len(batch)
         for stream_id, fields in batch:
+            if fields.get("type") != "usage":
+                continue  # admin and release events: no need to parse them
             event = parse_entry(stream_id, fields)
             if q.matches(event):
                 found.append(usage_view(account_id, event))
                 if len(found) == q.limit:
                     return found, stream_id
+        if len(batch) < count:
+            return found, None
         start = f"({batch[-1][0]}"
-    return found, None
+    return found, start[1:]
 
 
 def _sums() -> dict[str, int]:
@@ -137,24 +146,33 @@ def _sums_view(sums: dict[str, int]) -> dict[str, Any]:
 
 
 async def cycle_summary(redis: Any, account_id: str, keys: AccountKeys, account: dict[str, str],
-                        now_ms: int | None = None) -> dict[str, Any]:
+                        now_ms: int | None = None, scan_max: int | None = None) -> dict[str, Any]:
     """Usage of the current cycle by provider and model, a month-end projection at the current rate,
-    and lifetime totals."""
+    and lifetime totals. It reads at most `scan_max` ledger entries, oldest first: past that the
+    answer says `truncated: true` and sums the cycle only up to `summed_through` (the time of the last
+    entry read); `GET /gateway/usage` pages through the rest."""
     start, end = _int(account.get("cycle_start_ms")), _int(account.get("cycle_end_ms"))
     now = now_ms if now_ms is not None else int(time.time() * 1000)
     groups: dict[tuple[str, str], dict[str, int]] = {}
     totals = _sums()
-    cursor = str(start)
+    cursor, budget, last = str(start), max(SUMMARY_SCAN_MAX if scan_max is None else scan_max, 1), None
+    truncated = False
     while True:
-        batch = await redis.xrange(keys.ledger, cursor, "+", count=1000)
+        count = min(1000, budget)
+        if count == 0:  # the budget is spent: is there more of the cycle?
+            truncated = bool(await redis.xrange(keys.ledger, f"({last}", "+", count=1))
+            break
+        batch = await redis.xrange(keys.ledger, cursor, "+", count=count)
+        budget -= len(batch)
         for stream_id, fields in batch:
-            event = parse_entry(stream_id, fields)
-            if event.get("type") != "usage":
+            last = stream_id
+            if fields.get("type") != "usage":
                 continue
+            event = parse_entry(stream_id, fields)
             key = (str(event.get("upstream")), str(event.get("model")))
             _add(groups.setdefault(key, _sums()), event)
             _add(totals, event)
-        if len(batch) < 1000:
+        if len(batch) < count:
             break
         cursor = f"({batch[-1][0]}"
     used = totals["micro"]
@@ -168,6 +186,8 @@ async def cycle_summary(redis: Any, account_id: str, keys: AccountKeys, account:
         "credits_used": credits_number(used), "projected_credits_at_cycle_end": credits_number(projected),
         "totals": _sums_view(totals),
         "by_model": by_model,
+        "truncated": truncated,
+        "summed_through": _iso(int(last.split("-")[0])) if truncated and last else None,
         "lifetime": {"credits_used": credits_number(_int(account.get("charged"))),
                      "credits_granted": credits_number(_int(account.get("granted"))),
                      "requests": _int(account.get("requests"))},

@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -157,15 +158,29 @@ class _Admitted(asyncio.Protocol):
         self._inner.resume_writing()
 
 
+class _QuietRequestHandler(RequestHandler):
+    """aiohttp's request handler, except that its answer to a request the HTTP parser refused says what
+    was wrong without echoing the request line or header back (it may carry `?key=` or a key)."""
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if isinstance(exc, HttpProcessingError):
+            message = f"Bad request: {describe_parse_error(exc)}"
+        return super().handle_error(request, status, exc, message)
+
+
 class _CappedServer:
-    """aiohttp's `web.Server` (the protocol factory of a listener) with the per-client cap in front."""
+    """aiohttp's `web.Server` (the protocol factory of a listener) with the per-client cap in front,
+    and request handlers that never echo a malformed request back."""
 
     def __init__(self, server: web.Server, cap: ConnectionCap) -> None:
         self._server = server
         self.cap = cap
 
     def __call__(self) -> asyncio.Protocol:
-        return _Admitted(self._server(), self.cap)
+        server = self._server
+        handler = _QuietRequestHandler(server, loop=server._loop, **server._kwargs)  # as web.Server.__call__
+        return _Admitted(handler, self.cap) if self.cap.limit > 0 else handler
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._server, name)
@@ -177,8 +192,6 @@ def cap_connections_per_client(app: web.Application, limit: int, refused: Callab
 
     `web.run_app`, `AppRunner` and the test server all build a listener's protocol factory through the
     application's `_make_handler`; wrapping it here makes the cap hold however the app is served."""
-    if limit <= 0:
-        return
     make_server = app._make_handler
 
     def make_capped_server(**kwargs: Any) -> Any:

@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from gateway import alerts
 from gateway.auth import Principal
@@ -44,11 +45,13 @@ from gateway.metering import (
     LimitReached,
     PlanChanged,
     Quote,
+    Reservation,
     ReserveSpec,
     affordable_output,
     quote,
 )
 from gateway.money import format_credits
+from gateway.scripts import REDIS_DOWN
 from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway
 from gateway.upstream_errors import relay_body
 
@@ -258,8 +261,12 @@ def make_handler(dialect: Dialect, endpoint: str) -> Handler:
         request_id = new_request_id()
         request[REQUEST_ID] = request_id
         request[REQUEST_DIALECT] = dialect
-        principal = await gw.auth.authenticate(dialect.client_key(request.headers, request.query))  # type: ignore[union-attr]
+        auth = gw.auth
+        assert auth is not None
+        principal = await auth.authenticate(dialect.client_key(request.headers, request.query), request.remote)
         raw = await read_body(request, dialect)
+        # a large body from an account that cannot pay even its prompt is refused before it is parsed
+        await auth.precheck(principal, dialect.name, len(raw), gw.config, gw.settings.clock_offset_ms)
         parsed = dialect.parse_request(endpoint, raw, gw.settings.max_choices, request.match_info.get("model"),
                                       headers=request.headers)
         call = await _reserve(gw, dialect, principal, parsed, request_id, started)
@@ -285,21 +292,56 @@ async def _forward_and_end(request: web.Request, call: Call, raw: bytes) -> web.
 
 
 def make_free_handler(dialect: Dialect, endpoint: str) -> Handler:
-    """A handler for an endpoint that is forwarded for a valid key but never charged
-    (token counting): the key, the plan's model list and the upstream still apply."""
+    """A handler for an endpoint that is forwarded for a valid key but never charged (token counting).
+    It spends the operator's provider quota, so the account's standing still applies: before the body
+    is parsed, the reserve script admits the call like a metered one (key and account live, at least
+    one micro-credit available, the plan's and the key's request-rate and concurrency limits) with a
+    hold of nothing, and the call is released afterwards, counted in the rolling request windows when
+    the provider answered. The release leaves a `released` ledger event (reason `count_tokens`), no charge."""
 
-    async def handler(request: web.Request) -> web.StreamResponse:
-        gw = request.app[GATEWAY]
-        assert gw.auth is not None and gw.session is not None
-        request_id = new_request_id()
-        request[REQUEST_ID] = request_id
-        request[REQUEST_DIALECT] = dialect
-        principal = await gw.auth.authenticate(dialect.client_key(request.headers, request.query))
-        account = await gw.auth.live_account(principal)
-        raw = await read_body(request, dialect)
+    async def admit_call(gw: Gateway, principal: Principal, request_id: str) -> tuple[Principal, str, Reservation]:
+        assert gw.meter is not None and gw.auth is not None
+        keys = gw.schema.for_account(principal.account_id)
+        now_ms: int | None = None
+        for _ in range(4):
+            plan = gw.config.plans.get(principal.plan)
+            if plan is None:
+                raise Forbidden(f"Your account's plan '{principal.plan}' is not configured on this gateway.")
+            limits = encode([lim for lim in (*plan.limits, *principal.key_limits)
+                             if lim.metric == "n" and lim.window_ms != 0 and lim.provider is None])
+            now = now_ms if now_ms is not None else int(time.time() * 1000) + gw.meter.clock_offset_ms
+            zone = principal.timezone or plan.timezone
+            fallback = gw.config.plans[gw.config.default_plan]
+            spec = ReserveSpec(0, 0, 0, 0, limits, cycle_bounds(principal.anchor_ms, zone, now), plan.monthly_credits,
+                               fallback.name, fallback.monthly_credits)
+            try:  # a hold of nothing that needs one micro-credit available
+                reservation = await gw.meter.reserve(keys, principal.key_id, request_id, plan.name,
+                                                     Quote(0, 0, 0, 0, 1), spec)
+                return principal, limits, reservation
+            except StoreUnavailable:
+                _cancel_later(gw, keys, request_id)
+                raise
+            except PlanChanged as changed:
+                principal = gw.auth.with_plan(principal, changed.plan)
+            except CycleStale as stale:
+                now_ms = stale.now_ms
+            except LimitReached as reached:
+                gw.metrics.limited.labels(reached.limit_id).inc()
+                raise limit_error(gw, dialect, plan.name, reached) from None
+            except InsufficientCredits:
+                raise InsufficientCredits("Insufficient credits: this account has no credits left. "
+                                          "Add credits to continue.") from None
+            except GatewayError as error:
+                if error.status == 401:
+                    gw.auth.forget(principal)
+                raise
+        raise GatewayError("The account's plan changed repeatedly; try again.")
+
+    async def forward(request: web.Request, gw: Gateway, principal: Principal, raw: bytes,
+                      reservation: Reservation, answered: list[bool]) -> web.StreamResponse:
+        assert gw.session is not None
         parsed = dialect.parse_request(endpoint, raw, gw.settings.max_choices, request.match_info.get("model"),
-                                      headers=request.headers)
-        principal = gw.auth.with_plan(principal, account.get("plan", principal.plan))
+                                       headers=request.headers)
         route, _plan = route_for(gw, dialect, principal, parsed.model)
         upstream = gw.config.upstreams[route.upstream]
         timeout = aiohttp.ClientTimeout(total=upstream.timeout_seconds, sock_connect=upstream.connect_timeout_seconds)
@@ -308,18 +350,57 @@ def make_free_handler(dialect: Dialect, endpoint: str) -> Handler:
                                        headers=dialect.upstream_headers(upstream, request.headers),
                                        params=_forward_query(request), timeout=timeout,
                                        allow_redirects=False) as up:
+                answered.append(True)  # the provider counted it: so do the request windows
                 data = await up.read()
                 _refuse_operator_problems(up.status)
-                available = int(account.get("allow") or 0) + int(account.get("extra") or 0) - int(
-                    account.get("held") or 0)
+                available = reservation.available_after + reservation.hold
                 if up.status >= 400:
-                    return _relayed_error(dialect, up, data, parsed.model, request_id, available)
+                    return _relayed_error(dialect, up, data, parsed.model, reservation.request_id, available)
                 return web.Response(body=data, status=up.status,
-                                    headers=_response_headers(up.headers, request_id, available))
+                                    headers=_response_headers(up.headers, reservation.request_id, available))
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise UpstreamTimeout("The upstream provider did not answer in time.") from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"Could not reach the upstream provider ({type(exc).__name__}).") from None
+
+    async def forward_and_release(request: web.Request, gw: Gateway, principal: Principal, raw: bytes,
+                                  limits: str, reservation: Reservation) -> web.StreamResponse:
+        meter, keys, rid = gw.meter, gw.schema.for_account(principal.account_id), reservation.request_id
+        assert meter is not None
+        answered: list[bool] = []
+        try:
+            return await forward(request, gw, principal, raw, reservation, answered)
+        finally:
+            gw.leases.discard(principal.account_id, rid)
+
+            async def attempt() -> None:
+                await meter.release(keys, rid, "count_tokens", limits, principal.key_id,
+                                    provider_answered=bool(answered))
+
+            try:
+                await attempt()
+            except (StoreUnavailable, *REDIS_DOWN, RedisError):
+                gw.retries.add(rid, "release", attempt)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        gw = request.app[GATEWAY]
+        assert gw.auth is not None
+        task = asyncio.current_task()
+        if task is not None:
+            gw.inflight.add(task)
+            task.add_done_callback(gw.inflight.discard)
+        request_id = new_request_id()
+        request[REQUEST_ID] = request_id
+        request[REQUEST_DIALECT] = dialect
+        principal = await gw.auth.authenticate(dialect.client_key(request.headers, request.query), request.remote)
+        raw = await read_body(request, dialect)
+        principal, limits, reservation = await admit_call(gw, principal, request_id)
+        gw.leases.add(gw.schema.for_account(principal.account_id), request_id)
+        # like a metered call, the rest runs in a task of its own: a client that goes away never
+        # leaves the admission's hold behind
+        forwarding = gw.track(asyncio.ensure_future(
+            forward_and_release(request, gw, principal, raw, limits, reservation)))
+        return await asyncio.shield(forwarding)
 
     return handler
 

@@ -1,7 +1,9 @@
 """Usage and alerts over HTTP: `GET /gateway/usage[/summary]` and `/gateway/alerts` for a key holder,
 `GET /admin/accounts/{id}/usage[/summary]` and `/alerts` for an operator. Usage filters: `from`/`to`
 (ISO 8601 or unix ms), `model`, `provider`; pages of `limit` events (at most 1000) continued with
-`cursor`."""
+`cursor`. A page reads a bounded number of ledger entries however few match, so a filter that matches
+nothing answers an empty page with a `next_cursor`; a summary reads a bounded number of entries and
+says `truncated` past them (see gateway.ledger)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.admin import check_admin, read_json
+from gateway.admin import check_admin
 from gateway.alerts import list_alerts, mark_read
 from gateway.errors import BadRequest, NotFound
 from gateway.ledger import PAGE_MAX, Query, cycle_summary, query_usage
@@ -50,7 +52,7 @@ async def key_holder(request: web.Request) -> tuple[Gateway, str, dict[str, str]
     assert gw.auth is not None
     raw = (gw.dialects["openai"].client_key(request.headers, request.query)
            or request.headers.get("x-api-key") or request.headers.get("x-goog-api-key"))
-    principal = await gw.auth.authenticate(raw)
+    principal = await gw.auth.authenticate(raw, request.remote)
     return gw, principal.account_id, await gw.auth.live_account(principal)
 
 
@@ -112,20 +114,6 @@ async def account_alerts(request: web.Request) -> web.Response:
         return web.json_response({"data": await list_alerts(gw, account_id)})
 
 
-async def set_webhook(request: web.Request) -> web.Response:
-    """PUT /admin/accounts/{id}/webhook {url, secret}: the account's own alert webhook (over the plan's)."""
-    gw, store = check_admin(request)
-    account_id = request.match_info["account_id"]
-    await store.account_raw(account_id)
-    body = await read_json(request)
-    url, secret = body.get("url"), body.get("secret", "")
-    if not isinstance(url, str) or not url.startswith(("http://", "https://")) or not isinstance(secret, str):
-        raise BadRequest("'url' must be an http(s) URL and 'secret' a string.", param="url")
-    await store.admin_event(account_id, {"type": "webhook_set", "url": url},  # never the secret
-                            gw.schema.for_account(account_id).account, {"webhook_url": url, "webhook_secret": secret})
-    return web.json_response({"account_id": account_id, "webhook_url": url})
-
-
 async def my_keys(request: web.Request) -> web.Response:
     """GET /gateway/keys: the calling account's keys (prefix, label, status, scopes, last use; never a secret)."""
     gw, account_id, _account = await key_holder(request)
@@ -138,7 +126,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/gateway/alerts", my_alerts)
     app.router.add_post("/gateway/alerts/{alert_id}/read", read_alert)
     app.router.add_get("/admin/accounts/{account_id}/alerts", account_alerts)
-    app.router.add_put("/admin/accounts/{account_id}/webhook", set_webhook)
     app.router.add_get("/gateway/usage", my_usage)
     app.router.add_get("/gateway/usage/summary", my_summary)
     app.router.add_get("/admin/accounts/{account_id}/usage", account_usage)
