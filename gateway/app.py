@@ -42,13 +42,14 @@ from gateway.ledger import trim_all
 from gateway.listener import body_deadline, cap_connections_per_client, handler_args
 from gateway.metering import Meter
 from gateway.metrics import Metrics
-from gateway.proxy import make_free_handler, make_handler
+from gateway.proxy import make_handler
 from gateway.reload import reload_ctx
 from gateway.scripts import REDIS_DOWN, ScriptRunner, load_scripts
 from gateway.settings import Settings
 from gateway.settlement import Retries
 from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway, in_background, stopping
 from gateway.store import Store, account_view
+from gateway.token_count import make_token_count_handler
 from gateway.usage_routes import key_holder
 
 log = logging.getLogger("gateway")
@@ -424,13 +425,13 @@ def _add_routes(app: web.Application, gw: Gateway) -> None:
         app.router.add_get(f"{prefix}/models", list_models)
         app.router.add_get(f"{prefix}/models/{{model}}", get_model)
     app.router.add_post("/v1/messages", make_handler(anthropic, "messages"))
-    app.router.add_post("/v1/messages/count_tokens", make_free_handler(anthropic, "count_tokens"))
+    app.router.add_post("/v1/messages/count_tokens", make_token_count_handler(anthropic, "count_tokens"))
     gemini = gw.dialects["gemini"]
     for version in ("v1", "v1beta"):
         base = f"/{version}/models/{{model}}"
         for method in ("generateContent", "streamGenerateContent", "embedContent", "batchEmbedContents"):
             app.router.add_post(f"{base}:{method}", make_handler(gemini, method))
-        app.router.add_post(f"{base}:countTokens", make_free_handler(gemini, "countTokens"))
+        app.router.add_post(f"{base}:countTokens", make_token_count_handler(gemini, "countTokens"))
     app.router.add_get("/v1beta/models", list_models)
     app.router.add_get("/v1beta/models/{model}", get_model)
     app.router.add_route("*", "/tools/{model}/{tail:.*}", _checked_tool_path(gw.dialects["http"],

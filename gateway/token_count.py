@@ -1,0 +1,126 @@
+"""Token counting (`/v1/messages/count_tokens`, `:countTokens`): forwarded for a live key, never
+charged, but admitted and limited like a metered call, since it spends the operator's provider quota."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from gateway.auth import Principal
+from gateway.dialects.base import Dialect
+from gateway.errors import Forbidden, InsufficientCredits, StoreUnavailable, UpstreamError, UpstreamTimeout
+from gateway.limits import encode
+from gateway.metering import Quote, Reservation, ReserveSpec
+from gateway.pricing import Attempt, current_cycle, hold, route_for
+from gateway.proxy import Handler
+from gateway.scripts import REDIS_DOWN
+from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway
+from gateway.upstream import (
+    forward_query,
+    new_request_id,
+    read_body,
+    refuse_operator_problems,
+    relayed_error,
+    response_headers,
+)
+
+
+def make_token_count_handler(dialect: Dialect, endpoint: str) -> Handler:
+    """A handler for an endpoint that is forwarded for a valid key but never charged (token counting).
+    It spends the operator's provider quota, so the account's standing still applies: before the body
+    is parsed, the reserve script admits the call like a metered one (key and account live, at least
+    one micro-credit available, the plan's and the key's request-rate and concurrency limits) with a
+    hold of nothing, and the call is released afterwards, counted in the rolling request windows when
+    the provider answered. The release leaves a `released` ledger event (reason `count_tokens`), no charge."""
+
+    def prepare(principal: Principal, now_ms: int | None, gw: Gateway) -> Attempt:
+        plan = gw.config.plans.get(principal.plan)
+        if plan is None:
+            raise Forbidden(f"Your account's plan '{principal.plan}' is not configured on this gateway.")
+        limits = encode([lim for lim in (*plan.limits, *principal.key_limits)
+                         if lim.metric == "n" and lim.window_ms != 0 and lim.provider is None])
+        fallback = gw.config.plans[gw.config.default_plan]
+        spec = ReserveSpec(0, 0, 0, 0, limits, current_cycle(gw, principal, plan, now_ms), plan.monthly_credits,
+                           fallback.name, fallback.monthly_credits)
+        return Attempt(plan, Quote(0, 0, 0, 0, 1), spec, alerts=False)  # a hold of nothing, one micro-credit free
+
+    async def admit_call(gw: Gateway, principal: Principal, request_id: str) -> tuple[Principal, str, Reservation]:
+        try:
+            principal, attempt, reservation = await hold(gw, dialect, principal, request_id,
+                                                         lambda who, now: prepare(who, now, gw))
+        except InsufficientCredits:
+            raise InsufficientCredits("Insufficient credits: this account has no credits left. "
+                                      "Add credits to continue.") from None
+        return principal, attempt.spec.limits, reservation
+
+    async def forward(request: web.Request, gw: Gateway, principal: Principal, raw: bytes,
+                      reservation: Reservation, answered: list[bool]) -> web.StreamResponse:
+        assert gw.session is not None
+        parsed = dialect.parse_request(endpoint, raw, gw.settings.max_choices, request.match_info.get("model"),
+                                       headers=request.headers)
+        route, _plan = route_for(gw, dialect, principal, parsed.model)
+        upstream = gw.config.upstreams[route.upstream]
+        timeout = aiohttp.ClientTimeout(total=upstream.timeout_seconds, sock_connect=upstream.connect_timeout_seconds)
+        try:
+            async with gw.session.post(upstream.base_url + dialect.upstream_path(request.path), data=raw,
+                                       headers=dialect.upstream_headers(upstream, request.headers),
+                                       params=forward_query(request), timeout=timeout,
+                                       allow_redirects=False) as up:
+                answered.append(True)  # the provider counted it: so do the request windows
+                data = await up.read()
+                refuse_operator_problems(up.status)
+                available = reservation.available_after + reservation.hold
+                if up.status >= 400:
+                    return relayed_error(dialect, up, data, parsed.model, reservation.request_id, available)
+                return web.Response(body=data, status=up.status,
+                                    headers=response_headers(up.headers, reservation.request_id, available))
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise UpstreamTimeout("The upstream provider did not answer in time.") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"Could not reach the upstream provider ({type(exc).__name__}).") from None
+
+    async def forward_and_release(request: web.Request, gw: Gateway, principal: Principal, raw: bytes,
+                                  limits: str, reservation: Reservation) -> web.StreamResponse:
+        meter, keys, rid = gw.meter, gw.schema.for_account(principal.account_id), reservation.request_id
+        assert meter is not None
+        answered: list[bool] = []
+        try:
+            return await forward(request, gw, principal, raw, reservation, answered)
+        finally:
+            gw.leases.discard(principal.account_id, rid)
+
+            async def attempt() -> None:
+                await meter.release(keys, rid, "count_tokens", limits, principal.key_id,
+                                    provider_answered=bool(answered))
+
+            try:
+                await attempt()
+            except (StoreUnavailable, *REDIS_DOWN, RedisError):
+                gw.retries.add(rid, "release", attempt)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        gw = request.app[GATEWAY]
+        assert gw.auth is not None
+        task = asyncio.current_task()
+        if task is not None:
+            gw.inflight.add(task)
+            task.add_done_callback(gw.inflight.discard)
+        request_id = new_request_id()
+        request[REQUEST_ID] = request_id
+        request[REQUEST_DIALECT] = dialect
+        principal = await gw.auth.authenticate(dialect.client_key(request.headers, request.query), request.remote)
+        raw = await read_body(request, dialect)
+        principal, limits, reservation = await admit_call(gw, principal, request_id)
+        gw.leases.add(gw.schema.for_account(principal.account_id), request_id)
+        # like a metered call, the rest runs in a task of its own: a client that goes away never
+        # leaves the admission's hold behind
+        forwarding = gw.track(asyncio.ensure_future(
+            forward_and_release(request, gw, principal, raw, limits, reservation)))
+        return await asyncio.shield(forwarding)
+
+    return handler
+
+
