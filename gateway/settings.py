@@ -103,9 +103,11 @@ def ledger_sink_spec(text: str) -> str | None:
     text = text.strip()
     if not text:
         return None
-    scheme, sep, _rest = text.partition("://")
+    scheme, sep, rest = text.partition("://")
     if sep and scheme not in ("file", "http", "https"):
         raise SettingsError("GATEWAY_LEDGER_SINK must be 'file', file:///a/directory, a directory or an http(s) URL")
+    if scheme in ("http", "https") and "@" in rest.partition("/")[0]:
+        raise SettingsError("GATEWAY_LEDGER_SINK must not carry credentials: use GATEWAY_LEDGER_SINK_TOKEN")
     if scheme == "file" and sep and not text.startswith("file:///"):
         raise SettingsError("GATEWAY_LEDGER_SINK file URLs name an absolute directory: file:///var/lib/gateway/ledger")
     return text

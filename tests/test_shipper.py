@@ -321,10 +321,11 @@ def test_a_ledger_sink_shortens_the_default_retention_to_a_week(monkeypatch: pyt
     monkeypatch.setenv("GATEWAY_LEDGER_SINK_TOKEN", "om_secret_token")
     settings = Settings.from_env()
     assert isinstance(make_sink(settings), HttpSink) and "om_secret_token" not in repr(settings)
-    for bad in ("ftp://host/x", "file://relative/dir"):
+    for bad in ("ftp://host/x", "file://relative/dir", "https://user:om_secret@openmeter.example/api/v1/events"):
         monkeypatch.setenv("GATEWAY_LEDGER_SINK", bad)
-        with pytest.raises(SettingsError):
+        with pytest.raises(SettingsError) as refused:
             Settings.from_env()
+        assert "om_secret" not in str(refused.value)
 
 
 async def test_every_gateway_process_ships_in_the_background_when_a_sink_is_set(
