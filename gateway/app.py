@@ -47,6 +47,7 @@ from gateway.reload import reload_ctx
 from gateway.scripts import REDIS_DOWN, ScriptRunner, load_scripts
 from gateway.settings import Settings
 from gateway.settlement import Retries
+from gateway.shipper import shipper_ctx
 from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway, in_background, stopping
 from gateway.store import Store, account_view
 from gateway.token_count import make_token_count_handler
@@ -461,6 +462,7 @@ def create_app(settings: Settings, config: Config | None = None) -> web.Applicat
     separate = settings.admin_port is not None
     app = _listener_app(gw, keys, operator=False if separate else None)
     app.cleanup_ctx.extend([redis_ctx, session_ctx, settlement_ctx, reaper_ctx, reload_ctx, webhooks_ctx])
+    app.cleanup_ctx.append(shipper_ctx)  # the durable ledger: drains ledgers to GATEWAY_LEDGER_SINK, if set
     _add_routes(app, gw)
     if separate:
         operator = _listener_app(gw, keys, operator=True)

@@ -265,3 +265,19 @@ async def trim_all(redis: Any, schema: KeySchema, retention_ms: int, protect: li
     for account_id in await redis.smembers(schema.accounts):
         removed += await trim(redis, schema, account_id, retention_ms, protect, now_ms)
     return removed
+
+
+# ---------------------------------------------------------------- the shipper's cursors (gateway.shipper)
+
+
+def shipped_key(schema: KeySchema, account_id: str) -> str:
+    """String: the stream id of the last ledger entry the shipper made durable, under the account's
+    hash tag (beside its ledger). It belongs in `AccountKeys` as `shipped` once keys.py is free."""
+    return f"{schema.prefix}{{{account_id}}}:shipped"
+
+
+async def shipped_id(redis: Any, schema: KeySchema, account_id: str) -> str | None:
+    """The last stream id of the account's ledger that the shipper has delivered to its sink (every
+    entry up to it is durable outside Redis), or None when nothing has been shipped."""
+    found = await redis.get(shipped_key(schema, account_id))
+    return str(found) if found else None

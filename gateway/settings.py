@@ -31,6 +31,12 @@ class Settings:
     config_poll_seconds: float = 2.0  # how often plans.yaml and providers.yaml are checked for changes
     ledger_retention_days: float = 400.0  # ledger events older than this are trimmed (hourly) ...
     ledger_protect_exports: tuple[str, ...] = ()  # ... unless one of these exports has not read them yet
+    ledger_sink: str | None = None  # the shipper's sink: `file`, file:///dir, a directory or an http(s) URL; None: off
+    ledger_sink_token: Secret = field(default_factory=lambda: Secret(""))  # bearer token for an HTTP sink
+    ledger_ship_batch: int = 500  # events per delivery (one fsync or one HTTP request)
+    ledger_ship_interval_seconds: float = 1.0  # pause between passes once every ledger is shipped
+    ledger_file_rotate: str = "hour"  # a new file sink file every `hour` or `day` ...
+    ledger_file_max_bytes: int = 256 * 1024 * 1024  # ... or once one would grow past this
     webhook_poll_seconds: float = 0.5  # how often due webhook deliveries are looked for
     webhook_backoff_seconds: float = 2.0  # the first retry's delay; doubled on each further failure
     clock_offset_ms: int = 0  # test-only: shifts the scripts' Redis clock; 0 in production
@@ -48,6 +54,7 @@ class Settings:
     def from_env(cls, **overrides: object) -> Settings:
         """Settings from GATEWAY_* variables and REDIS_URL; explicit overrides win when not None."""
         env = os.environ
+        sink = ledger_sink_spec(env.get("GATEWAY_LEDGER_SINK", ""))
         values: dict[str, object] = {
             "config_dir": Path(env.get("GATEWAY_CONFIG_DIR", "config")),
             "redis_url": env.get("REDIS_URL") or None,
@@ -62,8 +69,15 @@ class Settings:
             "settle_drain_seconds": float(env.get("GATEWAY_SETTLE_DRAIN_SECONDS", 30)),
             "redis_timeout_seconds": float(env.get("GATEWAY_REDIS_TIMEOUT_SECONDS", 0.5)),
             "config_poll_seconds": float(env.get("GATEWAY_CONFIG_POLL_SECONDS", 2.0)),
-            "ledger_retention_days": float(env.get("GATEWAY_LEDGER_RETENTION_DAYS", 400)),
+            # with a sink, Redis keeps only a window: the shipper has the rest (and trims only what it shipped)
+            "ledger_retention_days": float(env.get("GATEWAY_LEDGER_RETENTION_DAYS") or (7 if sink else 400)),
             "ledger_protect_exports": tuple(n for n in env.get("GATEWAY_LEDGER_PROTECT_EXPORTS", "").split(",") if n),
+            "ledger_sink": sink,
+            "ledger_sink_token": Secret(env.get("GATEWAY_LEDGER_SINK_TOKEN", "")),
+            "ledger_ship_batch": int(env.get("GATEWAY_LEDGER_SHIP_BATCH", 500)),
+            "ledger_ship_interval_seconds": float(env.get("GATEWAY_LEDGER_SHIP_INTERVAL_SECONDS", 1.0)),
+            "ledger_file_rotate": env.get("GATEWAY_LEDGER_FILE_ROTATE") or "hour",
+            "ledger_file_max_bytes": int(env.get("GATEWAY_LEDGER_FILE_MAX_BYTES", 256 * 1024 * 1024)),
             "header_timeout_seconds": float(env.get("GATEWAY_HEADER_TIMEOUT_SECONDS", 10)),
             "body_timeout_seconds": float(env.get("GATEWAY_BODY_TIMEOUT_SECONDS", 30)),
             "max_connections_per_client": int(env.get("GATEWAY_MAX_CONNECTIONS_PER_CLIENT", 1024)),
@@ -74,11 +88,29 @@ class Settings:
             "metrics_key": Secret(env.get("GATEWAY_METRICS_KEY", "")),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values["ledger_file_rotate"] not in ("hour", "day"):
+            raise SettingsError("GATEWAY_LEDGER_FILE_ROTATE must be 'hour' or 'day'")
         return cls(**values)  # type: ignore[arg-type]
 
 
 class SettingsError(ValueError):
     """A setting from the environment that cannot be used (the message never quotes a secret)."""
+
+
+def ledger_sink_spec(text: str) -> str | None:
+    """GATEWAY_LEDGER_SINK checked: `file`, file:///a/dir, an absolute or relative directory, or an
+    http(s) URL (a URL's credentials belong in GATEWAY_LEDGER_SINK_TOKEN, so the message never quotes it)."""
+    text = text.strip()
+    if not text:
+        return None
+    scheme, sep, rest = text.partition("://")
+    if sep and scheme not in ("file", "http", "https"):
+        raise SettingsError("GATEWAY_LEDGER_SINK must be 'file', file:///a/directory, a directory or an http(s) URL")
+    if scheme in ("http", "https") and "@" in rest.partition("/")[0]:
+        raise SettingsError("GATEWAY_LEDGER_SINK must not carry credentials: use GATEWAY_LEDGER_SINK_TOKEN")
+    if scheme == "file" and sep and not text.startswith("file:///"):
+        raise SettingsError("GATEWAY_LEDGER_SINK file URLs name an absolute directory: file:///var/lib/gateway/ledger")
+    return text
 
 
 def parse_named_keys(text: str, separator: str = ",") -> tuple[tuple[str, Secret], ...]:
