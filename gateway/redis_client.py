@@ -95,6 +95,16 @@ def parse_redis_url(url: str) -> RedisTarget:
     return RedisTarget("sentinel", url, _hosts(hostlist, 26379), service, username, password, tls, options)
 
 
+class _SentinelPrimary(aioredis.Redis):
+    """The primary's client, which also closes its connections to the Sentinels when closed."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        pool: Any = self.connection_pool  # a SentinelConnectionPool (master_for made it)
+        for sentinel in pool.sentinel_manager.sentinels:
+            await sentinel.aclose()
+
+
 def _fail_fast(timeout: float) -> dict[str, Any]:
     """Short timeouts, and a single immediate retry only on a broken connection (a pooled connection
     left over from before a Redis restart or failover), never on a timeout."""
@@ -114,6 +124,9 @@ def connect_redis(url: str, timeout: float) -> Any:
             startup_nodes=[ClusterNode(host, port) for host, port in target.hosts],
             username=target.username, password=target.password, ssl=target.tls,
             max_connections=MAX_CONNECTIONS, require_full_coverage=False,
+            # MOVED patches the slot map in place; redis-py's periodic full re-read (every 5th MOVED by
+            # default) closes every node connection while other requests are using them
+            reinitialize_steps=0,
             # `retry` here is the cluster's: one retry after a connection error, timeout or CLUSTERDOWN,
             # with the slot map read again (a failover); MOVED / ASK are followed within a call
             **common)
@@ -122,7 +135,7 @@ def connect_redis(url: str, timeout: float) -> Any:
     sentinel_kwargs = {**sentinel_auth, "socket_timeout": timeout, "socket_connect_timeout": timeout}
     sentinel = Sentinel(list(target.hosts), sentinel_kwargs=sentinel_kwargs,  # type: ignore[no-untyped-call]
                         ssl=target.tls, **({"username": target.username} if target.username else {}))
-    return sentinel.master_for(target.service, redis_class=aioredis.Redis, password=data_password,
+    return sentinel.master_for(target.service, redis_class=_SentinelPrimary, password=data_password,
                                db=int(target.options.get("db", 0)), max_connections=MAX_CONNECTIONS,
                                retry_on_timeout=False, **common)
 
