@@ -289,7 +289,7 @@ async def _claim(gw: Gateway, bucket: int, now: int, running: set[asyncio.Task[N
 
 
 async def poll_once(gw: Gateway, running: set[asyncio.Task[None]]) -> int:
-    """One look at the queue: the buckets with due deliveries (one pipelined peek), each claimed
+    """One look at the queue: the buckets with due deliveries (every bucket asked at once), each claimed
     under its lease; deliveries an older version queued are copied into the buckets first."""
     await copy_legacy_webhooks(gw.redis, gw.schema)
     now = int(time.time() * 1000)

@@ -105,7 +105,7 @@ async def run_leased(redis: Any, schema: KeySchema, job: str, buckets: Iterable[
 
     chosen = list(buckets)
     results = await asyncio.gather(*(one(b) for b in chosen), return_exceptions=True)
-    done, away = 0, None
+    done, succeeded, away = 0, 0, None
     for bucket, result in zip(chosen, results, strict=True):
         if isinstance(result, asyncio.CancelledError):
             raise result
@@ -114,17 +114,29 @@ async def run_leased(redis: Any, schema: KeySchema, job: str, buckets: Iterable[
         elif isinstance(result, BaseException):
             log.warning("%s: bucket %d failed (%s: %s), will retry", job, bucket, type(result).__name__, result)
         else:
-            done += result
-    if away is not None and done == 0:
-        raise away
+            done, succeeded = done + result, succeeded + 1
+    if away is not None:
+        if succeeded == 0:
+            raise away
+        log.warning("%s: some buckets unavailable (%s), will retry", job, type(away).__name__)
     return done
 
 
+async def buckets_where(check: Callable[[int], Awaitable[Any]]) -> list[int]:
+    """The buckets for which `check(bucket)` is truthy, asked of every bucket at once (on a cluster,
+    of every node in parallel). A bucket whose node does not answer is left out, so the others go on;
+    only when no bucket answers is the error raised."""
+    answers = await asyncio.gather(*(check(b) for b in range(INDEX_BUCKETS)), return_exceptions=True)
+    errors = [a for a in answers if isinstance(a, BaseException)]
+    for error in errors:
+        if not isinstance(error, (*REDIS_DOWN, StoreUnavailable)):
+            raise error
+    if errors and len(errors) == len(answers):
+        raise errors[0]
+    return [bucket for bucket, answer in enumerate(answers) if answer and not isinstance(answer, BaseException)]
+
+
 async def due_buckets(redis: Any, keys: Callable[[int], str], now_ms: int) -> list[int]:
-    """The buckets of an index with an entry scored at or before `now_ms`: one pipelined peek (one
-    round trip per node), so that leases are taken only where there is work."""
-    pipe = redis.pipeline(transaction=False)
-    for bucket in range(INDEX_BUCKETS):
-        pipe.zrangebyscore(keys(bucket), "-inf", now_ms, start=0, num=1)
-    peeks = await pipe.execute()
-    return [bucket for bucket, found in enumerate(peeks) if found]
+    """The buckets of an index with an entry scored at or before `now_ms`, so that leases are taken
+    only where there is work."""
+    return await buckets_where(lambda bucket: redis.zrangebyscore(keys(bucket), "-inf", now_ms, start=0, num=1))

@@ -17,8 +17,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway.index import bucket_page
-from gateway.jobs import run_leased
-from gateway.keys import INDEX_BUCKETS, AccountKeys, KeySchema
+from gateway.jobs import buckets_where, run_leased
+from gateway.keys import AccountKeys, KeySchema
 from gateway.money import credits_number
 
 PAGE_MAX = 1000
@@ -288,11 +288,12 @@ async def trim_bucket(redis: Any, schema: KeySchema, bucket: int, retention_ms: 
 
 async def trim_pass(redis: Any, schema: KeySchema, retention_ms: int, protect: list[str], now_ms: int,
                     batch: int = TRIM_BATCH, every_ms: int = TRIM_EVERY_MS) -> int:
-    """One batch of trimming in every bucket not trimmed within `every_ms` (one pipelined look at the
-    buckets' markers), each under its lease; returns the entries removed."""
-    pipe = redis.pipeline(transaction=False)
-    for bucket in range(INDEX_BUCKETS):
-        pipe.exists(schema.job_done(bucket, "trim"))
-    due = [bucket for bucket, done in enumerate(await pipe.execute()) if not done]
+    """One batch of trimming in every bucket not trimmed within `every_ms` (every bucket's marker
+    looked at once), each under its lease; returns the entries removed."""
+
+    async def undone(bucket: int) -> bool:
+        return not await redis.exists(schema.job_done(bucket, "trim"))
+
+    due = await buckets_where(undone)
     return await run_leased(redis, schema, "trim", due, lambda bucket: trim_bucket(
         redis, schema, bucket, retention_ms, protect, now_ms, batch, every_ms))

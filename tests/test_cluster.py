@@ -18,10 +18,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from cluster import LocalCluster, slot_of
 from conftest import LOOP_LAG_TOLERANT, ROOT, Harness, make_settings, no_limits
+from redis import exceptions as redis_errors
 
 from gateway.app import create_app, reap_once
 from gateway.embedded import free_port, redis_server_binary
-from gateway.jobs import Lease
+from gateway.jobs import Lease, buckets_where
 from gateway.keys import INDEX_BUCKETS, KeySchema, bucket_of
 from gateway.metering import quote
 from gateway.reaper import INDEX_HORIZON_MS
@@ -109,6 +110,21 @@ def test_every_index_bucket_has_a_slot_of_its_own() -> None:
     # a bucket's leases, cursors and markers live in the bucket's slot
     assert slot_of(schema.lease(7, "reap")) == slot_of(schema.holders(7)) == slot_of(schema.job_done(7, "trim"))
     assert bucket_of("acct_0123456789abcdef") == bucket_of("acct_0123456789abcdef") < INDEX_BUCKETS
+
+
+async def test_jobs_go_on_with_the_buckets_whose_node_answers() -> None:
+    async def check(bucket: int) -> bool:
+        if bucket % 3 == 0:
+            raise redis_errors.ConnectionError("that shard is lost")
+        return bucket % 2 == 0
+
+    assert await buckets_where(check) == [b for b in range(INDEX_BUCKETS) if b % 3 and b % 2 == 0]
+
+    async def all_lost(bucket: int) -> bool:
+        raise redis_errors.ConnectionError("every shard is lost")
+
+    with pytest.raises(redis_errors.ConnectionError):
+        await buckets_where(all_lost)
 
 
 def test_redis_urls_name_a_server_a_cluster_or_a_sentinel_service() -> None:
