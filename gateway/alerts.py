@@ -26,7 +26,10 @@ from aiohttp import web
 
 from gateway.config import Plan
 from gateway.errors import InsufficientCredits
+from gateway.jobs import due_buckets, run_leased
+from gateway.keys import bucket_of
 from gateway.metering import LimitReached, Settlement
+from gateway.migrate import copy_legacy_webhooks
 from gateway.money import format_credits
 from gateway.state import GATEWAY, Gateway, in_background, stopping
 
@@ -152,7 +155,12 @@ async def _webhook_of(gw: Gateway, account_id: str, plan: Plan | None = None) ->
 
 
 def _record_key(gw: Gateway, delivery: str) -> str:
-    return f"{gw.schema.prefix}delivery:{delivery}"
+    return gw.schema.delivery(delivery)
+
+
+def _queue(gw: Gateway, delivery: str) -> str:
+    """The queue bucket of a delivery (by its id: every step finds it from the id alone)."""
+    return gw.schema.webhooks(bucket_of(delivery))
 
 
 async def enqueue(gw: Gateway, account_id: str, alerts: list[dict[str, Any]]) -> None:
@@ -163,7 +171,7 @@ async def enqueue(gw: Gateway, account_id: str, alerts: list[dict[str, Any]]) ->
         delivery = "dlv_" + secrets.token_hex(8)
         body = json.dumps({"type": "gateway.alert", **alert}, separators=(",", ":"))
         pipe.set(_record_key(gw, delivery), json.dumps({"account_id": account_id, "body": body, "attempts": 0}))
-        pipe.zadd(f"{gw.schema.prefix}webhooks", {delivery: int(time.time() * 1000)})
+        pipe.zadd(_queue(gw, delivery), {delivery: int(time.time() * 1000)})
     await pipe.execute()
 
 
@@ -210,10 +218,10 @@ async def _deliver(gw: Gateway, delivery: str) -> None:
     ZADD XX): a delivery another process has finished, or that was removed meanwhile, is never
     brought back; a record that cannot be read is dropped with one log line."""
     record_key = _record_key(gw, delivery)
-    queue = f"{gw.schema.prefix}webhooks"
+    queue = _queue(gw, delivery)
     raw = await gw.redis.get(record_key) or await _legacy_record(gw, delivery)
     if raw is None:
-        await gw.redis.zrem(queue, delivery)
+        await _forget(gw, delivery)
         return
     parsed = _parse_record(raw)
     if parsed is None:
@@ -251,7 +259,8 @@ async def _deliver(gw: Gateway, delivery: str) -> None:
 
 async def _forget(gw: Gateway, delivery: str) -> None:
     pipe = gw.redis.pipeline(transaction=False)
-    pipe.zrem(f"{gw.schema.prefix}webhooks", delivery)
+    pipe.zrem(_queue(gw, delivery), delivery)
+    pipe.zrem(gw.schema.legacy_webhooks, delivery)  # queued by an older version (see copy_legacy_webhooks)
     pipe.delete(_record_key(gw, delivery))
     await pipe.execute()
 
@@ -265,26 +274,43 @@ async def _deliver_quietly(gw: Gateway, delivery: str) -> None:
         log.warning("webhook delivery %s failed: %s; will retry", delivery, type(exc).__name__)
 
 
+async def _claim(gw: Gateway, bucket: int, now: int, running: set[asyncio.Task[None]]) -> int:
+    """Start the due deliveries of one bucket (at most 20), each claimed for 60 s: another process
+    takes a delivery over only if this one dies mid-delivery."""
+    queue = gw.schema.webhooks(bucket)
+    started = 0
+    for delivery in await gw.redis.zrangebyscore(queue, "-inf", now, start=0, num=20):
+        await gw.redis.zadd(queue, {delivery: now + 60_000}, xx=True)
+        task = asyncio.create_task(_deliver_quietly(gw, delivery))
+        running.add(task)
+        task.add_done_callback(running.discard)
+        started += 1
+    return started
+
+
+async def poll_once(gw: Gateway, running: set[asyncio.Task[None]]) -> int:
+    """One look at the queue: the buckets with due deliveries (every bucket asked at once), each claimed
+    under its lease; deliveries an older version queued are copied into the buckets first."""
+    await copy_legacy_webhooks(gw.redis, gw.schema)
+    now = int(time.time() * 1000)
+    buckets = await due_buckets(gw.redis, gw.schema.webhooks, now)
+    return await run_leased(gw.redis, gw.schema, "webhooks", buckets,
+                            lambda bucket: _claim(gw, bucket, now, running))
+
+
 async def _deliver_forever(gw: Gateway) -> None:
-    queue = f"{gw.schema.prefix}webhooks"
     running: set[asyncio.Task[None]] = set()
     try:
         while not stopping():
             await asyncio.sleep(gw.settings.webhook_poll_seconds)
             try:
-                now = int(time.time() * 1000)
-                for delivery in await gw.redis.zrangebyscore(queue, "-inf", now, start=0, num=20):
-                    # a 60 s lease: another process takes it over only if this one dies mid-delivery
-                    await gw.redis.zadd(queue, {delivery: now + 60_000}, xx=True)
-                    task = asyncio.create_task(_deliver_quietly(gw, delivery))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
+                await poll_once(gw, running)
             except Exception:  # Redis away: try again on the next tick
                 if stopping():
                     raise
                 log.warning("webhook deliverer: Redis unavailable, will retry")
     finally:
-        for task in running:  # leased: another process (or the next start) delivers them
+        for task in running:  # claimed: another process (or the next start) delivers them
             task.cancel()
 
 

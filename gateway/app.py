@@ -12,12 +12,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
-import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from redis import exceptions as redis_errors
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from gateway import admin, dashboard, usage_routes
 from gateway.admin_keys import ADMIN_KEYS, AdminKeys
@@ -38,11 +35,14 @@ from gateway.errors import (
     UnreadableBody,
 )
 from gateway.keys import KeySchema
-from gateway.ledger import trim_all
+from gateway.ledger import trim_pass
 from gateway.listener import body_deadline, cap_connections_per_client, handler_args
 from gateway.metering import Meter
 from gateway.metrics import Metrics
+from gateway.migrate import migrate_once
 from gateway.proxy import make_handler
+from gateway.reaper import HolderIndex, reap_pass
+from gateway.redis_client import connect_redis
 from gateway.reload import reload_ctx
 from gateway.scripts import REDIS_DOWN, ScriptRunner, load_scripts
 from gateway.settings import Settings
@@ -64,16 +64,6 @@ class AccessLogger(AbstractAccessLogger):
         self.logger.info("%s %s %s %.1fms %s", request.method, request.path, response.status, time * 1000,
                          response.headers.get("x-request-id", "-"))
 EMBEDDED = web.AppKey("embedded_redis", EmbeddedRedis)
-
-
-def connect_redis(url: str, timeout: float) -> Any:
-    """A Redis client that fails fast: short timeouts, and a single immediate retry only on a broken
-    connection (a pooled connection left over from before a Redis restart), never on a timeout."""
-    return aioredis.from_url(
-        url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,)),
-        retry_on_timeout=False, health_check_interval=0, max_connections=512,
-    )
 
 
 def _dialect_of(request: web.Request, gw: Gateway) -> Dialect:
@@ -187,8 +177,16 @@ async def session_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def reaper_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Every process reaps expired holds; the script is idempotent, so no leader is needed."""
-    async with in_background(_reap_forever(app[GATEWAY])):
+    """Index every account before a hold is taken for it (a guard on the reserve script), copy the
+    legacy global indexes once, and run the reaper and the ledger trim. Every process runs the loop;
+    a lease per bucket lets one of them at a time work on a bucket."""
+    gw = app[GATEWAY]
+    assert gw.meter is not None
+    meter = gw.meter
+    gw.meter.runner.guard("reserve", HolderIndex(gw.redis, gw.schema, lambda: meter.clock_offset_ms).before_reserve)
+    with contextlib.suppress(StoreUnavailable, *REDIS_DOWN):  # Redis may come later: the loop tries again
+        await migrate_once(gw.redis, gw.schema)
+    async with in_background(_reap_forever(gw)):
         yield
 
 
@@ -215,32 +213,24 @@ async def _renew_forever(gw: Gateway) -> None:
 
 
 async def reap_once(gw: Gateway) -> int:
-    """One pass over every account with holds; returns the number of holds reaped."""
+    """One pass over the accounts the holders index says are due; returns the number of holds reaped."""
     assert gw.meter is not None
-    reaped = 0
-    async for key in gw.redis.scan_iter(match=gw.schema.hold_expiry_pattern(), count=500):
-        account_id = gw.schema.account_id_from_hold_key(key)
-        if account_id:
-            try:
-                count, _returned = await gw.meter.reap(gw.schema.for_account(account_id))
-            except redis_errors.ResponseError as exc:  # one account's failure never stops the others
-                log.warning("reaper: account %s: %s", account_id, exc)
-                continue
-            reaped += count
+    reaped = await reap_pass(gw.redis, gw.schema, gw.meter)
     gw.metrics.reaped.inc(reaped)
     return reaped
 
 
 async def _reap_forever(gw: Gateway) -> None:
-    last_trim = 0.0
+    migrated = False
     while not stopping():
         await asyncio.sleep(gw.settings.reap_interval_seconds)
         try:
+            migrated = migrated or await migrate_once(gw.redis, gw.schema)
             await reap_once(gw)
-            if time.monotonic() - last_trim >= 3600:  # ledger retention: hourly is plenty
-                last_trim = time.monotonic()
-                await trim_all(gw.redis, gw.schema, int(gw.settings.ledger_retention_days * 86_400_000),
-                               list(gw.settings.ledger_protect_exports), int(time.time() * 1000))
+            # ledger retention: one bounded batch per bucket and pass, each bucket once an hour
+            await trim_pass(gw.redis, gw.schema, int(gw.settings.ledger_retention_days * 86_400_000),
+                            list(gw.settings.ledger_protect_exports), int(time.time() * 1000),
+                            shipped=gw.settings.ledger_sink is not None)
         except (StoreUnavailable, *REDIS_DOWN, redis_errors.RedisError) as exc:
             if stopping():
                 raise

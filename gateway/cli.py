@@ -27,8 +27,9 @@ from gateway.auth import check_scopes
 from gateway.config import Config, ConfigError, key_limits, load_config
 from gateway.embedded import EmbeddedRedis, discover_url
 from gateway.errors import GatewayError
+from gateway.index import account_ids
 from gateway.keys import KeySchema
-from gateway.ledger import export_cursor_key, export_events, render
+from gateway.ledger import account_events, export_cursor, render
 from gateway.money import credits_number, credits_to_micro
 from gateway.scripts import ScriptRunner, load_scripts
 from gateway.settings import Settings, SettingsError
@@ -139,7 +140,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 @contextlib.asynccontextmanager
 async def _store(args: argparse.Namespace) -> AsyncIterator[Store]:
-    from gateway.app import connect_redis
+    """A store on the configured Redis (standalone, cluster or sentinel URL); the legacy global
+    indexes are copied into the sharded ones first if no process has done it yet."""
+    from gateway.migrate import migrate_once
+    from gateway.redis_client import connect_redis
 
     settings = Settings.from_env(config_dir=args.config_dir, redis_url=args.redis_url)
     url = settings.redis_url or discover_url(settings.data_dir)
@@ -151,7 +155,9 @@ async def _store(args: argparse.Namespace) -> AsyncIterator[Store]:
     client = connect_redis(url, 5.0)
     try:
         runner = ScriptRunner(client, load_scripts())
-        yield Store(client, KeySchema(settings.key_prefix), runner)
+        schema = KeySchema(settings.key_prefix)
+        await migrate_once(client, schema)
+        yield Store(client, schema, runner)
     finally:
         await client.aclose()
         if embedded is not None:
@@ -291,22 +297,34 @@ def _write_text(path: Path, text: str, append: bool) -> None:
 async def _usage_export(args: argparse.Namespace) -> None:
     async with _store(args) as store:
         redis, schema = store.redis, store.schema
-        accounts = [args.account] if args.account else sorted(await redis.smembers(schema.accounts))
-        cursor_key = export_cursor_key(schema, args.resume) if args.resume else None
-        cursors = await redis.hgetall(cursor_key) if cursor_key else {}
-        views, last = [], {}
+        views, last, resumed = [], {}, False
         until = None if args.until is None else parse_expiry(args.until)
-        async for account_id, stream_id, view in export_events(redis, schema, accounts, cursors, until):
-            views.append(view)
-            last[account_id] = stream_id
-        text = render(views, args.format, header=not (args.resume and cursors))
+        async for account_id in _exported_accounts(args, store):
+            after = await export_cursor(redis, schema, account_id, args.resume) if args.resume else None
+            resumed = resumed or after is not None
+            async for stream_id, view in account_events(redis, schema, account_id, after, until):
+                views.append(view)
+                last[account_id] = stream_id
+        text = render(views, args.format, header=not resumed)
         if args.output:
             await asyncio.to_thread(_write_text, Path(args.output), text, args.append)
         else:
             sys.stdout.write(text)
-        if cursor_key and last:  # only once the events are written: an export is at least once, never lossy
-            await redis.hset(cursor_key, mapping=last)
+        if args.resume and last:  # only once the events are written: an export is at least once, never lossy
+            pipe = redis.pipeline(transaction=False)
+            for account_id, stream_id in last.items():
+                pipe.hset(schema.for_account(account_id).exports, args.resume, stream_id)
+            await pipe.execute()
     print(f"exported {len(views)} usage event(s)", file=sys.stderr)
+
+
+async def _exported_accounts(args: argparse.Namespace, store: Store) -> AsyncIterator[str]:
+    """The account `--account` names, else every account in id order (the sharded index, merged)."""
+    if args.account:
+        yield args.account
+        return
+    async for account_id in account_ids(store.redis, store.schema):
+        yield account_id
 
 
 def _run(coro: Callable[[argparse.Namespace], Coroutine[Any, Any, None]]) -> Callable[[argparse.Namespace], int]:

@@ -11,11 +11,13 @@ import csv
 import io
 import json
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway.index import bucket_page
+from gateway.jobs import buckets_where, run_leased
 from gateway.keys import AccountKeys, KeySchema
 from gateway.money import credits_number
 
@@ -197,23 +199,22 @@ async def cycle_summary(redis: Any, account_id: str, keys: AccountKeys, account:
 # ---------------------------------------------------------------- exports
 
 
-async def export_events(redis: Any, schema: KeySchema, accounts: Iterable[str], cursors: dict[str, str],
-                        end_ms: int | None = None) -> AsyncIterator[tuple[str, str, dict[str, Any]]]:
-    """Usage events of the accounts after their cursors, oldest first per account:
-    yields (account id, stream id, view)."""
-    for account_id in sorted(accounts):
-        keys = schema.for_account(account_id)
-        start = f"({cursors[account_id]}" if account_id in cursors else "-"
-        end = str(end_ms) if end_ms is not None else "+"
-        while True:
-            batch = await redis.xrange(keys.ledger, start, end, count=1000)
-            for stream_id, fields in batch:
-                event = parse_entry(stream_id, fields)
-                if event.get("type") == "usage":
-                    yield account_id, stream_id, usage_view(account_id, event)
-            if len(batch) < 1000:
-                break
-            start = f"({batch[-1][0]}"
+async def account_events(redis: Any, schema: KeySchema, account_id: str, after: str | None = None,
+                         end_ms: int | None = None) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """Usage events of one account after the stream id `after` (None: from the first), oldest first,
+    read 1000 entries at a time: yields (stream id, view)."""
+    keys = schema.for_account(account_id)
+    start = f"({after}" if after else "-"
+    end = str(end_ms) if end_ms is not None else "+"
+    while True:
+        batch = await redis.xrange(keys.ledger, start, end, count=1000)
+        for stream_id, fields in batch:
+            event = parse_entry(stream_id, fields)
+            if event.get("type") == "usage":
+                yield stream_id, usage_view(account_id, event)
+        if len(batch) < 1000:
+            break
+        start = f"({batch[-1][0]}"
 
 
 def cloudevent(view: dict[str, Any]) -> dict[str, Any]:
@@ -240,31 +241,67 @@ def render(views: list[dict[str, Any]], fmt: str, header: bool = True) -> str:
     raise ValueError(f"unknown format {fmt!r} (jsonl, csv or cloudevents)")
 
 
-def export_cursor_key(schema: KeySchema, name: str) -> str:
-    """Hash: account id -> the last stream id exported under this export name."""
-    return f"{schema.prefix}export:{name}"
+async def export_cursor(redis: Any, schema: KeySchema, account_id: str, name: str) -> str | None:
+    """The last stream id the export `name` has written for the account (None: nothing yet). Cursors
+    live in the account's own `exports` hash, under its hash tag."""
+    cursor: str | None = await redis.hget(schema.for_account(account_id).exports, name)
+    return cursor
 
 
 async def trim(redis: Any, schema: KeySchema, account_id: str, retention_ms: int, protect: list[str],
-               now_ms: int) -> int:
+               now_ms: int, shipped: bool = False) -> int:
     """Drop ledger events older than the retention, but never one an export in `protect` has not
-    yet read. Returns the number of entries removed."""
+    yet read, nor (`shipped`: a ledger sink is configured) one the shipper has not delivered.
+    Returns the number of entries removed."""
     cutoff = now_ms - retention_ms
-    for name in protect:
-        exported = await redis.hget(export_cursor_key(schema, name), account_id)
+    keys = schema.for_account(account_id)
+    for exported in (await redis.hmget(keys.exports, protect) if protect else []):
         exported_ms = int(exported.split("-")[0]) if exported else 0
         cutoff = min(cutoff, exported_ms)  # an entry at or after the cursor's millisecond stays
+    if shipped:
+        cursor = await shipped_id(redis, schema, account_id)
+        cutoff = min(cutoff, int(cursor.split("-")[0]) if cursor else 0)
     if cutoff <= 0:
         return 0
-    return int(await redis.xtrim(schema.for_account(account_id).ledger, minid=str(cutoff), approximate=False))
+    return int(await redis.xtrim(keys.ledger, minid=str(cutoff), approximate=False))
 
 
-async def trim_all(redis: Any, schema: KeySchema, retention_ms: int, protect: list[str], now_ms: int) -> int:
-    """`trim` every account's ledger; returns the entries removed."""
+TRIM_EVERY_MS = 3_600_000  # each bucket's accounts are trimmed once an hour: retention is in days
+TRIM_BATCH = 200  # accounts trimmed per bucket and pass
+
+
+async def trim_bucket(redis: Any, schema: KeySchema, bucket: int, retention_ms: int, protect: list[str],
+                      now_ms: int, batch: int = TRIM_BATCH, every_ms: int = TRIM_EVERY_MS, shipped: bool = False
+                      ) -> int:
+    """Trim the next `batch` accounts of one bucket, from where the last pass (of any process) stopped;
+    once the bucket is done, mark it done for `every_ms`. Returns the entries removed."""
+    cursor_key, done_key = schema.job_cursor(bucket, "trim"), schema.job_done(bucket, "trim")
+    after = await redis.get(cursor_key)
+    ids = await bucket_page(redis, schema, bucket, after, batch)
     removed = 0
-    for account_id in await redis.smembers(schema.accounts):
-        removed += await trim(redis, schema, account_id, retention_ms, protect, now_ms)
+    for account_id in ids:
+        removed += await trim(redis, schema, account_id, retention_ms, protect, now_ms, shipped)
+    if len(ids) < batch:  # the end of the bucket: start again from the first account next time
+        pipe = redis.pipeline(transaction=False)
+        pipe.delete(cursor_key)
+        pipe.set(done_key, now_ms, px=every_ms)
+        await pipe.execute()
+    else:
+        await redis.set(cursor_key, ids[-1])
     return removed
+
+
+async def trim_pass(redis: Any, schema: KeySchema, retention_ms: int, protect: list[str], now_ms: int,
+                    batch: int = TRIM_BATCH, every_ms: int = TRIM_EVERY_MS, shipped: bool = False) -> int:
+    """One batch of trimming in every bucket not trimmed within `every_ms` (every bucket's marker
+    looked at once), each under its lease; returns the entries removed."""
+
+    async def undone(bucket: int) -> bool:
+        return not await redis.exists(schema.job_done(bucket, "trim"))
+
+    due = await buckets_where(undone)
+    return await run_leased(redis, schema, "trim", due, lambda bucket: trim_bucket(
+        redis, schema, bucket, retention_ms, protect, now_ms, batch, every_ms, shipped))
 
 
 # ---------------------------------------------------------------- the shipper's cursors (gateway.shipper)

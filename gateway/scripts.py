@@ -3,13 +3,17 @@
 Each file is one atomic operation named `<operation>-<key count>.lua`. The loader registers every
 file at start; a NOSCRIPT reply (Redis restarted or flushed) re-registers the script and retries
 once. Any Redis connection failure becomes `StoreUnavailable` (the gateway fails closed).
+
+On Redis Cluster, EVALSHA goes to the node owning the slot of the script's first key (every key of
+one call carries the same account tag, so they share it), SCRIPT LOAD goes to every primary, and a
+slot that is moving or a primary that is failing over also counts as "Redis away right now".
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +24,15 @@ from gateway.errors import StoreUnavailable
 
 _NAME = re.compile(r"^(?P<op>[a-z_]+)-(?P<keys>\d+)\.lua$")
 
-#: Errors that mean "Redis is not there right now" rather than a bug in a script.
-REDIS_DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+#: Errors that mean "Redis is not there right now" rather than a bug in a script: a connection that
+#: fails or times out, and on a cluster a slot in migration (TRYAGAIN, redirections that did not
+#: settle: "TTL exhausted") or a shard without a primary (CLUSTERDOWN).
+REDIS_DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError, redis_errors.ClusterError,
+              redis_errors.TryAgainError, redis_errors.ClusterDownError, redis_errors.SlotNotCoveredError,
+              redis_errors.AskError, redis_errors.MovedError)
+
+#: Work that must be done before a script runs (see `ScriptRunner.guard`): given the script's keys.
+Guard = Callable[[Sequence[str]], Awaitable[None]]
 
 
 def lua_dir() -> Path:
@@ -62,6 +73,15 @@ class ScriptRunner:
     def __init__(self, redis: Any, scripts: dict[str, Script]) -> None:
         self._redis = redis
         self.scripts = scripts
+        self._guards: dict[str, list[Guard]] = {}
+
+    def guard(self, name: str, before: Guard) -> None:
+        """Run `before(keys)` ahead of every call of the script `name`, whoever calls it; when it
+        raises, the script does not run. (The reaper uses it to index an account before any hold
+        is taken for it: a hold nobody indexed could never be reaped.)"""
+        if name not in self.scripts:
+            raise KeyError(name)
+        self._guards.setdefault(name, []).append(before)
 
     async def register_all(self) -> None:
         """SCRIPT LOAD every script (idempotent)."""
@@ -77,6 +97,8 @@ class ScriptRunner:
         if len(keys) != script.num_keys:
             raise ValueError(f"{name} takes {script.num_keys} keys, got {len(keys)}")
         try:
+            for before in self._guards.get(name, ()):
+                await before(keys)
             try:
                 result = await self._redis.evalsha(script.sha, script.num_keys, *keys, *args)
             except redis_errors.NoScriptError:

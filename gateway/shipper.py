@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -23,7 +22,9 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.keys import KeySchema
+from gateway.index import bucket_accounts
+from gateway.jobs import Lease
+from gateway.keys import INDEX_BUCKETS, KeySchema
 from gateway.ledger import EVENT_SOURCE, admin_view, cloudevent, parse_entry, shipped_key, trim, usage_view
 from gateway.sinks import Sink, make_sink
 from gateway.state import GATEWAY, in_background, stopping
@@ -37,20 +38,20 @@ _CHECK_CHUNK = 500  # accounts whose cursor and newest entry one round trip read
 
 
 # ---------------------------------------------------------------- the accounts index
-# The one place that knows how accounts are listed. Today the index is one set (`gw:accounts`), so
-# it has one shard. When it moves to sharded buckets (issue 12, item 1), make `index_shards` the
-# bucket numbers and `account_ids` an SSCAN of one bucket: the lease is then per bucket.
+# The one place that knows how accounts are listed: the sharded buckets of `gateway.index`; each
+# bucket is shipped under a lease of its own.
 
 
 def index_shards() -> list[int]:
     """The shards of the accounts index; each is shipped under its own lease."""
-    return [0]
+    return list(range(INDEX_BUCKETS))
 
 
 async def account_ids(redis: Any, schema: KeySchema, shard: int = 0) -> AsyncIterator[str]:
-    """Every account id in one shard of the accounts index (SSCAN: never one unbounded read)."""
-    async for account_id in redis.sscan_iter(schema.accounts, count=500):
-        yield str(account_id)
+    """Every account id in one bucket of the accounts index, read in bounded pages."""
+    async for page in bucket_accounts(redis, schema, shard):
+        for account_id in page:
+            yield account_id
 
 
 # ---------------------------------------------------------------- events
@@ -100,32 +101,9 @@ class LeaseLost(Exception):
     """Another shipper holds the shard now: stop without moving its cursors."""
 
 
-@dataclass
-class Lease:
-    """SET NX PX with a token of this shipper. Renewal and release compare the token first (two
-    commands, not atomic: the race is a lease that expires between them, and the worst it causes
-    is a batch shipped twice, which at-least-once delivery allows)."""
-
-    redis: Any
-    key: str
-    ms: int
-    token: str = field(default_factory=lambda: secrets.token_hex(8))
-
-    async def acquire(self) -> bool:
-        return bool(await self.redis.set(self.key, self.token, nx=True, px=self.ms))
-
-    async def renew(self) -> bool:
-        if await self.redis.get(self.key) != self.token:
-            return False
-        return bool(await self.redis.pexpire(self.key, self.ms))
-
-    async def release(self) -> None:
-        if await self.redis.get(self.key) == self.token:
-            await self.redis.delete(self.key)
-
-
 def lease_key(schema: KeySchema, shard: int) -> str:
-    return f"{schema.prefix}{{ship:{shard}}}:lease"
+    """The lease of one shard's shipping (gateway.jobs leases, beside the bucket's other jobs)."""
+    return schema.lease(shard, "ship")
 
 
 # ---------------------------------------------------------------- the shipper
@@ -153,7 +131,6 @@ class Shipper:
         self.backoff = backoff_seconds
         self.trim_every = trim_every_seconds
         self.clock = clock
-        self.token = secrets.token_hex(8)
         self.shipped = 0  # events this shipper has delivered and committed
         self._progress = asyncio.Condition()
         self._last_trim: dict[int, float] = {}
@@ -182,7 +159,7 @@ class Shipper:
         shards = index_shards()
         random.shuffle(shards)  # processes that start together spread over the shards
         for shard in shards:
-            lease = Lease(self.redis, lease_key(self.schema, shard), self.lease_ms, self.token)
+            lease = Lease(self.redis, lease_key(self.schema, shard), self.lease_ms)
             if not await lease.acquire():
                 continue  # another process ships this shard now
             try:

@@ -6,7 +6,6 @@ module creates records and reads them back as external views in decimal credits.
 
 from __future__ import annotations
 
-import bisect
 import calendar
 import hashlib
 import json
@@ -20,7 +19,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.config import Config
 from gateway.errors import BadRequest, Forbidden, NotFound, ScriptStatus, StoreUnavailable, Unprocessable
-from gateway.keys import KeySchema
+from gateway.index import account_ids, add_account, bucket_accounts
+from gateway.keys import INDEX_BUCKETS, KeySchema
 from gateway.limits import cycle_bounds
 from gateway.money import credits_number, format_credits
 from gateway.scripts import REDIS_DOWN, ScriptRunner
@@ -134,7 +134,7 @@ class Store:
         cycle = cycle_bounds(start_ms, timezone or config.plans[plan].timezone, start_ms)
         keys = self.schema.for_account(account_id)
         async with redis_guard():
-            await self.redis.sadd(self.schema.accounts, account_id)  # listed first: a bare id is skipped
+            await add_account(self.redis, self.schema, account_id)  # listed first: a bare id is skipped
             pipe = self.redis.pipeline(transaction=True)  # the record and its ledger event together
             pipe.hset(keys.account, mapping={
                 "name": name, "plan": plan, "status": "active", "allow": allowance, "extra": 0, "held": 0,
@@ -391,45 +391,63 @@ class Store:
     async def list_accounts(self, plan: str | None = None, status: str | None = None, name: str | None = None,
                             limit: int = 50, after: str | None = None) -> tuple[list[tuple[str, dict[str, str]]], bool]:
         """Accounts in id order after `after`, filtered by plan, status and a name substring; and
-        whether more follow. Reads the account set and pipelines the records a page at a time."""
-        async with redis_guard():
-            ids = sorted(await self.redis.smembers(self.schema.accounts))
-        if after:
-            ids = ids[bisect.bisect_right(ids, after):]
+        whether more follow. Walks the sharded index in id order and pipelines the records 200 at a time."""
         found: list[tuple[str, dict[str, str]]] = []
         needle = (name or "").lower()
-        for start in range(0, len(ids), 200):
-            batch = ids[start:start + 200]
+        batch: list[str] = []
+
+        async def keep(ids: list[str]) -> bool:  # True once the page is full and one more matched
             async with redis_guard():
                 pipe = self.redis.pipeline(transaction=False)
-                for account_id in batch:
+                for account_id in ids:
                     pipe.hgetall(self.schema.for_account(account_id).account)
                 records = await pipe.execute()
-            for account_id, rec in zip(batch, records, strict=True):
+            for account_id, rec in zip(ids, records, strict=True):
                 if not rec or (plan and rec.get("plan") != plan) or (status and rec.get("status") != status) \
                         or (needle and needle not in rec.get("name", "").lower()):
                     continue
                 if len(found) == limit:
-                    return found, True
+                    return True
                 found.append((account_id, rec))
-        return found, False
+            return False
+
+        page = min(max(limit + 1, 16), 200)
+        async with redis_guard():
+            async for account_id in account_ids(self.redis, self.schema, after, batch=page):
+                batch.append(account_id)
+                if len(batch) == page:
+                    if await keep(batch):
+                        return found, True
+                    batch = []
+        return found, await keep(batch) if batch else False
 
     async def stats(self) -> dict[str, Any]:
-        """Platform totals over every account: by plan and status, spend, requests and tokens."""
+        """Platform totals over every account: by plan and status, spend, requests and tokens. Reads
+        the index one bucket and one page at a time, and only the fields it sums."""
         by_plan: dict[str, int] = {}
         by_status: dict[str, int] = {}
-        sums = {f: 0 for f in ("cycle_used", "charged", "requests", "cycle_requests", "tokens", "cycle_tokens",
-                               "held")}
-        remaining = 0
-        accounts, _ = await self.list_accounts(limit=10**9)
-        for _, rec in accounts:
-            by_plan[rec.get("plan", "")] = by_plan.get(rec.get("plan", ""), 0) + 1
-            by_status[rec.get("status", "")] = by_status.get(rec.get("status", ""), 0) + 1
-            for field in sums:
-                sums[field] += int(rec.get(field) or 0)
-            remaining += int(rec.get("allow") or 0) + int(rec.get("extra") or 0) - int(rec.get("held") or 0)
+        fields = ("plan", "status", "allow", "extra", "cycle_used", "charged", "requests", "cycle_requests",
+                  "tokens", "cycle_tokens", "held")
+        sums = {f: 0 for f in fields[4:]}
+        remaining = accounts = 0
+        for bucket in range(INDEX_BUCKETS):
+            async with redis_guard():
+                async for ids in bucket_accounts(self.redis, self.schema, bucket):
+                    pipe = self.redis.pipeline(transaction=False)
+                    for account_id in ids:
+                        pipe.hmget(self.schema.for_account(account_id).account, fields)
+                    for values in await pipe.execute():
+                        rec = dict(zip(fields, values, strict=True))
+                        if rec["plan"] is None:
+                            continue  # indexed, but its record was never written (see create_account)
+                        accounts += 1
+                        by_plan[rec["plan"]] = by_plan.get(rec["plan"], 0) + 1
+                        by_status[rec["status"] or ""] = by_status.get(rec["status"] or "", 0) + 1
+                        for field in sums:
+                            sums[field] += int(rec[field] or 0)
+                        remaining += int(rec["allow"] or 0) + int(rec["extra"] or 0) - int(rec["held"] or 0)
         return {
-            "accounts": len(accounts), "accounts_by_plan": by_plan, "accounts_by_status": by_status,
+            "accounts": accounts, "accounts_by_plan": by_plan, "accounts_by_status": by_status,
             "credits_used_this_cycle": credits_number(sums["cycle_used"]),
             "credits_used_lifetime": credits_number(sums["charged"]),
             "credits_remaining": credits_number(remaining), "credits_held": credits_number(sums["held"]),

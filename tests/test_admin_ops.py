@@ -12,9 +12,12 @@ from typing import Any
 
 import anthropic
 import openai
-from conftest import ADMIN, ROOT, Harness, run_sync
+from conftest import ADMIN, ROOT, Harness, no_limits, run_sync
 
-from gateway.keys import KeySchema
+from gateway.app import reap_once
+from gateway.keys import KeySchema, bucket_of
+from gateway.metering import quote
+from gateway.migrate import migrate_once
 
 CHAT = {"model": "demo-mini", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -160,3 +163,39 @@ async def test_cli_lists_accounts_shows_stats_and_rotates_keys(harness: Harness,
     scoped = await asyncio.to_thread(_cli, redis_url, "keys", "create", "--account", account,
                                      "--scope", "model:demo-mini")
     assert scoped["scopes"] == ["model:demo-mini"]
+
+
+async def test_an_older_deployments_global_indexes_are_copied_into_the_buckets_once(harness: Harness) -> None:
+    """What a version before the sharded indexes left: every account in one set, export cursors in one
+    hash per export, a hold taken with no index entry. Migrated once (a marker), then listed, exported
+    from where the export stopped, and the old hold reaped."""
+    gw = harness.gw
+    schema = gw.schema
+    account, key = await harness.account(credits=1)
+    assert await _chat(harness, key) == 200
+    await gw.quiesce()
+    stream_id = harness.redis.xrange(schema.for_account(account).ledger)[-1][0].decode()
+    principal = await gw.auth.authenticate(key)  # type: ignore[union-attr]
+    q = quote(gw.config.rates("free", gw.config.route("demo-mini")), 10, 10)  # type: ignore[arg-type]
+    await gw.meter.reserve(schema.for_account(account), principal.key_id, "req_old", "free", q,  # type: ignore[union-attr]
+                           no_limits(q))
+    # back to the old layout
+    for index in (schema.accounts(bucket_of(account)), schema.holders(bucket_of(account))):
+        harness.redis.zrem(index, account)
+    harness.redis.delete(schema.for_account(account).exports, schema.migrated)
+    harness.redis.sadd(schema.legacy_accounts, account)
+    harness.redis.hset(f"{schema.prefix}export:billing", account, stream_id)
+    assert (await harness.admin("GET", "/admin/accounts"))[1]["data"] == []
+    assert await migrate_once(gw.redis, schema)
+    assert harness.redis.exists(schema.migrated)
+    assert [a["id"] for a in (await harness.admin("GET", "/admin/accounts"))[1]["data"]] == [account]
+    assert harness.redis.hget(schema.for_account(account).exports, "billing").decode() == stream_id
+    assert gw.meter is not None
+    gw.meter.clock_offset_ms = int(gw.settings.hold_lease_seconds * 1000) + 1000
+    assert await reap_once(gw) == 1  # the old hold: its account is in the reaper's index now
+    gw.meter.clock_offset_ms = 0
+    await harness.assert_conserved(account)
+    harness.redis.srem(schema.legacy_accounts, account)
+    harness.redis.sadd(schema.legacy_accounts, "acct_added_later")
+    assert await migrate_once(gw.redis, schema)  # done once: the marker stands
+    assert harness.redis.zscore(schema.accounts(bucket_of("acct_added_later")), "acct_added_later") is None

@@ -13,7 +13,7 @@ from typing import Any
 from conftest import ADMIN, ROOT, Harness
 
 from gateway.keys import KeySchema
-from gateway.ledger import export_cursor_key, parse_entry, render, trim, usage_view
+from gateway.ledger import parse_entry, render, trim, usage_view
 
 
 def _body(text: str, stream: bool = False, model: str = "demo-mini") -> dict[str, Any]:
@@ -165,7 +165,7 @@ async def test_retention_never_trims_an_event_an_export_has_not_read(harness: Ha
     assert await trim(harness.gw.redis, schema, account, 1000, ["billing"], far_future) == 0
     assert harness.redis.xlen(stream) == total
     await _export(config_dir, redis_url, "--resume", "billing")
-    cursor = harness.redis.hget(export_cursor_key(schema, "billing"), account).decode()
+    cursor = harness.redis.hget(schema.for_account(account).exports, "billing").decode()  # under the account's tag
     removed = await trim(harness.gw.redis, schema, account, 1000, ["billing"], far_future)
     assert 0 < removed < total  # everything before the cursor's millisecond, nothing at or after it
     assert all(entry_id.decode() >= cursor.split("-")[0] for entry_id, _ in harness.redis.xrange(stream))

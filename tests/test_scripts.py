@@ -15,8 +15,10 @@ from gateway.app import connect_redis, create_app, reap_once
 from gateway.config import load_config
 from gateway.embedded import EmbeddedRedis
 from gateway.errors import StoreUnavailable
-from gateway.keys import KeySchema
+from gateway.jobs import Lease
+from gateway.keys import KeySchema, bucket_of
 from gateway.metering import Meter, quote
+from gateway.reaper import _forget_if_unchanged
 from gateway.scripts import ScriptRunner, load_scripts, lua_dir
 from gateway.store import Store
 
@@ -152,7 +154,7 @@ async def test_reaper_returns_expired_holds_exactly_once(redis_url: str, config_
     await client.aclose()
 
 
-async def test_reaper_task_scans_every_account(harness: Harness) -> None:
+async def test_reaper_task_finds_every_account_holding_credits_through_the_index(harness: Harness) -> None:
     account, key = await harness.account(credits=1)
     gw = harness.gw
     assert gw.meter is not None
@@ -160,10 +162,49 @@ async def test_reaper_task_scans_every_account(harness: Harness) -> None:
     q = quote(gw.config.rates("free", gw.config.route("demo-mini")), 10, 10)  # type: ignore[arg-type]
     await gw.meter.reserve(gw.schema.for_account(account), principal.key_id, "req_lost", "free", q, no_limits(q))
     assert harness.holds(account)
+    # indexed before the hold was taken, whoever called the reserve script (here: a test, not the proxy)
+    assert harness.redis.zscore(gw.schema.holders(bucket_of(account)), account) is not None
     gw.meter.clock_offset_ms = int(gw.settings.hold_lease_seconds * 1000) + 1000
     assert await reap_once(gw) == 1
     gw.meter.clock_offset_ms = 0
     assert (await harness.assert_conserved(account))["charged"] == 0
+
+
+async def test_a_failed_index_write_refuses_the_hold(harness: Harness) -> None:
+    """No hold without its index entry: the guard runs first, and when it fails the script does not run."""
+    account, key = await harness.account(credits=1)
+    gw = harness.gw
+    assert gw.meter is not None and gw.auth is not None
+    principal = await gw.auth.authenticate(key)
+    holders = gw.schema.holders(bucket_of(account))
+    harness.redis.set(holders, "not a sorted set")  # the index write now fails (WRONGTYPE)
+    q = quote(gw.config.rates("free", gw.config.route("demo-mini")), 10, 10)  # type: ignore[arg-type]
+    with pytest.raises(sync_redis.ResponseError):
+        await gw.meter.reserve(gw.schema.for_account(account), principal.key_id, "req_x", "free", q, no_limits(q))
+    assert harness.holds(account) == {} and harness.state(account)["held"] == 0
+
+
+async def test_the_reaper_forgets_an_account_only_if_no_gateway_indexed_it_meanwhile(harness: Harness) -> None:
+    key = harness.gw.schema.holders(3)
+    harness.redis.zadd(key, {"acct_a": 5, "acct_b": 5})
+    harness.redis.zadd(key, {"acct_a": 10**13}, gt=True)  # a gateway indexed acct_a after the reaper read 5
+    assert await _forget_if_unchanged(harness.gw.redis, key, "acct_a", 5.0) is False
+    assert await _forget_if_unchanged(harness.gw.redis, key, "acct_b", 5.0) is True
+    assert {m.decode() for m in harness.redis.zrange(key, 0, -1)} == {"acct_a"}
+
+
+async def test_a_job_lease_has_one_holder_and_is_taken_over_once_it_ends(harness: Harness) -> None:
+    key = harness.gw.schema.lease(5, "reap")
+    first, second = Lease(harness.gw.redis, key, 5000), Lease(harness.gw.redis, key, 5000)
+    assert await first.acquire() and not await second.acquire()
+    assert await first.renew() and 0 < harness.redis.pttl(key) <= 5000
+    harness.redis.delete(key)  # as if it expired: its holder stopped renewing (it died)
+    assert await second.acquire()
+    assert not await first.renew()  # no longer ours: never extended ...
+    await first.release()
+    assert harness.redis.get(key) == second.token.encode()  # ... nor deleted
+    await second.release()
+    assert not harness.redis.exists(key)
 
 
 async def _reserve_directly(harness: Harness, request_id: str) -> tuple[str, Any, Any, Meter]:

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import ADMIN, Harness
 
-from gateway.keys import KeySchema
+from gateway.keys import INDEX_BUCKETS, KeySchema, bucket_of
 
 SECRET = "whsec-account-0123456789"
 HOOK_PATH = "/services/T0SECRET/B0SECRET/XXXXsecretpathXXXX"
@@ -30,6 +30,11 @@ plans:
     models: ["demo-*"]
 """
 BIG = {"model": "demo-mini", "max_tokens": 200, "messages": [{"role": "user", "content": "go [[emu out=200]]"}]}
+
+
+def _queued(harness: Harness) -> int:
+    """Deliveries waiting in every bucket of the sharded webhook queue."""
+    return sum(harness.redis.zcard(KeySchema().webhooks(bucket)) for bucket in range(INDEX_BUCKETS))
 
 
 class Receiver:
@@ -133,7 +138,7 @@ async def test_webhook_url_path_and_secret_appear_only_where_the_operator_reads_
     assert "secretpath" not in stored and SECRET not in stored and "T0SECRET" not in stored
     assert all(valid for _, valid in hook.attempts)  # signed with the secret looked up at delivery time
     hook.accept = True
-    await _until(lambda: not harness.redis.zcard("gw:webhooks"), "the deliveries to succeed")
+    await _until(lambda: not _queued(harness), "the deliveries to succeed")
     # the ledger names the webhook by host and fingerprint
     [event] = [e for e in harness.ledger(account) if e["type"] == "webhook_set"]
     assert event["webhook"].startswith("127.0.0.1 sha256:") and "secretpath" not in json.dumps(event)
@@ -162,7 +167,7 @@ async def test_a_delivery_finished_elsewhere_meanwhile_is_not_brought_back(
 
     def finished_by_another_process(delivery: str) -> None:
         # what a process that took the delivery over (its lease ran out here) does when it succeeds
-        harness.redis.zrem("gw:webhooks", delivery)
+        harness.redis.zrem(KeySchema().webhooks(bucket_of(delivery)), delivery)
         for record in harness.redis.scan_iter(match=f"gw:*{delivery}*"):
             harness.redis.delete(record)
 
@@ -174,10 +179,10 @@ async def test_a_delivery_finished_elsewhere_meanwhile_is_not_brought_back(
     await _until(lambda: len({delivery for delivery, _ in hook.attempts}) == alerts, "one attempt per alert")
     attempted = {delivery for delivery, _ in hook.attempts}
     # this process's attempt failed (500) after the record was gone: nothing comes back
-    await _until(lambda: not harness.redis.zcard("gw:webhooks") and not any(
+    await _until(lambda: not _queued(harness) and not any(
         list(harness.redis.scan_iter(match=f"gw:*{d}*")) for d in attempted), "the queue to empty")
     await asyncio.sleep(0.1)  # several deliverer ticks: still nothing re-queued, no new attempts
-    assert not harness.redis.zcard("gw:webhooks")
+    assert not _queued(harness)
     assert {delivery for delivery, _ in hook.attempts} == attempted
 
 
