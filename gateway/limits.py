@@ -8,7 +8,8 @@ Every limit is one row `[id, metric, cap, scope, window_ms, bucket_ms]`:
   in `bucket_ms` buckets (a request is counted in the bucket of its settlement)
 
 The reserve script holds each request's worst case in every limit that applies and refuses the
-request that would cross one; settle counts the actual amounts; release counts nothing.
+request that would cross one; settle counts the actual amounts; release counts nothing, except that a
+request the provider answered with a refusal counts in the rolling request windows.
 """
 
 from __future__ import annotations

@@ -229,14 +229,17 @@ class Store:
             raise BadRequest("'effective' must be 'now' or 'next_cycle'.", param="effective")
         keys = self.schema.for_account(account_id)
         for _ in range(3):
-            current = (await self.account_raw(account_id)).get("plan", "")
+            record = await self.account_raw(account_id)
+            current = record.get("plan", "")
             old = config.plans.get(current)
             old_allow = old.monthly_credits if old else 0
             new_allow = config.plans[plan].monthly_credits
             effective = when or ("now" if new_allow >= old_allow else "next_cycle")
+            zone = record.get("timezone") or (old.timezone if old else "UTC")
+            next_cycle = cycle_bounds(int(record.get("anchor_ms") or 0), zone, now_ms() + self.clock_offset_ms)[1]
             status, credited, removed = await self.runner.run(
                 "plan", [keys.account, keys.ledger],
-                [current, plan, effective, new_allow, old_allow, expires_ms, self.clock_offset_ms])
+                [current, plan, effective, new_allow, old_allow, expires_ms, self.clock_offset_ms, next_cycle])
             if status == ScriptStatus.OK:
                 return {"plan": plan if effective == "now" else current, "next_plan": None if effective == "now"
                         else plan, "effective": effective, "credited": credits_number(int(credited)),

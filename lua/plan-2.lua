@@ -8,6 +8,8 @@
 -- ARGV[1] the plan the caller read (the change is refused if it moved)   ARGV[2] new plan
 -- ARGV[3] when: 'now' or 'next_cycle'   ARGV[4] the new plan's allowance   ARGV[5] the current one's
 -- ARGV[6] subscription end (ms; 0 none, -1 unchanged)   ARGV[7] clock offset (ms)
+-- ARGV[8] next_cycle: the start of the next cycle by the calendar (ms); the change waits for it even
+-- if the cycle now running has not been started yet (cycles start lazily, at the next reserve)
 -- Returns {status, credited, removed}; status 0 done, 10 no account, 14 the plan moved (read it again).
 local a = redis.call('HMGET', KEYS[1], 'plan', 'allow', 'extra', 'held', 'held_allow', 'cycle_allowance',
                      'cycle_used', 'cycle_allowance_start', 'cycle_start_ms')
@@ -33,9 +35,9 @@ if ARGV[3] == 'now' then
   redis.call('HSET', KEYS[1], 'plan', ARGV[2], 'allow', allow + credited - removed)
   redis.call('HINCRBY', KEYS[1], 'granted', credited)
   redis.call('HINCRBY', KEYS[1], 'expired', removed)
-  redis.call('HDEL', KEYS[1], 'next_plan', 'next_allow')
+  redis.call('HDEL', KEYS[1], 'next_plan', 'next_allow', 'next_from_ms')
 else
-  redis.call('HSET', KEYS[1], 'next_plan', ARGV[2], 'next_allow', ARGV[4])
+  redis.call('HSET', KEYS[1], 'next_plan', ARGV[2], 'next_allow', ARGV[4], 'next_from_ms', ARGV[8])
 end
 if tonumber(ARGV[6]) >= 0 then redis.call('HSET', KEYS[1], 'plan_expires_ms', ARGV[6]) end
 redis.call('XADD', KEYS[2], '*', 'type', 'plan_change', 'ts', now_ms(ARGV[7]), 'from', plan, 'to', ARGV[2],

@@ -16,7 +16,7 @@
 -- A retried reserve of a live hold returns that hold again, unchanged (idempotent).
 local now = now_ms(ARGV[6])
 local a = redis.call('HMGET', KEYS[1], 'plan', 'status', 'allow', 'extra', 'held', 'cycle_end_ms',
-                     'plan_expires_ms', 'next_plan', 'next_allow', 'held_allow', 'agen')
+                     'plan_expires_ms', 'next_plan', 'next_allow', 'held_allow', 'agen', 'next_from_ms')
 if not a[1] then return {10, 0, 0, ''} end
 local prior = hold_record(KEYS[3], ARGV[1])
 if prior and prior.ended then return {15, 0, 0, a[1]} end
