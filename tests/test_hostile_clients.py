@@ -165,7 +165,11 @@ async def test_a_request_head_sent_byte_by_byte_is_cut_off_at_the_header_timeout
     dripping = asyncio.ensure_future(drip())
     started = time.monotonic()
     try:
-        assert await asyncio.wait_for(reader.read(), 5.0) == b""  # closed, with no answer
+        try:
+            answer = await asyncio.wait_for(reader.read(), 5.0)
+        except ConnectionResetError:  # closed while the client was still writing: a reset, not a FIN
+            answer = b""
+        assert answer == b""  # closed, with no answer
         assert time.monotonic() - started < 4.0
         assert not dripping.done()  # long before the head was complete
     finally:
