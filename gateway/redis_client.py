@@ -13,13 +13,19 @@ Redis that is away becomes a 503 within a second (invariant 6), never a hang.
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
+import hiredis
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis._parsers.base import BaseParser
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
@@ -118,7 +124,10 @@ def connect_redis(url: str, timeout: float) -> Any:
     target = parse_redis_url(url)
     common = _fail_fast(timeout)
     if target.kind == "standalone":
-        return aioredis.from_url(url, retry_on_timeout=False, max_connections=MAX_CONNECTIONS, **common)
+        client = PipelinedRedis.from_url(url, retry_on_timeout=False, max_connections=MAX_CONNECTIONS, **common)
+        assert isinstance(client, PipelinedRedis)
+        client.auto = AutoPipeline.from_url(url, timeout)
+        return client
     if target.kind == "cluster":
         return RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in target.hosts],
@@ -143,3 +152,177 @@ def connect_redis(url: str, timeout: float) -> Any:
 def is_cluster(client: Any) -> bool:
     """Whether `client` talks to a Redis Cluster (commands then go to the node owning each key's slot)."""
     return isinstance(client, RedisCluster)
+
+
+class AutoPipeline(asyncio.Protocol):
+    """One connection to a standalone Redis on which every command issued in the same event-loop
+    tick is written in one batch (as ioredis's auto-pipelining does): the hot path's script calls
+    cost one `write` per tick for all requests in flight, with hiredis packing and parsing, and no
+    connection pool, lock or task per command.
+
+    Fails fast like the pooled client: the connect and every reply have `timeout`; a reply that does
+    not come in time closes the connection (the replies of its batch are lost, their callers get
+    `TimeoutError`) and the next command connects again. A connection found closed before a command
+    is written is reconnected once; one that breaks after it was written is reported, not retried
+    (the caller decides: the scripts are idempotent per request id).
+    """
+
+    def __init__(self, host: str = "localhost", port: int = 6379, *, path: str | None = None,
+                 username: str | None = None, password: str | None = None, db: int = 0,
+                 timeout: float = 1.0) -> None:
+        self.host, self.port, self.path = host, port, path
+        self.username, self.password, self.db, self.timeout = username, password, db, timeout
+        self._transport: asyncio.Transport | None = None
+        self._reader = hiredis.Reader(encoding="utf-8", errors="surrogateescape")
+        self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self._batch: list[bytes] = []
+        self._flush_scheduled = False
+        self._connecting: asyncio.Future[None] | None = None
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str, timeout: float) -> AutoPipeline | None:
+        """For a redis:// or unix:// URL; None for anything else (TLS, cluster, sentinel)."""
+        if not url.lower().startswith(("redis://", "unix://")):
+            return None
+        kw = parse_url(url)
+        return cls(str(kw.get("host", "localhost")), int(kw.get("port", 6379)), path=kw.get("path"),
+                   username=kw.get("username"), password=kw.get("password"), db=int(kw.get("db", 0) or 0),
+                   timeout=timeout)
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        waiting = self._waiting
+        while True:
+            reply = self._reader.gets()
+            if reply is False:
+                return
+            if not waiting:  # a reply nobody waits for: the stream is out of step
+                self._fail(redis_errors.ConnectionError("unexpected reply from Redis"))
+                return
+            future = waiting.popleft()
+            if future.done():
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                future.set_exception(BaseParser.parse_error(str(reply)))  # type: ignore[no-untyped-call]
+            else:
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._fail(redis_errors.ConnectionError("Connection to Redis lost"))
+
+    # ------------------------------------------------------------------ commands
+
+    async def execute(self, *args: str | int | bytes) -> Any:
+        """Send one command (in the current tick's batch) and wait for its reply."""
+        if self._transport is None or self._transport.is_closing():
+            await self._connect()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._batch.append(hiredis.pack_command(args))  # type: ignore[arg-type]
+        self._waiting.append(future)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        timer = loop.call_later(self.timeout, self._timed_out, future)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._batch = self._batch, []
+        if self._transport is None or self._transport.is_closing():
+            self._fail(redis_errors.ConnectionError("Connection to Redis lost"))
+            return
+        self._transport.write(b"".join(batch))
+
+    def _timed_out(self, future: asyncio.Future[Any]) -> None:
+        if not future.done():
+            self._fail(redis_errors.TimeoutError("Timeout reading from Redis"))
+
+    def _fail(self, error: Exception) -> None:
+        """Fail every command in flight and drop the connection (its replies would be out of step)."""
+        waiting, self._waiting = self._waiting, collections.deque()
+        self._batch = []
+        self._reader = hiredis.Reader(encoding="utf-8", errors="surrogateescape")
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.abort()
+        for future in waiting:
+            if not future.done():
+                future.set_exception(error)
+
+    async def _connect(self) -> None:
+        if self._closed:
+            raise redis_errors.ConnectionError("The Redis client is closed")
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open())
+        connecting = self._connecting
+        try:
+            await asyncio.shield(connecting)
+        finally:
+            if connecting.done():
+                self._connecting = None
+
+    async def _open(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.timeout):
+                if self.path:
+                    await loop.create_unix_connection(lambda: self, self.path)
+                else:
+                    transport, _ = await loop.create_connection(lambda: self, self.host, self.port)
+                    sock = transport.get_extra_info("socket")
+                    if sock is not None:
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except TimeoutError:
+            raise redis_errors.TimeoutError("Timeout connecting to Redis") from None
+        except OSError as exc:
+            raise redis_errors.ConnectionError(f"Error connecting to Redis: {exc}") from None
+        hello: list[tuple[str | int, ...]] = []
+        if self.password is not None:
+            hello.append(("AUTH", self.username, self.password) if self.username else ("AUTH", self.password))
+        if self.db:
+            hello.append(("SELECT", self.db))
+        for command in hello:
+            await self._handshake(command)
+
+    async def _handshake(self, command: tuple[str | int, ...]) -> None:
+        assert self._transport is not None
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting.append(future)
+        self._transport.write(hiredis.pack_command(command))  # type: ignore[arg-type]
+        try:
+            async with asyncio.timeout(self.timeout):
+                await future
+        except TimeoutError:
+            self._fail(redis_errors.TimeoutError("Timeout reading from Redis"))
+            raise redis_errors.TimeoutError("Timeout reading from Redis") from None
+        except redis_errors.RedisError:
+            self._fail(redis_errors.ConnectionError("Redis refused the connection's setup"))
+            raise
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._fail(redis_errors.ConnectionError("The Redis client is closed"))
+
+
+class PipelinedRedis(aioredis.Redis):
+    """The standalone client, plus an `AutoPipeline` for the hot path's script calls (see
+    `gateway.scripts.ScriptRunner`); everything else goes through redis-py's pool as before."""
+
+    auto: AutoPipeline | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        if self.auto is not None:
+            await self.auto.aclose()
+        await super().aclose(close_connection_pool)
