@@ -193,8 +193,7 @@ class AutoPipeline(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = transport  # type: ignore[assignment]  # a stream transport (uvloop's is no subclass)
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
@@ -278,12 +277,13 @@ class AutoPipeline(asyncio.Protocol):
         try:
             async with asyncio.timeout(self.timeout):
                 if self.path:
-                    await loop.create_unix_connection(lambda: self, self.path)
+                    transport, _ = await loop.create_unix_connection(lambda: self, self.path)
                 else:
                     transport, _ = await loop.create_connection(lambda: self, self.host, self.port)
                     sock = transport.get_extra_info("socket")
                     if sock is not None:
                         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._transport = transport  # uvloop may call connection_made only later
         except TimeoutError:
             raise redis_errors.TimeoutError("Timeout connecting to Redis") from None
         except OSError as exc:
