@@ -154,17 +154,84 @@ def is_cluster(client: Any) -> bool:
     return isinstance(client, RedisCluster)
 
 
-class AutoPipeline(asyncio.Protocol):
-    """One connection to a standalone Redis on which every command issued in the same event-loop
+class _Connection(asyncio.Protocol):
+    """One connection of an AutoPipeline: its commands not yet written, and the futures of the
+    commands written, in order. When it fails, it fails all of them and is never used again (a
+    connection's late callbacks touch only its own state, never its successor's)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.reader = hiredis.Reader(encoding="utf-8", errors="surrogateescape")
+        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.batch: list[bytes] = []
+        self.flush_scheduled = False
+        self.lost = False
+
+    @property
+    def usable(self) -> bool:
+        return not self.lost and self.transport is not None and not self.transport.is_closing()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a stream transport (uvloop's is no subclass)
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        waiting = self.waiting
+        while True:
+            reply = self.reader.gets()
+            if reply is False:
+                return
+            if not waiting:  # a reply nobody waits for: the stream is out of step
+                self.fail(redis_errors.ConnectionError("unexpected reply from Redis"))
+                return
+            future = waiting.popleft()
+            if future.done():  # its caller was cancelled or timed out
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                future.set_exception(BaseParser.parse_error(str(reply)))  # type: ignore[no-untyped-call]
+            else:
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(redis_errors.ConnectionError("Connection to Redis lost"))
+
+    def send(self, packed: bytes, future: asyncio.Future[Any]) -> None:
+        """Queue a packed command for this tick's write."""
+        self.batch.append(packed)
+        self.waiting.append(future)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.flush_scheduled = False
+        batch, self.batch = self.batch, []
+        if self.lost or self.transport is None:
+            return  # its futures have failed already
+        self.transport.write(b"".join(batch))
+
+    def fail(self, error: Exception) -> None:
+        """Fail every command in flight and drop the connection (its replies would be out of step)."""
+        self.lost = True
+        waiting, self.waiting, self.batch = self.waiting, collections.deque(), []
+        if self.transport is not None:
+            self.transport.abort()
+        for future in waiting:
+            if not future.done():
+                future.set_exception(error)
+
+
+class AutoPipeline:
+    """A connection to a standalone Redis on which every command issued in the same event-loop
     tick is written in one batch (as ioredis's auto-pipelining does): the hot path's script calls
     cost one `write` per tick for all requests in flight, with hiredis packing and parsing, and no
     connection pool, lock or task per command.
 
     Fails fast like the pooled client: the connect and every reply have `timeout`; a reply that does
-    not come in time closes the connection (the replies of its batch are lost, their callers get
-    `TimeoutError`) and the next command connects again. A connection found closed before a command
-    is written is reconnected once; one that breaks after it was written is reported, not retried
-    (the caller decides: the scripts are idempotent per request id).
+    not come in time drops the connection (the other replies of its batch are lost too, their
+    callers get `TimeoutError`) and the next command connects again. A connection found closed
+    before a command is written is replaced first; one that breaks after it was written is
+    reported, not retried (the caller decides: the scripts are idempotent per request id).
     """
 
     def __init__(self, host: str = "localhost", port: int = 6379, *, path: str | None = None,
@@ -172,12 +239,8 @@ class AutoPipeline(asyncio.Protocol):
                  timeout: float = 1.0) -> None:
         self.host, self.port, self.path = host, port, path
         self.username, self.password, self.db, self.timeout = username, password, db, timeout
-        self._transport: asyncio.Transport | None = None
-        self._reader = hiredis.Reader(encoding="utf-8", errors="surrogateescape")
-        self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
-        self._batch: list[bytes] = []
-        self._flush_scheduled = False
-        self._connecting: asyncio.Future[None] | None = None
+        self._conn: _Connection | None = None
+        self._connecting: asyncio.Future[_Connection] | None = None
         self._closed = False
 
     @classmethod
@@ -190,100 +253,50 @@ class AutoPipeline(asyncio.Protocol):
                    username=kw.get("username"), password=kw.get("password"), db=int(kw.get("db", 0) or 0),
                    timeout=timeout)
 
-    # ------------------------------------------------------------------ asyncio.Protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]  # a stream transport (uvloop's is no subclass)
-
-    def data_received(self, data: bytes) -> None:
-        self._reader.feed(data)
-        waiting = self._waiting
-        while True:
-            reply = self._reader.gets()
-            if reply is False:
-                return
-            if not waiting:  # a reply nobody waits for: the stream is out of step
-                self._fail(redis_errors.ConnectionError("unexpected reply from Redis"))
-                return
-            future = waiting.popleft()
-            if future.done():
-                continue
-            if isinstance(reply, hiredis.ReplyError):
-                future.set_exception(BaseParser.parse_error(str(reply)))  # type: ignore[no-untyped-call]
-            else:
-                future.set_result(reply)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
-        self._fail(redis_errors.ConnectionError("Connection to Redis lost"))
-
-    # ------------------------------------------------------------------ commands
-
     async def execute(self, *args: str | int | bytes) -> Any:
         """Send one command (in the current tick's batch) and wait for its reply."""
-        if self._transport is None or self._transport.is_closing():
-            await self._connect()
+        conn = self._conn
+        if conn is None or not conn.usable:
+            conn = await self._connect()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._batch.append(hiredis.pack_command(args))  # type: ignore[arg-type]
-        self._waiting.append(future)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
-        timer = loop.call_later(self.timeout, self._timed_out, future)
+        conn.send(hiredis.pack_command(args), future)  # type: ignore[arg-type]
+        timer = loop.call_later(self.timeout, self._timed_out, conn, future)
         try:
             return await future
         finally:
             timer.cancel()
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        batch, self._batch = self._batch, []
-        if self._transport is None or self._transport.is_closing():
-            self._fail(redis_errors.ConnectionError("Connection to Redis lost"))
-            return
-        self._transport.write(b"".join(batch))
-
-    def _timed_out(self, future: asyncio.Future[Any]) -> None:
+    def _timed_out(self, conn: _Connection, future: asyncio.Future[Any]) -> None:
         if not future.done():
-            self._fail(redis_errors.TimeoutError("Timeout reading from Redis"))
+            conn.fail(redis_errors.TimeoutError("Timeout reading from Redis"))
 
-    def _fail(self, error: Exception) -> None:
-        """Fail every command in flight and drop the connection (its replies would be out of step)."""
-        waiting, self._waiting = self._waiting, collections.deque()
-        self._batch = []
-        self._reader = hiredis.Reader(encoding="utf-8", errors="surrogateescape")
-        transport, self._transport = self._transport, None
-        if transport is not None:
-            transport.abort()
-        for future in waiting:
-            if not future.done():
-                future.set_exception(error)
-
-    async def _connect(self) -> None:
+    async def _connect(self) -> _Connection:
         if self._closed:
             raise redis_errors.ConnectionError("The Redis client is closed")
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open())
         connecting = self._connecting
         try:
-            await asyncio.shield(connecting)
+            self._conn = await asyncio.shield(connecting)
+            return self._conn
         finally:
             if connecting.done():
                 self._connecting = None
 
-    async def _open(self) -> None:
+    async def _open(self) -> _Connection:
         loop = asyncio.get_running_loop()
+        conn = _Connection()
         try:
             async with asyncio.timeout(self.timeout):
                 if self.path:
-                    transport, _ = await loop.create_unix_connection(lambda: self, self.path)
+                    transport, _ = await loop.create_unix_connection(lambda: conn, self.path)
                 else:
-                    transport, _ = await loop.create_connection(lambda: self, self.host, self.port)
+                    transport, _ = await loop.create_connection(lambda: conn, self.host, self.port)
                     sock = transport.get_extra_info("socket")
                     if sock is not None:
                         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self._transport = transport  # uvloop may call connection_made only later
+                conn.transport = transport  # uvloop calls connection_made later
         except TimeoutError:
             raise redis_errors.TimeoutError("Timeout connecting to Redis") from None
         except OSError as exc:
@@ -294,26 +307,23 @@ class AutoPipeline(asyncio.Protocol):
         if self.db:
             hello.append(("SELECT", self.db))
         for command in hello:
-            await self._handshake(command)
-
-    async def _handshake(self, command: tuple[str | int, ...]) -> None:
-        assert self._transport is not None
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting.append(future)
-        self._transport.write(hiredis.pack_command(command))  # type: ignore[arg-type]
-        try:
-            async with asyncio.timeout(self.timeout):
-                await future
-        except TimeoutError:
-            self._fail(redis_errors.TimeoutError("Timeout reading from Redis"))
-            raise redis_errors.TimeoutError("Timeout reading from Redis") from None
-        except redis_errors.RedisError:
-            self._fail(redis_errors.ConnectionError("Redis refused the connection's setup"))
-            raise
+            future: asyncio.Future[Any] = loop.create_future()
+            conn.send(hiredis.pack_command(command), future)  # type: ignore[arg-type]
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await future
+            except TimeoutError:
+                conn.fail(redis_errors.TimeoutError("Timeout reading from Redis"))
+                raise redis_errors.TimeoutError("Timeout reading from Redis") from None
+            except redis_errors.RedisError:
+                conn.fail(redis_errors.ConnectionError("Redis refused the connection's setup"))
+                raise
+        return conn
 
     async def aclose(self) -> None:
         self._closed = True
-        self._fail(redis_errors.ConnectionError("The Redis client is closed"))
+        if self._conn is not None:
+            self._conn.fail(redis_errors.ConnectionError("The Redis client is closed"))
 
 
 class PipelinedRedis(aioredis.Redis):

@@ -22,15 +22,16 @@ async def test_commands_issued_in_one_tick_share_a_write_and_get_their_own_repli
     writes = 0
     try:
         await auto.execute("PING")
-        assert auto._transport is not None
-        real_write = auto._transport.write
+        conn = auto._conn
+        assert conn is not None and conn.transport is not None
+        real_write = conn.transport.write
 
         def counting(data: bytes) -> None:
             nonlocal writes
             writes += 1
             real_write(data)
 
-        auto._transport.write = counting  # type: ignore[method-assign]
+        conn.transport.write = counting  # type: ignore[method-assign]
         replies = await asyncio.gather(*(auto.execute("INCRBY", "t:auto", n) for n in range(1, 101)))
         assert replies == [n * (n + 1) // 2 for n in range(1, 101)]
         assert writes == 1
@@ -91,3 +92,25 @@ def test_only_plain_standalone_urls_get_a_pipelined_connection(redis_url: str) -
     assert AutoPipeline.from_url("redis+cluster://a:1,b:2", 1.0) is None
     client = connect_redis(redis_url, 1.0)
     assert isinstance(client, PipelinedRedis) and client.auto is not None
+
+
+async def test_a_dropped_connection_never_answers_for_its_successor(redis_url: str) -> None:
+    auto = AutoPipeline.from_url(redis_url, timeout=0.2)
+    assert auto is not None
+    try:
+        await auto.execute("SET", "t:late", "first")
+        # a reply that takes longer than the timeout drops the connection; the late reply must not
+        # be taken for the next command's, on the next connection
+        slow = asyncio.ensure_future(auto.execute("EVAL", "local t = redis.call('TIME') "
+                                                  "while true do local n = redis.call('TIME') "
+                                                  "if (n[1] - t[1]) * 1000000 + n[2] - t[2] > 400000 then break end "
+                                                  "end return 'slow'", 0))
+        with pytest.raises(redis_errors.TimeoutError):
+            await slow
+        replies = await asyncio.gather(*(auto.execute("GET", "t:late") for _ in range(20)),
+                                       return_exceptions=True)
+        assert all(r == "first" or isinstance(r, REDIS_DOWN) for r in replies)
+        await asyncio.sleep(0.4)
+        assert await auto.execute("GET", "t:late") == "first"
+    finally:
+        await auto.aclose()
