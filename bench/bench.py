@@ -13,7 +13,8 @@ redis-server it uses), and the ratios to the bare pass-through measured in the s
   the servers float over the other cores (pass `--server-cpus 0` to pin them too). Without wrk it
   falls back to an aiohttp client in this process (noisier: Python is slower than what it measures).
 - Noise: `--rounds N` runs the whole matrix N times, interleaved, and reports each row's median.
-- `--quick`: 2 s per row (+0.5 s warm-up), one round; the default is 5 s per row, 3 rounds.
+- `--quick`: 2 s per row (+1 s warm-up), one round, about 1.5 min; the default is 3 s per row, 2 rounds
+  (about 4 min). RESULTS.md was measured with `--rounds 3 --seconds 3`.
 
 Usage: python bench/bench.py [--quick] [--rounds N] [--seconds S] [--concurrency 1,16,64]
                              [--upstream nginx|emulator] [--uvloop] [--targets direct,bare,gw1,gw2]
@@ -251,7 +252,7 @@ def verdict(rows: list[Row]) -> str:
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="2 s per row, one round")
+    parser.add_argument("--quick", action="store_true", help="2 s per row, one round (about 1.5 min)")
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--concurrency", default="1,16,64")
@@ -269,8 +270,8 @@ async def main() -> None:
     args = parser.parse_args()
     if args.client_cpu < 0:
         args.client_cpu = None
-    seconds = args.seconds or (2.0 if args.quick else 5.0)
-    rounds = args.rounds or (1 if args.quick else 3)
+    seconds = args.seconds or (2.0 if args.quick else 3.0)
+    rounds = args.rounds or (1 if args.quick else 2)
     levels = [int(c) for c in args.concurrency.split(",")]
     modes = args.modes.split(",")
     wanted = args.targets.split(",")

@@ -200,11 +200,18 @@ def splice_field(raw: bytes, member: bytes) -> bytes | None:
     """`raw`, a JSON object the caller has parsed (and checked has no such key), with `member`
     (`"name":value`) added as its last member, without re-serialising the rest. None when the bytes
     are not plain UTF-8 starting with `{` (a BOM, UTF-16 or UTF-32: the caller re-serialises)."""
-    text = raw.strip(_WS)
-    if not (text.startswith(b"{") and text.endswith(b"}")) or b"\x00" in raw:
+    start, end = 0, len(raw)
+    while start < end and raw[start] in _WS:
+        start += 1
+    while end > start and raw[end - 1] in _WS:
+        end -= 1
+    if end - start < 2 or raw[start] != ord("{") or raw[end - 1] != ord("}") or b"\x00" in raw:
         return None
-    head = text[:-1].rstrip(_WS)
-    return head + (b"," if head != b"{" else b"") + member + b"}"
+    head = end - 1  # the closing brace; the new member goes before it, after the last one
+    while raw[head - 1] in _WS:
+        head -= 1
+    comma = b"" if head - 1 == start else b","  # an empty object has no member to follow
+    return b"".join((memoryview(raw)[start:head], comma, member, b"}"))  # one copy of a large body
 
 
 _DECODER = json.JSONDecoder()
