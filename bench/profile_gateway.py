@@ -104,7 +104,33 @@ if __name__ == "__main__":
     parser.add_argument("--client-cpu", type=int, default=(os.cpu_count() or 1) - 1)
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--callers", action="append", default=[], help="print the callers of functions matching")
+    parser.add_argument("--log", default=None, help="write the access log (INFO) to this file, as `gateway serve` "
+                        "writes it to stderr")
+    parser.add_argument("--count-redis-py", action="store_true", help="count redis-py commands by caller")
     cli = parser.parse_args()
+    if cli.count_redis_py:
+        import collections
+        import traceback
+
+        import redis.asyncio.client as rc
+
+        seen: collections.Counter[str] = collections.Counter()
+        real = rc.Redis.execute_command
+
+        async def counted(self, *args, **options):  # type: ignore[no-untyped-def]
+            where = [f"{f.name}" for f in traceback.extract_stack(limit=8)[:-1] if "/gateway/" in f.filename]
+            seen[f"{args[0]} <- {' < '.join(reversed(where))}"] += 1
+            return await real(self, *args, **options)
+
+        rc.Redis.execute_command = counted  # type: ignore[method-assign]
+        import atexit
+
+        atexit.register(lambda: print("\n".join(f"{n:>7} {k}" for k, n in seen.most_common(15))))
+    if cli.log:
+        import logging
+
+        logging.basicConfig(filename=cli.log, level=logging.INFO,
+                            format="%(asctime)s %(process)d %(levelname)s %(message)s")
     if cli.uvloop:
         import uvloop
 
