@@ -73,7 +73,8 @@ async def main(args: argparse.Namespace) -> None:
         cpu = time.process_time() - cpu0
         after = await probe.info("commandstats")
         await probe.aclose()
-        calls = {name[4:]: after[name]["calls"] - before.get(name, {"calls": 0})["calls"] for name in after}
+        calls = {name.removeprefix("cmdstat_"): after[name]["calls"] - before.get(name, {"calls": 0})["calls"]
+                 for name in after}
         print("Redis commands per request:", ", ".join(f"{name} {count / n:.2f}" for name, count in
                                                        sorted(calls.items(), key=lambda kv: -kv[1]) if count))
         print(f"{n / elapsed:.0f} req/s, p50 {p50:.2f} ms, gateway process CPU {cpu * 1000 / n:.3f} ms/req "
