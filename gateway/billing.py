@@ -71,18 +71,28 @@ def billable(usage: Usage | None, parsed: ParsedRequest, estimate_out: int) -> t
 
 
 async def end_call(call: Call, usage: Usage | None, *, outcome: str, http_status: int, lowered: int | None = None,
-                   estimate_out: int = 0, streamed: bool = False, output_unknown: bool = False) -> int:
+                   estimate_out: int = 0, streamed: bool = False, output_unknown: bool = False,
+                   wait: bool = True) -> int:
     """End the hold exactly once, in a task that outlives the request. Returns credits available
-    (an estimate from the reservation when the settlement had to be queued). The hold's lease is
-    renewed until its settlement or release has landed. `output_unknown`: the provider may have
-    generated up to the cap and never said how much: an estimate is then the whole hold."""
+    (an estimate from the reservation when the settlement had to be queued, or when `wait` is False:
+    the answer then goes out while its settlement lands). The hold's lease is renewed until its
+    settlement or release has landed. `output_unknown`: the provider may have generated up to the cap
+    and never said how much: an estimate is then the whole hold."""
     call.ended = True
     if not call.served:
         task = call.gw.track(asyncio.ensure_future(_release(call, outcome, http_status)))
-    else:
-        task = call.gw.track(asyncio.ensure_future(
-            _settle(call, usage, outcome, http_status, lowered, estimate_out, streamed, output_unknown)))
+        return int(await asyncio.shield(task))
+    charge = _priced(call, usage, outcome, http_status, lowered, estimate_out, streamed, output_unknown)
+    task = call.gw.track(asyncio.ensure_future(_settle(call, charge, http_status)))
+    if not wait:
+        return _available_after(call, charge[0])
     return int(await asyncio.shield(task))
+
+
+def _available_after(call: Call, cost: int) -> int:
+    """Credits available once this request's charge lands, from its reservation (other requests
+    may have moved the balance since: the settle script's figure is the exact one)."""
+    return max(call.reservation.available_after + call.reservation.hold - cost, 0)
 
 
 async def _land(call: Call, op: str, attempt: Callable[[], Awaitable[Any]]) -> Any:
@@ -117,19 +127,25 @@ async def _release(call: Call, outcome: str, http_status: int) -> int:
     return call.reservation.available_after + call.reservation.hold
 
 
-async def _settle(call: Call, usage: Usage | None, outcome: str, http_status: int, lowered: int | None,
-                  estimate_out: int, streamed: bool, output_unknown: bool) -> int:
+Priced = tuple[int, int, int, Usage, dict[str, Any]]  # cost, tokens, micro-USD, billed usage, ledger event
+
+
+def _priced(call: Call, usage: Usage | None, outcome: str, http_status: int, lowered: int | None,
+            estimate_out: int, streamed: bool, output_unknown: bool) -> Priced:
+    try:
+        return _charge(call, usage, outcome, http_status, lowered, estimate_out, streamed, output_unknown)
+    except Exception:  # a bug must not make a served request free: charge its hold, and say so
+        log.exception("pricing the settlement of %s failed; charging its hold", call.request_id)
+        event = {"model": call.parsed.model, "route": call.route.pattern, "outcome": "pricing_failed",
+                 "estimated": 1, "status": http_status}
+        return call.reservation.hold, 0, 0, Usage(), event
+
+
+async def _settle(call: Call, priced: Priced, http_status: int) -> int:
     gw = call.gw
     assert gw.meter is not None
     settle_started = time.perf_counter()
-    try:
-        cost, tokens, usd, bill, event = _charge(call, usage, outcome, http_status, lowered, estimate_out, streamed,
-                                                 output_unknown)
-    except Exception:  # a bug must not make a served request free: charge its hold, and say so
-        log.exception("pricing the settlement of %s failed; charging its hold", call.request_id)
-        cost, tokens, usd, bill = call.reservation.hold, 0, 0, Usage()
-        event = {"model": call.parsed.model, "route": call.route.pattern, "outcome": "pricing_failed",
-                 "estimated": 1, "status": http_status}
+    cost, tokens, usd, bill, event = priced
     meter, keys = gw.meter, call.keys
 
     async def attempt() -> Settlement:
@@ -140,7 +156,7 @@ async def _settle(call: Call, usage: Usage | None, outcome: str, http_status: in
 
     settlement = await _land(call, "settle", attempt)
     if settlement is None:
-        return max(call.reservation.available_after + call.reservation.hold - cost, 0)
+        return _available_after(call, cost)
     gw.metrics.overhead_seconds.observe(call.overhead + time.perf_counter() - settle_started)
     return int(settlement.available)
 

@@ -24,6 +24,7 @@ T = TypeVar("T")
 DIALECTS = ("openai", "anthropic", "gemini", "http")  # http: pass-through priced per call
 AUTH_STYLES = ("bearer", "x-api-key", "x-goog-api-key", "none")
 STREAM_USAGE = ("inject", "always", "none")
+MEMO_SIZE = 10_000  # entries a configuration remembers of its compiled lookups (see Config.memo)
 _VAR = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
 
 
@@ -235,6 +236,22 @@ class Config:
     _rates: Mapping[tuple[str, str], Rates] = field(repr=False)
     _usd: Mapping[str, Rates] = field(repr=False, default_factory=dict)
     packs: Mapping[str, Pack] = field(default_factory=dict)
+    # lookups compiled from this configuration on first use (a reload brings a new Config, and an
+    # empty memo): a request's route, whether a plan allows a model, its encoded limit rows
+    _memo: dict[tuple[Any, ...], Any] = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def memo(self, key: tuple[Any, ...], compute: Callable[[], T]) -> T:
+        """`compute()`, remembered under `key` for this configuration (at most MEMO_SIZE entries: the
+        keys may hold names clients send)."""
+        try:
+            return self._memo[key]  # type: ignore[no-any-return]
+        except KeyError:
+            pass
+        value = compute()
+        if len(self._memo) >= MEMO_SIZE:
+            self._memo.clear()
+        self._memo[key] = value
+        return value
 
     def usd_rates(self, route: ModelRoute) -> Rates:
         """The provider's list price in micro-USD (no plan, no markup), for USD caps."""
@@ -242,6 +259,13 @@ class Config:
 
     def route(self, model: str) -> ModelRoute | None:
         """The first route naming the model exactly, else the first glob that matches."""
+        return self.memo(("route", model), lambda: self._route(model))
+
+    def allows(self, plan: Plan, model: str) -> bool:
+        """`plan.allows(model)`, remembered."""
+        return self.memo(("allows", plan.name, model), lambda: plan.allows(model))
+
+    def _route(self, model: str) -> ModelRoute | None:
         for route in self.routes:
             if route.pattern == model:
                 return route

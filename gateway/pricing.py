@@ -47,7 +47,7 @@ def route_for(gw: Gateway, dialect: Dialect, principal: Principal, model: str) -
     plan = gw.config.plans.get(principal.plan)
     if plan is None:
         raise Forbidden(f"Your account's plan '{principal.plan}' is not configured on this gateway.")
-    if not plan.allows(model):
+    if not gw.config.allows(plan, model):
         raise Forbidden(f"Your plan '{plan.name}' does not include the model '{model}'.", param="model")
     principal.check_scope(dialect.name, model)
     return route, plan
@@ -76,15 +76,23 @@ def reserve_spec(gw: Gateway, principal: Principal, plan: Plan, route: ModelRout
           now_ms: int | None) -> tuple[ReserveSpec, Quote, Rates]:
     """The limits that apply to this request, their worst-case amounts and the current cycle; and the
     provider's list price of the request (USD rates and quote) for USD limits and the ledger."""
-    limits: list[Limit] = applicable(plan.limits, route.upstream) + list(principal.key_limits)
+    _limits, encoded = gw.config.memo(("limits", plan.name, route.upstream, principal.key_limits),
+                                      lambda: _limit_rows(plan, route.upstream, principal.key_limits))
     usd_rates = request_rates(gw, route, parsed, gw.config.usd_rates(route))
     usd = quote(usd_rates, parsed.prompt_tokens_bound, q.max_output_tokens)
     cycle = current_cycle(gw, principal, plan, now_ms)
     fallback = gw.config.plans[gw.config.default_plan]
     bound = parsed.prompt_tokens_bound
     spec = ReserveSpec(bound + q.max_output_tokens, bound + min(q.max_output_tokens, 1), usd.full_cost, usd.min_cost,
-                       encode(limits), cycle, plan.monthly_credits, fallback.name, fallback.monthly_credits)
+                       encoded, cycle, plan.monthly_credits, fallback.name, fallback.monthly_credits)
     return spec, usd, usd_rates
+
+
+def _limit_rows(plan: Plan, upstream: str, key_limits: tuple[Limit, ...]) -> tuple[tuple[Limit, ...], str]:
+    """The limits that apply to a request of `plan` routed to `upstream` by a key with `key_limits`,
+    and their rows as the reserve and settle scripts read them."""
+    limits = (*applicable(plan.limits, upstream), *key_limits)
+    return limits, encode(list(limits))
 
 
 def limit_error(gw: Gateway, dialect: Dialect, plan: str, reached: LimitReached) -> RateLimited:

@@ -142,8 +142,10 @@ async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamRe
                 raise UpstreamError("The upstream connection was lost while reading its answer.") from None
             usage = call.dialect.usage_from_body(call.parsed.endpoint, data)
             unknown_output = usage is None or usage.output_tokens is None
+            # respond first: the settlement lands in a task of its own (tracked, retried if Redis
+            # fails), and x-credits-remaining is what the reservation leaves after this charge
             available = await end_call(call, usage, outcome="ok", http_status=up.status, lowered=lowered,
-                                       estimate_out=len(data) // 4 if unknown_output else 0)
+                                       estimate_out=len(data) // 4 if unknown_output else 0, wait=False)
             return web.Response(body=data, status=up.status,
                                 headers=response_headers(up.headers, call.request_id, available))
     except (TimeoutError, aiohttp.ServerTimeoutError):

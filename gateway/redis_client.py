@@ -13,13 +13,19 @@ Redis that is away becomes a 503 within a second (invariant 6), never a hang.
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
+import hiredis
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis._parsers.base import BaseParser
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
@@ -118,7 +124,10 @@ def connect_redis(url: str, timeout: float) -> Any:
     target = parse_redis_url(url)
     common = _fail_fast(timeout)
     if target.kind == "standalone":
-        return aioredis.from_url(url, retry_on_timeout=False, max_connections=MAX_CONNECTIONS, **common)
+        client = PipelinedRedis.from_url(url, retry_on_timeout=False, max_connections=MAX_CONNECTIONS, **common)
+        assert isinstance(client, PipelinedRedis)
+        client.auto = AutoPipeline.from_url(url, timeout)
+        return client
     if target.kind == "cluster":
         return RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in target.hosts],
@@ -143,3 +152,187 @@ def connect_redis(url: str, timeout: float) -> Any:
 def is_cluster(client: Any) -> bool:
     """Whether `client` talks to a Redis Cluster (commands then go to the node owning each key's slot)."""
     return isinstance(client, RedisCluster)
+
+
+class _Connection(asyncio.Protocol):
+    """One connection of an AutoPipeline: its commands not yet written, and the futures of the
+    commands written, in order. When it fails, it fails all of them and is never used again (a
+    connection's late callbacks touch only its own state, never its successor's)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.reader = hiredis.Reader(encoding="utf-8", errors="surrogateescape")
+        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.batch: list[bytes] = []
+        self.flush_scheduled = False
+        self.lost = False
+
+    @property
+    def usable(self) -> bool:
+        return not self.lost and self.transport is not None and not self.transport.is_closing()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a stream transport (uvloop's is no subclass)
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        waiting = self.waiting
+        while True:
+            reply = self.reader.gets()
+            if reply is False:
+                return
+            if not waiting:  # a reply nobody waits for: the stream is out of step
+                self.fail(redis_errors.ConnectionError("unexpected reply from Redis"))
+                return
+            future = waiting.popleft()
+            if future.done():  # its caller was cancelled or timed out
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                future.set_exception(BaseParser.parse_error(str(reply)))  # type: ignore[no-untyped-call]
+            else:
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(redis_errors.ConnectionError("Connection to Redis lost"))
+
+    def send(self, packed: bytes, future: asyncio.Future[Any]) -> None:
+        """Queue a packed command for this tick's write."""
+        self.batch.append(packed)
+        self.waiting.append(future)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.flush_scheduled = False
+        batch, self.batch = self.batch, []
+        if self.lost or self.transport is None:
+            return  # its futures have failed already
+        self.transport.write(b"".join(batch))
+
+    def fail(self, error: Exception) -> None:
+        """Fail every command in flight and drop the connection (its replies would be out of step)."""
+        self.lost = True
+        waiting, self.waiting, self.batch = self.waiting, collections.deque(), []
+        if self.transport is not None:
+            self.transport.abort()
+        for future in waiting:
+            if not future.done():
+                future.set_exception(error)
+
+
+class AutoPipeline:
+    """A connection to a standalone Redis on which every command issued in the same event-loop
+    tick is written in one batch (as ioredis's auto-pipelining does): the hot path's script calls
+    cost one `write` per tick for all requests in flight, with hiredis packing and parsing, and no
+    connection pool, lock or task per command.
+
+    Fails fast like the pooled client: the connect and every reply have `timeout`; a reply that does
+    not come in time drops the connection (the other replies of its batch are lost too, their
+    callers get `TimeoutError`) and the next command connects again. A connection found closed
+    before a command is written is replaced first; one that breaks after it was written is
+    reported, not retried (the caller decides: the scripts are idempotent per request id).
+    """
+
+    def __init__(self, host: str = "localhost", port: int = 6379, *, path: str | None = None,
+                 username: str | None = None, password: str | None = None, db: int = 0,
+                 timeout: float = 1.0) -> None:
+        self.host, self.port, self.path = host, port, path
+        self.username, self.password, self.db, self.timeout = username, password, db, timeout
+        self._conn: _Connection | None = None
+        self._connecting: asyncio.Future[_Connection] | None = None
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str, timeout: float) -> AutoPipeline | None:
+        """For a redis:// or unix:// URL; None for anything else (TLS, cluster, sentinel)."""
+        if not url.lower().startswith(("redis://", "unix://")):
+            return None
+        kw = parse_url(url)
+        return cls(str(kw.get("host", "localhost")), int(kw.get("port", 6379)), path=kw.get("path"),
+                   username=kw.get("username"), password=kw.get("password"), db=int(kw.get("db", 0) or 0),
+                   timeout=timeout)
+
+    async def execute(self, *args: str | int | bytes) -> Any:
+        """Send one command (in the current tick's batch) and wait for its reply."""
+        conn = self._conn
+        if conn is None or not conn.usable:
+            conn = await self._connect()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        conn.send(hiredis.pack_command(args), future)  # type: ignore[arg-type]
+        timer = loop.call_later(self.timeout, self._timed_out, conn, future)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+
+    def _timed_out(self, conn: _Connection, future: asyncio.Future[Any]) -> None:
+        if not future.done():
+            conn.fail(redis_errors.TimeoutError("Timeout reading from Redis"))
+
+    async def _connect(self) -> _Connection:
+        if self._closed:
+            raise redis_errors.ConnectionError("The Redis client is closed")
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open())
+        connecting = self._connecting
+        try:
+            self._conn = await asyncio.shield(connecting)
+            return self._conn
+        finally:
+            if connecting.done():
+                self._connecting = None
+
+    async def _open(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        conn = _Connection()
+        try:
+            async with asyncio.timeout(self.timeout):
+                if self.path:
+                    transport, _ = await loop.create_unix_connection(lambda: conn, self.path)
+                else:
+                    transport, _ = await loop.create_connection(lambda: conn, self.host, self.port)
+                    sock = transport.get_extra_info("socket")
+                    if sock is not None:
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn.transport = transport  # uvloop calls connection_made later
+        except TimeoutError:
+            raise redis_errors.TimeoutError("Timeout connecting to Redis") from None
+        except OSError as exc:
+            raise redis_errors.ConnectionError(f"Error connecting to Redis: {exc}") from None
+        hello: list[tuple[str | int, ...]] = []
+        if self.password is not None:
+            hello.append(("AUTH", self.username, self.password) if self.username else ("AUTH", self.password))
+        if self.db:
+            hello.append(("SELECT", self.db))
+        for command in hello:
+            future: asyncio.Future[Any] = loop.create_future()
+            conn.send(hiredis.pack_command(command), future)  # type: ignore[arg-type]
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await future
+            except TimeoutError:
+                conn.fail(redis_errors.TimeoutError("Timeout reading from Redis"))
+                raise redis_errors.TimeoutError("Timeout reading from Redis") from None
+            except redis_errors.RedisError:
+                conn.fail(redis_errors.ConnectionError("Redis refused the connection's setup"))
+                raise
+        return conn
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._conn is not None:
+            self._conn.fail(redis_errors.ConnectionError("The Redis client is closed"))
+
+
+class PipelinedRedis(aioredis.Redis):
+    """The standalone client, plus an `AutoPipeline` for the hot path's script calls (see
+    `gateway.scripts.ScriptRunner`); everything else goes through redis-py's pool as before."""
+
+    auto: AutoPipeline | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        if self.auto is not None:
+            await self.auto.aclose()
+        await super().aclose(close_connection_pool)

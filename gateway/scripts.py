@@ -21,6 +21,7 @@ from typing import Any
 from redis import exceptions as redis_errors
 
 from gateway.errors import StoreUnavailable
+from gateway.redis_client import AutoPipeline
 
 _NAME = re.compile(r"^(?P<op>[a-z_]+)-(?P<keys>\d+)\.lua$")
 
@@ -74,6 +75,8 @@ class ScriptRunner:
         self._redis = redis
         self.scripts = scripts
         self._guards: dict[str, list[Guard]] = {}
+        # a standalone Redis: EVALSHA goes through the auto-pipelined connection (gateway.redis_client)
+        self._auto: AutoPipeline | None = getattr(redis, "auto", None)
 
     def guard(self, name: str, before: Guard) -> None:
         """Run `before(keys)` ahead of every call of the script `name`, whoever calls it; when it
@@ -100,10 +103,15 @@ class ScriptRunner:
             for before in self._guards.get(name, ()):
                 await before(keys)
             try:
-                result = await self._redis.evalsha(script.sha, script.num_keys, *keys, *args)
+                result = await self._evalsha(script, keys, args)
             except redis_errors.NoScriptError:
                 await self._redis.script_load(script.source)
-                result = await self._redis.evalsha(script.sha, script.num_keys, *keys, *args)
+                result = await self._evalsha(script, keys, args)
         except REDIS_DOWN as exc:
             raise StoreUnavailable("The credit store is unavailable.") from exc
         return list(result)
+
+    def _evalsha(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Awaitable[Any]:
+        if self._auto is not None:
+            return self._auto.execute("EVALSHA", script.sha, script.num_keys, *keys, *args)
+        return self._redis.evalsha(script.sha, script.num_keys, *keys, *args)  # type: ignore[no-any-return]

@@ -234,7 +234,9 @@ async def test_a_settlement_redis_cannot_take_is_served_then_retried_until_it_la
         assert [a.status for a in answers] == [200] * 6  # served answers are never turned into 503s
         bodies = [await a.read() for a in answers]
         assert all(bodies)
-        assert isolated.gw.retries.queued  # the settlements wait in the process
+        # the settlements wait in the process (answers go out first: they are queued once the
+        # settle calls they started have timed out)
+        await _until(lambda: len(isolated.gw.retries.queued) == 6)
     finally:
         own_redis.resume()
     await _until(lambda: not isolated.gw.retries.queued)
@@ -302,7 +304,7 @@ async def test_settlements_still_queued_at_shutdown_are_logged_and_counted_as_ab
     own_redis.stop()
     assert (await pending).status == 200
     gw = h.gw
-    assert gw.retries.queued
+    await _until(lambda: gw.retries.queued)  # the answer went out first; its settlement then failed
     h.redis.close()
     with caplog.at_level(logging.ERROR, logger="gateway.settlement"):
         await client.close()  # the app shuts down with Redis still gone

@@ -43,6 +43,7 @@ class ParsedRequest:
     prompt_tokens_bound: int  # an upper bound on prompt tokens (text); see gotchas in the README
     prompt_tokens_estimate: int  # a typical-case estimate, used only when usage never arrives
     drivers: CostDrivers = NONE  # what else the provider prices (tier, built-in tools, …): see admit()
+    raw: bytes = b""  # the body as received (b"": not kept), for changes spliced into it
 
 
 class StreamMeter(Protocol):
@@ -190,6 +191,61 @@ def media_parts(raw: bytes, pattern: re.Pattern[bytes], body: Any, names: frozen
         elif isinstance(node, list):
             stack.extend(item for item in node if isinstance(item, dict | list))
     return count
+
+
+_WS = b" \t\r\n"  # JSON's whitespace
+
+
+def splice_field(raw: bytes, member: bytes) -> bytes | None:
+    """`raw`, a JSON object the caller has parsed (and checked has no such key), with `member`
+    (`"name":value`) added as its last member, without re-serialising the rest. None when the bytes
+    are not plain UTF-8 starting with `{` (a BOM, UTF-16 or UTF-32: the caller re-serialises)."""
+    start, end = 0, len(raw)
+    while start < end and raw[start] in _WS:
+        start += 1
+    while end > start and raw[end - 1] in _WS:
+        end -= 1
+    if end - start < 2 or raw[start] != ord("{") or raw[end - 1] != ord("}") or b"\x00" in raw:
+        return None
+    head = end - 1  # the closing brace; the new member goes before it, after the last one
+    while raw[head - 1] in _WS:
+        head -= 1
+    comma = b"" if head - 1 == start else b","  # an empty object has no member to follow
+    return b"".join((memoryview(raw)[start:head], comma, member, b"}"))  # one copy of a large body
+
+
+_DECODER = json.JSONDecoder()
+
+
+def top_level_fields(body: bytes, names: tuple[bytes, ...]) -> dict[str, Any] | None:
+    """The named members of a response object, read where they are instead of parsing the whole
+    answer (usage sits in its tail). None when that cannot be done unambiguously: the body does
+    not look like one JSON object, a name appears more than once (it could be nested) or its value
+    does not parse; the caller then parses all of it. A name found as a key is a key: inside a JSON
+    string its quotes would be escaped."""
+    text = body.strip()
+    if not (text.startswith(b"{") and text.endswith(b"}")) or b"\\u" in text:
+        return None  # not one object, or escapes that could spell a name: parse all of it
+    found: dict[str, Any] = {}
+    for name in names:
+        quoted = b'"' + name + b'"'
+        at = text.find(quoted)
+        if at < 0:
+            continue
+        if text.find(quoted, at + len(quoted)) >= 0:
+            return None
+        colon = at + len(quoted)
+        while colon < len(text) and text[colon] in _WS:
+            colon += 1
+        if colon >= len(text) or text[colon] != ord(":"):
+            return None
+        start = colon + 1
+        try:
+            value, _end = _DECODER.raw_decode(text[start:].lstrip(_WS).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return None
+        found[name.decode()] = value
+    return found
 
 
 def forward_headers(incoming: Mapping[str, str]) -> dict[str, str]:

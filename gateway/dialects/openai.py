@@ -17,6 +17,8 @@ from gateway.dialects.base import (
     inject_provider_key,
     json_object,
     media_parts,
+    splice_field,
+    top_level_fields,
 )
 from gateway.dialects.drivers import NONE, CostDrivers, ToolUse, tool_kind
 from gateway.errors import BadRequest, GatewayError
@@ -330,6 +332,7 @@ class OpenAIDialect:
             prompt_tokens_bound=len(raw) + _TEMPLATE_TOKENS + media * MEDIA_PART_TOKENS,
             prompt_tokens_estimate=ceil_div(len(raw), 4) + media * MEDIA_PART_TOKENS,
             drivers=_drivers(endpoint, body),
+            raw=raw,
         )
 
     def upstream_body(
@@ -337,6 +340,14 @@ class OpenAIDialect:
     ) -> tuple[bytes | None, bool]:
         body, changed, hide_usage = req.body, False, False
         spec = _ENDPOINTS[req.endpoint]
+        if (req.raw and lowered_cap is None and req.stream and spec.stream_usage
+                and upstream.stream_usage == "inject" and "stream_options" not in body
+                and not (req.cap_field == "max_completion_tokens" and upstream.output_cap_field == "max_tokens")):
+            # the one change is asking for usage: splice it into the client's bytes instead of dumping
+            # the whole body again (the upstream then gets exactly the bytes that were priced, plus it)
+            spliced = splice_field(req.raw, b'"stream_options":{"include_usage":true}')
+            if spliced is not None:
+                return spliced, True
         if lowered_cap is not None:
             body = dict(body)
             default_field = upstream.output_cap_field if req.endpoint == "chat" else spec.cap_fields[0]
@@ -363,6 +374,10 @@ class OpenAIDialect:
         return inject_provider_key(forward_headers(incoming), upstream)
 
     def usage_from_body(self, endpoint: str, body: bytes) -> Usage | None:
+        if endpoint != "responses":  # the Responses API's usage needs its output list (tool calls) too
+            found = top_level_fields(body, (b"usage", b"service_tier"))
+            if found is not None:
+                return usage_of(found, embeddings=endpoint == "embeddings")
         try:
             obj = json.loads(body)
         except (ValueError, UnicodeDecodeError):
