@@ -172,6 +172,7 @@ class Master:
                     log.warning("worker %s exited with status %s while draining", worker.pid, worker.exitcode)
             if self.signals and self.signals.pop(0) == signal.SIGHUP:
                 self._forward(signal.SIGHUP)
+            self._watch_redis(time.monotonic())  # the workers still settle: keep their Redis up
         for worker in self.workers.values():
             log.error("worker %s did not finish draining in time: killed", worker.pid)
             self.exit_code = 1

@@ -26,6 +26,8 @@ async def _refused(served: Served) -> bool:
         _reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:  # accepted into the backlog just as the listener closed: look again
+        return False
     writer.close()
     return False
 
@@ -94,3 +96,17 @@ async def test_a_stream_longer_than_the_grace_period_is_cut_at_its_end_and_still
     usage = [e for e in events if e["type"] == "usage"]
     # settled before the process exited, from the provider's own usage (read on after the cut)
     assert [(e["rid"], e["outcome"], int(e["out"])) for e in usage] == [(request_id, "client_disconnected", 40)]
+
+
+async def test_a_sigterm_while_the_workers_are_still_starting_is_not_lost(
+        tmp_path: Path, config_dir: Path, redis_url: str) -> None:
+    served = serve(tmp_path, config_dir, "--workers", "2", redis_url=redis_url)
+    try:
+        async def started() -> bool:
+            return served.log().count(" started") == 2
+
+        await wait_until(started, "the master to start its workers")
+        served.proc.send_signal(signal.SIGTERM)  # the workers are importing or connecting to Redis
+        assert await asyncio.to_thread(served.proc.wait, 30) == 0
+    finally:
+        served.stop()
