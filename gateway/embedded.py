@@ -44,11 +44,19 @@ def free_port() -> int:
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read, whatever the umask (created 0600, then written)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        os.fchmod(out.fileno(), 0o600)
-        out.write(text)
+    """Write a file only its owner can read, whatever the umask (created 0600, then written), and
+    atomically: a reader (the CLI looking for a running server) sees the old content or the new, never
+    an empty file (the server is restarted while the gateway runs)."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            os.fchmod(out.fileno(), 0o600)
+            out.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
 
 
 def _short_socket_dir() -> Path:
@@ -224,6 +232,8 @@ def discover_url(data_dir: Path) -> str | None:
     if not path.exists():
         return None
     url = path.read_text(encoding="utf-8").strip()
+    if not url:
+        return None
     if url.startswith("unix://") and not os.path.exists(url[len("unix://"):].rpartition("@")[2]):
         return None
     return url

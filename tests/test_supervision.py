@@ -142,8 +142,12 @@ async def test_a_killed_embedded_redis_fails_closed_then_comes_back_with_its_dat
         assert await _chat(served, key) == 200
         status, health = await get_json(served.url("/health"))
         assert status == 200 and health["redis"] == "up"
-        if workers == 1:  # the serving process owns the server and says how it went
-            assert health["embedded_redis"] == "running" and health["embedded_redis_restarts"] == 1
+        if workers == 1:  # the serving process owns the server and says how it went (once the restart returned)
+            async def running() -> bool:
+                body = (await get_json(served.url("/health")))[1]
+                return body["embedded_redis"] == "running" and body["embedded_redis_restarts"] == 1
+
+            await wait_until(running, "/health to report the restart", timeout=10)
         assert "the embedded redis-server exited (status -9); restarting it in 1.0 s" in served.log()
     finally:
         assert served.stop() == 0
