@@ -50,7 +50,10 @@ class Served:
 
     def stop(self, timeout: float = 30) -> int | None:
         """SIGTERM, wait, then SIGKILL what is left of its process group and its redis-server."""
-        redis_pid = self.embedded_redis_pid()
+        try:
+            redis_pid = self.embedded_redis_pid()
+        except Exception:  # never a reason to leave the processes running
+            redis_pid = None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
