@@ -7,6 +7,7 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -50,6 +51,7 @@ from gateway.settlement import Retries
 from gateway.shipper import shipper_ctx
 from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway, in_background, stopping
 from gateway.store import Store, account_view
+from gateway.supervision import EmbeddedStatus, RestartBudget, keep_running
 from gateway.token_count import make_token_count_handler
 from gateway.usage_routes import key_holder
 
@@ -142,28 +144,47 @@ def _render(request: web.Request, gw: Gateway, error: GatewayError) -> web.Respo
 
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Connect to Redis (starting the embedded server when no URL is set) and register scripts."""
+    """Connect to Redis and register scripts. Without a Redis URL this app owns the embedded server
+    (the one `gateway serve` started and handed over in EMBEDDED, or one it starts here): it restarts
+    the server whenever it dies (gateway.supervision) and stops it once the last settlement landed."""
     gw = app[GATEWAY]
-    url = gw.settings.redis_url
-    if url is None:
-        embedded = EmbeddedRedis(gw.settings.data_dir)
+    settings = gw.settings
+    embedded = app.get(EMBEDDED)
+    if embedded is None and settings.redis_url is None:
+        embedded = EmbeddedRedis(settings.data_dir)
         embedded.start()
-        app[EMBEDDED] = embedded
-        url = embedded.url
-    gw.redis = connect_redis(url, gw.settings.redis_timeout_seconds)
+    url = embedded.url if embedded is not None else settings.redis_url
+    assert url is not None
+    supervisor: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
+    if embedded is not None:
+        gw.embedded = EmbeddedStatus()
+        budget = RestartBudget(settings.restart_backoff_seconds, settings.max_restarts_per_minute)
+        supervisor = in_background(keep_running(embedded, budget, gw.embedded, stopping))
+    gw.redis = connect_redis(url, settings.redis_timeout_seconds)
     runner = ScriptRunner(gw.redis, load_scripts())
     with contextlib.suppress(StoreUnavailable):
         await runner.register_all()  # Redis may come later: EVALSHA re-registers on NOSCRIPT
-    gw.meter = Meter(runner, int(gw.settings.hold_lease_seconds * 1000), gw.settings.clock_offset_ms,
-                     int(gw.settings.hold_tombstone_seconds * 1000))
-    gw.store = Store(gw.redis, gw.schema, runner, gw.settings.clock_offset_ms)
-    gw.auth = Authenticator(gw.redis, gw.schema, gw.settings.auth_cache_seconds)
-    yield
-    await gw.pending_settlements()
-    await gw.retries.drain(gw.settings.settle_drain_seconds)
+    gw.meter = Meter(runner, int(settings.hold_lease_seconds * 1000), settings.clock_offset_ms,
+                     int(settings.hold_tombstone_seconds * 1000))
+    gw.store = Store(gw.redis, gw.schema, runner, settings.clock_offset_ms)
+    gw.auth = Authenticator(gw.redis, gw.schema, settings.auth_cache_seconds)
+    async with supervisor:  # kept up while the last settlements land
+        yield
+        await gw.pending_settlements()
+        await gw.retries.drain(settings.settle_drain_seconds)
     await gw.redis.aclose()
-    if EMBEDDED in app:
-        app[EMBEDDED].stop()
+    if embedded is not None:
+        await asyncio.to_thread(embedded.stop)
+
+
+async def drain_on_shutdown(app: web.Application) -> None:
+    """Shutdown (SIGTERM) has begun: the listener is closed, and aiohttp now lets the requests in flight
+    finish for up to the shutdown timeout (`GATEWAY_SHUTDOWN_GRACE_SECONDS`) before it cuts them;
+    `/ready` answers 503 meanwhile. The cleanup contexts then settle everything."""
+    gw = app[GATEWAY]
+    gw.draining = True
+    log.info("shutting down: no new connections; %d metered request(s) in flight may finish within %.0f s",
+             len(gw.inflight), gw.settings.shutdown_grace_seconds)
 
 
 async def session_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -307,15 +328,36 @@ async def credits(request: web.Request) -> web.Response:
     return web.json_response(view)
 
 
-async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def ready(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
+async def _redis_answers(gw: Gateway) -> bool:
     try:
         await gw.redis.ping()
     except REDIS_DOWN:
+        return False
+    return True
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness: 200 while the process can serve once Redis answers (`redis` says whether it does now);
+    503 only when the embedded redis-server this process owns could not be kept running, so that an
+    orchestrator restarts the gateway."""
+    gw = request.app[GATEWAY]
+    body: dict[str, Any] = {"status": "ok", "pid": os.getpid(),
+                            "redis": "up" if await _redis_answers(gw) else "down"}
+    if gw.embedded is not None:
+        body["embedded_redis"] = gw.embedded.state
+        body["embedded_redis_restarts"] = gw.embedded.restarts
+        if gw.embedded.state == "failed":
+            body["status"] = "failed"
+            return web.json_response(body, status=503)
+    return web.json_response(body)
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: Redis answers and the gateway is not shutting down."""
+    gw = request.app[GATEWAY]
+    if gw.draining:
+        return web.json_response({"status": "draining", "redis": True, "config": True}, status=503)
+    if not await _redis_answers(gw):
         return web.json_response({"status": "unavailable", "redis": False, "config": True}, status=503)
     return web.json_response({"status": "ok", "redis": True, "config": True})
 
@@ -439,7 +481,7 @@ def _add_routes(app: web.Application, gw: Gateway) -> None:
 def create_app(settings: Settings, config: Config | None = None) -> web.Application:
     """Build the gateway application. Redis, the upstream session and the reaper start with it; with
     `settings.admin_port`, so does the operator listener (admin API, metrics, dashboard)."""
-    counters = Metrics()
+    counters = Metrics(settings.metrics_dir)
     gw = Gateway(
         settings=settings,
         config=config or load_config(settings.config_dir),
@@ -453,6 +495,7 @@ def create_app(settings: Settings, config: Config | None = None) -> web.Applicat
     app = _listener_app(gw, keys, operator=False if separate else None)
     app.cleanup_ctx.extend([redis_ctx, session_ctx, settlement_ctx, reaper_ctx, reload_ctx, webhooks_ctx])
     app.cleanup_ctx.append(shipper_ctx)  # the durable ledger: drains ledgers to GATEWAY_LEDGER_SINK, if set
+    app.on_shutdown.append(drain_on_shutdown)
     _add_routes(app, gw)
     if separate:
         operator = _listener_app(gw, keys, operator=True)

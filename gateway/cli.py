@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -30,23 +31,51 @@ from gateway.errors import GatewayError
 from gateway.index import account_ids
 from gateway.keys import KeySchema
 from gateway.ledger import account_events, export_cursor, render
+from gateway.master import Master, cleanup_metrics_dir, make_metrics_dir
 from gateway.money import credits_number, credits_to_micro
 from gateway.scripts import ScriptRunner, load_scripts
 from gateway.settings import Settings, SettingsError
 from gateway.store import Store, account_view, check_idempotency_key, key_view, parse_expiry
 
 log = logging.getLogger("gateway")
+_LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(message)s"
 
 
 # ---------------------------------------------------------------- serve
 
 
-def _serve_worker(settings: Settings, host: str, port: int, reuse_port: bool) -> None:
-    from gateway.app import create_app
+def _serve_worker(settings: Settings, host: str, port: int, reuse_port: bool,
+                  embedded: EmbeddedRedis | None = None) -> None:
+    """Run one gateway process until SIGTERM or SIGINT, then drain it. `embedded`: a started server
+    this process takes over (restarts it if it dies, stops it once everything is settled)."""
+    from gateway.app import EMBEDDED, create_app
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(message)s")
-    web.run_app(create_app(settings), host=host, port=port, reuse_port=reuse_port, access_log_class=AccessLogger,
-                print=None)
+    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
+    app = create_app(settings)
+    if embedded is not None:
+        app[EMBEDDED] = embedded
+    asyncio.run(_serve(app, settings, host, port, reuse_port))
+
+
+async def _serve(app: web.Application, settings: Settings, host: str, port: int, reuse_port: bool) -> None:
+    """Serve `app` until SIGTERM or SIGINT; then the listener closes, requests in flight may finish for
+    up to the grace period (aiohttp's shutdown timeout), and the cleanup contexts settle everything.
+
+    The signals only set an event (not aiohttp's run_app, which raises into the main task): a signal
+    during startup is acted on once startup is done, where a cancellation raised into it could be
+    swallowed by a Redis call and leave the process serving on, deaf to the signal."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=settings.shutdown_grace_seconds)
+    await runner.setup()
+    try:
+        if not stop.is_set():
+            await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+            await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 def _emulator_worker(host: str, port: int, latency_ms: float = 0.0, chunk_delay_ms: float = 0.0) -> None:
@@ -65,53 +94,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ConfigError, SettingsError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    embedded = None
-    if settings.redis_url is None:
-        embedded = EmbeddedRedis(settings.data_dir)
-        embedded.start()
-        settings = Settings.from_env(config_dir=args.config_dir, redis_url=embedded.url, **listener)
-        print(f"embedded redis-server at {embedded.location} (password and data in {settings.data_dir}/)",
-              file=sys.stderr)
-    ctx = multiprocessing.get_context("spawn")
-    children = []
-    if args.with_emulator:
-        emu = ctx.Process(target=_emulator_worker, daemon=True,
-                          args=(args.host, args.emulator_port, args.latency_ms, args.chunk_delay_ms))
-        emu.start()
-        children.append(emu)
-        print(f"provider emulator on http://{args.host}:{args.emulator_port}/v1", file=sys.stderr)
-    print(f"gateway listening on http://{args.host}:{args.port} ({args.workers} worker(s))", file=sys.stderr)
-    if settings.admin_port is not None:
-        print(f"admin API, metrics and dashboard on http://{settings.admin_host}:{settings.admin_port} only",
-              file=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
+    # until the serving loop (or the master) takes the signals over, SIGTERM unwinds like Ctrl-C: the
+    # embedded redis-server (in a session of its own) is stopped on the way out, never orphaned
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    embedded = emulator = metrics_dir = None
     try:
-        if args.workers <= 1:
-            _serve_worker(settings, args.host, args.port, False)
-        else:
-            workers = [ctx.Process(target=_serve_worker, args=(settings, args.host, args.port, True))
-                       for _ in range(args.workers)]
-            for worker in workers:
-                worker.start()
-            children += workers
-            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-            # SIGHUP to the master reloads every worker's configuration
-            def forward_hup(*_: Any) -> None:
-                for worker in workers:
-                    if worker.pid:
-                        os.kill(worker.pid, signal.SIGHUP)
-
-            signal.signal(signal.SIGHUP, forward_hup)
-            with contextlib.suppress(KeyboardInterrupt):
-                for worker in workers:
-                    worker.join()
+        if settings.redis_url is None:
+            embedded = EmbeddedRedis(settings.data_dir)
+            embedded.start()
+            settings = dataclasses.replace(settings, redis_url=embedded.url)
+            print(f"embedded redis-server at {embedded.location} (password and data in {settings.data_dir}/)",
+                  file=sys.stderr)
+        ctx = multiprocessing.get_context("spawn")
+        if args.with_emulator:
+            emulator = ctx.Process(target=_emulator_worker, daemon=True,
+                                   args=(args.host, args.emulator_port, args.latency_ms, args.chunk_delay_ms))
+            emulator.start()
+            print(f"provider emulator on http://{args.host}:{args.emulator_port}/v1", file=sys.stderr)
+        print(f"gateway listening on http://{args.host}:{args.port} ({args.workers} worker(s))", file=sys.stderr)
+        if settings.admin_port is not None:
+            print(f"admin API, metrics and dashboard on http://{settings.admin_host}:{settings.admin_port} only",
+                  file=sys.stderr)
+        if args.workers <= 1:  # this process serves, and owns (supervises, stops) the embedded server
+            _serve_worker(settings, args.host, args.port, False, embedded)
+            return 0
+        metrics_dir = make_metrics_dir()
+        settings = dataclasses.replace(settings, metrics_dir=metrics_dir)
+        worker_args = (settings, args.host, args.port, True)
+        return Master(settings, args.workers, lambda: ctx.Process(target=_serve_worker, args=worker_args),
+                      embedded).run()
+    except KeyboardInterrupt:  # a signal before anything was serving
+        return 0
     finally:
-        for child in children:
-            if child.is_alive():
-                child.terminate()
-                child.join(10)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # already on the way out
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if emulator is not None and emulator.is_alive():
+            emulator.terminate()
+            emulator.join(10)
         if embedded is not None:
             embedded.stop()
-    return 0
+        cleanup_metrics_dir(metrics_dir)
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:

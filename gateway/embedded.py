@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,11 +44,19 @@ def free_port() -> int:
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read, whatever the umask (created 0600, then written)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        os.fchmod(out.fileno(), 0o600)
-        out.write(text)
+    """Write a file only its owner can read, whatever the umask (created 0600, then written), and
+    atomically: a reader (the CLI looking for a running server) sees the old content or the new, never
+    an empty file (the server is restarted while the gateway runs)."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            os.fchmod(out.fileno(), 0o600)
+            out.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
 
 
 def _short_socket_dir() -> Path:
@@ -70,6 +79,7 @@ class EmbeddedRedis:
         self._socket_dir: Path | None = None  # the private directory made for a socket, removed at stop
         self._password: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.RLock()  # a restart in a worker thread never interleaves with a stop
         if port is None:
             path = self.data_dir / "redis.sock"
             if len(str(path)) <= _SOCKET_PATH_MAX:
@@ -101,7 +111,12 @@ class EmbeddedRedis:
         return str(self.socket_path) if self.socket_path is not None else f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 10.0) -> None:
-        """Start the server and wait until it answers PING."""
+        """Start the server (again, after it died: with the same data, address and password) and wait
+        until it answers PING."""
+        with self._lock:
+            self._start(timeout)
+
+    def _start(self, timeout: float) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.socket_path is None and self.port is None:
             self._socket_dir = _short_socket_dir()
@@ -126,14 +141,16 @@ class EmbeddedRedis:
             args += ["--appendonly", "yes", "--appendfsync", "everysec"]
         else:
             args += ["--appendonly", "no"]
-        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)  # noqa: S603
+        # a session of its own: a Ctrl-C in the terminal reaches the gateway, which stops this server
+        # itself once the last settlement has landed, never the server first
+        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)  # noqa: S603
         deadline = time.monotonic() + timeout
         while not self._ping():
             if self._proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited with {self._proc.returncode}; see "
                                    f"{self.data_dir / 'redis.log'}")
             if time.monotonic() > deadline:
-                self.stop()
+                self._stop()
                 raise RuntimeError("redis-server did not answer within the timeout")
             time.sleep(0.02)
         _write_private(self.data_dir / "redis.url", self.url + "\n")
@@ -160,6 +177,10 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         """Stop the server (SIGTERM lets it flush the append-only file)."""
+        with self._lock:
+            self._stop()
+
+    def _stop(self) -> None:
         proc, self._proc = self._proc, None
         if proc is None:
             return
@@ -182,6 +203,11 @@ class EmbeddedRedis:
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def exit_code(self) -> int | None:
+        """How the server ended, once it has (a negative number: the signal that killed it)."""
+        return self._proc.poll() if self._proc is not None else None
 
     def pause(self) -> None:
         """SIGSTOP the server: it keeps its connections but answers nothing (a hung Redis)."""
@@ -206,6 +232,8 @@ def discover_url(data_dir: Path) -> str | None:
     if not path.exists():
         return None
     url = path.read_text(encoding="utf-8").strip()
+    if not url:
+        return None
     if url.startswith("unix://") and not os.path.exists(url[len("unix://"):].rpartition("@")[2]):
         return None
     return url

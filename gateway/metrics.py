@@ -1,18 +1,35 @@
 """Prometheus metrics, in a registry owned by one app (no global state).
 
+With several worker processes (`gateway serve --workers N`) every worker also writes its values to
+prometheus-client's multiprocess files in a directory the master made (`Settings.metrics_dir`, also
+PROMETHEUS_MULTIPROC_DIR, which must be set before prometheus_client is imported: the master sets it
+before it spawns the workers), and a scrape of any worker renders the sum over every worker, living
+or dead (counters and histograms), and over the living ones (gauges).
+
 Labels only ever carry configured names (route patterns, upstream names, dialects) and status
 codes: never a key, never a raw model string from a request (that would be unbounded).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from gateway import __version__
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """Every metric the gateway exports; `multiprocess_dir` (the master's) makes a scrape the whole gateway's."""
+
+    def __init__(self, multiprocess_dir: Path | None = None) -> None:
+        if multiprocess_dir is not None and not getattr(values.ValueClass, "_multiprocess", False):
+            raise RuntimeError("multiprocess metrics need PROMETHEUS_MULTIPROC_DIR set before prometheus_client "
+                               "is imported")
+        self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("gateway_requests_total", "Requests answered, by dialect, model route and status",
@@ -26,7 +43,8 @@ class Metrics:
         self.overhead_seconds = Histogram("gateway_overhead_seconds",
                                           "Time spent in the gateway itself (auth, reserve, settle)",
                                           buckets=_LATENCY_BUCKETS, registry=r)
-        self.open_holds = Gauge("gateway_open_holds", "Reservations held by this process", registry=r)
+        self.open_holds = Gauge("gateway_open_holds", "Reservations held by requests in flight",
+                                multiprocess_mode="livesum", registry=r)
         self.redis_errors = Counter("gateway_redis_errors_total", "Requests failed closed: Redis unreachable",
                                     registry=r)
         self.lowered = Counter("gateway_output_cap_lowered_total", "Requests whose output cap was lowered",
@@ -51,6 +69,14 @@ class Metrics:
                                            registry=r)
         self.lease_renewals = Counter("gateway_lease_renewals_total", "Hold leases renewed for requests in flight",
                                       registry=r)
+        self.build_info = Gauge("gateway_build_info", "The gateway's version (always 1)", ["version"],
+                                multiprocess_mode="livemax", registry=r)
+        self.build_info.labels(__version__).set(1)
 
     def render(self) -> bytes:
-        return bytes(generate_latest(self.registry))
+        """The exposition text: this app's registry, or with multiprocess files every worker's."""
+        if self.multiprocess_dir is None:
+            return bytes(generate_latest(self.registry))
+        combined = CollectorRegistry(auto_describe=True)
+        MultiProcessCollector(combined, path=str(self.multiprocess_dir))  # type: ignore[no-untyped-call]
+        return bytes(generate_latest(combined))

@@ -49,6 +49,10 @@ class Settings:
     admin_keys: tuple[tuple[str, Secret], ...] = ()  # named admin keys, besides admin_key (named "admin")
     admin_keys_file: Path | None = None  # "name:key" lines, re-read when it changes (revocation without restart)
     metrics_key: Secret = field(default_factory=lambda: Secret(""))  # when set, /metrics wants this bearer key
+    shutdown_grace_seconds: float = 30.0  # on SIGTERM, requests in flight (streams too) may finish this long
+    restart_backoff_seconds: float = 0.5  # a dead worker or embedded Redis is restarted after this, doubled ...
+    max_restarts_per_minute: int = 5  # ... on each restart in the last minute; one more and the gateway gives up
+    metrics_dir: Path | None = None  # set by the master of several workers: prometheus-client multiprocess files
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -86,6 +90,9 @@ class Settings:
             "admin_keys": parse_named_keys(env.get("GATEWAY_ADMIN_KEYS", "")),
             "admin_keys_file": Path(env["GATEWAY_ADMIN_KEYS_FILE"]) if env.get("GATEWAY_ADMIN_KEYS_FILE") else None,
             "metrics_key": Secret(env.get("GATEWAY_METRICS_KEY", "")),
+            "shutdown_grace_seconds": float(env.get("GATEWAY_SHUTDOWN_GRACE_SECONDS", 30)),
+            "restart_backoff_seconds": float(env.get("GATEWAY_RESTART_BACKOFF_SECONDS", 0.5)),
+            "max_restarts_per_minute": int(env.get("GATEWAY_MAX_RESTARTS_PER_MINUTE", 5)),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["ledger_file_rotate"] not in ("hour", "day"):

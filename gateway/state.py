@@ -20,6 +20,7 @@ from gateway.metrics import Metrics
 from gateway.settings import Settings
 from gateway.settlement import Leases, Retries
 from gateway.store import Store
+from gateway.supervision import EmbeddedStatus
 
 
 @dataclass
@@ -42,6 +43,8 @@ class Gateway:
     inflight: set[asyncio.Task[Any]] = field(default_factory=set)
     cycle_cache: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)  # (anchor, tz) -> cycle
     fired_alerts: set[tuple[str, str]] = field(default_factory=set)  # (account, alert field) known fired
+    embedded: EmbeddedStatus | None = None  # the embedded redis-server, when this process owns it
+    draining: bool = False  # shutting down: the listeners are closed, requests in flight finish
 
     def track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
         """Keep a settlement task alive until it finishes, even if its request is gone."""

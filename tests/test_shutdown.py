@@ -1,0 +1,112 @@
+"""SIGTERM drains: no new connections, requests in flight (streams too) finish within the grace period
+and are settled, then the process exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis as sync_redis
+from aiohttp.test_utils import TestServer
+from served import Served, account_with_key, serve, wait_ready, wait_until
+
+from gateway.keys import KeySchema
+from gateway.ledger import parse_entry
+
+SLOW_STREAM = {"model": "demo-mini", "stream": True, "max_tokens": 100,
+               "messages": [{"role": "user", "content": "go [[emu out=40 delay_ms=50]]"}]}
+
+
+async def _refused(served: Served) -> bool:
+    try:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    except ConnectionRefusedError:
+        return True
+    except ConnectionResetError:  # accepted into the backlog just as the listener closed: look again
+        return False
+    writer.close()
+    return False
+
+
+def _content(stream: bytes) -> list[str]:
+    pieces = []
+    for line in stream.split(b"\n"):
+        if line.startswith(b"data: {"):
+            for choice in json.loads(line[6:])["choices"]:
+                pieces.append(choice["delta"].get("content") or "")
+    return [p for p in pieces if p]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sigterm_lets_a_stream_in_flight_finish_and_settle_then_exits_0(
+        tmp_path: Path, config_dir: Path, redis_url: str, emulator: TestServer, workers: int) -> None:
+    served = serve(tmp_path, config_dir, "--workers", str(workers), redis_url=redis_url)
+    try:
+        await wait_ready(served)
+        account, key = await account_with_key(served)
+        async with aiohttp.ClientSession() as session, session.post(
+                served.url("/v1/chat/completions"), json=SLOW_STREAM,
+                headers={"Authorization": f"Bearer {key}"}) as resp:
+            assert resp.status == 200
+            request_id = resp.headers["x-request-id"]
+            first = await resp.content.readline()  # the stream has begun
+            served.proc.send_signal(signal.SIGTERM)
+            await wait_until(lambda: _refused(served), "new connections to be refused", timeout=5)
+            stream = first + await resp.read()
+        assert len(_content(stream)) == 40 and stream.rstrip().endswith(b"data: [DONE]")
+        assert await asyncio.to_thread(served.proc.wait, 60) == 0
+    finally:
+        served.stop()
+    client = sync_redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        events = [parse_entry(i, f) for i, f in client.xrange(KeySchema().for_account(account).ledger)]
+    finally:
+        client.close()
+    usage = [e for e in events if e["type"] == "usage"]
+    assert [(e["rid"], e["outcome"], int(e["out"])) for e in usage] == [(request_id, "ok", 40)]
+    assert "shutting down: no new connections; 1 metered request(s) in flight" in served.log()
+
+
+async def test_a_stream_longer_than_the_grace_period_is_cut_at_its_end_and_still_charged(
+        tmp_path: Path, config_dir: Path, redis_url: str, emulator: TestServer) -> None:
+    served = serve(tmp_path, config_dir, redis_url=redis_url, env={"GATEWAY_SHUTDOWN_GRACE_SECONDS": "0.3"})
+    try:
+        await wait_ready(served)
+        account, key = await account_with_key(served)
+        async with aiohttp.ClientSession() as session, session.post(
+                served.url("/v1/chat/completions"), json=SLOW_STREAM,
+                headers={"Authorization": f"Bearer {key}"}) as resp:
+            request_id = resp.headers["x-request-id"]
+            stream = await resp.content.readline()
+            served.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(aiohttp.ClientPayloadError):
+                stream += await resp.read()  # cut at the deadline, well before its 40 chunks
+        assert await asyncio.to_thread(served.proc.wait, 60) == 0
+    finally:
+        served.stop()
+    client = sync_redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        events = [parse_entry(i, f) for i, f in client.xrange(KeySchema().for_account(account).ledger)]
+    finally:
+        client.close()
+    usage = [e for e in events if e["type"] == "usage"]
+    # settled before the process exited, from the provider's own usage (read on after the cut)
+    assert [(e["rid"], e["outcome"], int(e["out"])) for e in usage] == [(request_id, "client_disconnected", 40)]
+
+
+async def test_a_sigterm_while_the_workers_are_still_starting_is_not_lost(
+        tmp_path: Path, config_dir: Path, redis_url: str) -> None:
+    served = serve(tmp_path, config_dir, "--workers", "2", redis_url=redis_url)
+    try:
+        async def started() -> bool:
+            return served.log().count(" started") == 2
+
+        await wait_until(started, "the master to start its workers")
+        served.proc.send_signal(signal.SIGTERM)  # the workers are importing or connecting to Redis
+        assert await asyncio.to_thread(served.proc.wait, 30) == 0
+    finally:
+        served.stop()
