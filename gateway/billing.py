@@ -14,17 +14,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from gateway import alerts
 from gateway.auth import Principal
 from gateway.config import ModelRoute, Rates
 from gateway.dialects.base import Dialect, ParsedRequest
-from gateway.errors import StoreUnavailable
 from gateway.keys import AccountKeys
 from gateway.metering import Quote, Reservation, Settlement, cost_of
 from gateway.money import MAX_SAFE
-from gateway.scripts import REDIS_DOWN
+from gateway.settlement import land
 from gateway.state import Gateway
 from gateway.usage import Usage
 
@@ -96,21 +93,8 @@ def _available_after(call: Call, cost: int) -> int:
 
 
 async def _land(call: Call, op: str, attempt: Callable[[], Awaitable[Any]]) -> Any:
-    """Run a settle or release now; when Redis cannot take it (down, timing out, or answering an
-    error such as OOM, READONLY or TRYAGAIN), queue it in the process to be retried until it lands.
-    Returns the script's result, or None when queued."""
-    gw = call.gw
-
-    async def landed() -> Any:
-        result = await attempt()
-        gw.leases.discard(call.principal.account_id, call.request_id)
-        return result
-
-    try:
-        return await landed()
-    except (StoreUnavailable, *REDIS_DOWN, RedisError):
-        gw.retries.add(call.request_id, op, landed)
-        return None
+    """`settlement.land` for this call's hold."""
+    return await land(call.gw.leases, call.gw.retries, call.principal.account_id, call.request_id, op, attempt)
 
 
 async def _release(call: Call, outcome: str, http_status: int) -> int:

@@ -147,6 +147,16 @@ def lowered_cap(call: Call) -> int | None:
 
 
 @dataclass(frozen=True, slots=True)
+class Priced:
+    """What a metered call was priced with: its route, the plan's rates and the provider's list price."""
+
+    route: ModelRoute
+    rates: Rates
+    usd_quote: Quote
+    usd_rates: Rates
+
+
+@dataclass(frozen=True, slots=True)
 class Attempt:
     """One try at holding a request: the plan it was priced with, the quote and the reserve spec;
     `alerts`: whether a refusal may fire the plan's 100 % alerts (a metered call's can)."""
@@ -155,6 +165,7 @@ class Attempt:
     quote: Quote
     spec: ReserveSpec
     alerts: bool = True
+    priced: Priced | None = None  # a metered call's (token counting has no price)
 
 
 async def hold(gw: Gateway, dialect: Dialect, principal: Principal, request_id: str,

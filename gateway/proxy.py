@@ -18,7 +18,6 @@ from aiohttp import web
 
 from gateway.auth import Principal
 from gateway.billing import Call, end_call
-from gateway.config import ModelRoute, Rates
 from gateway.dialects.base import Dialect, ParsedRequest, StreamMeter
 from gateway.errors import (
     GatewayError,
@@ -26,10 +25,7 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from gateway.metering import (
-    Quote,
-)
-from gateway.pricing import Attempt, hold, lowered_cap, price, reserve_spec
+from gateway.pricing import Attempt, Priced, hold, lowered_cap, price, reserve_spec
 from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway
 from gateway.upstream import (
     forward_query,
@@ -46,18 +42,17 @@ Handler = Callable[[web.Request], Coroutine[Any, Any, web.StreamResponse]]
 async def _reserve(gw: Gateway, dialect: Dialect, principal: Principal, parsed: ParsedRequest, request_id: str,
                    started: float) -> Call:
     """Price the request and hold its worst case: the call in flight, or the refusal."""
-    priced: dict[str, tuple[ModelRoute, Rates, Quote, Rates]] = {}
 
     def prepare(who: Principal, now_ms: int | None) -> Attempt:
         route, plan, rates, q = price(gw, dialect, who, parsed)
         spec, usd, usd_rates = reserve_spec(gw, who, plan, route, parsed, q, now_ms)
-        priced["last"] = (route, rates, usd, usd_rates)
-        return Attempt(plan, q, spec)
+        return Attempt(plan, q, spec, priced=Priced(route, rates, usd, usd_rates))
 
     principal, attempt, reservation = await hold(gw, dialect, principal, request_id, prepare)
-    route, rates, usd, usd_rates = priced["last"]
-    return Call(gw, dialect, principal, parsed, route, rates, attempt.quote, reservation, request_id, started,
-                attempt.spec.limits, usd, usd_rates)
+    priced = attempt.priced
+    assert priced is not None
+    return Call(gw, dialect, principal, parsed, priced.route, priced.rates, attempt.quote, reservation, request_id,
+                started, attempt.spec.limits, priced.usd_quote, priced.usd_rates)
 
 
 def make_handler(dialect: Dialect, endpoint: str) -> Handler:

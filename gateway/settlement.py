@@ -126,3 +126,21 @@ class Retries:
                 await asyncio.sleep(0.2)
         for request_id, (op, _attempt, _since) in list(self.queued.items()):
             self._abandon(request_id, op, "abandoned at shutdown: the credit store stayed unavailable")
+
+
+async def land(leases: Leases, retries: Retries, account_id: str, request_id: str, op: str,
+               attempt: Attempt) -> Any:
+    """Run a settle or release of `request_id` now; when Redis cannot take it (down, timing out, or
+    answering an error such as OOM, READONLY or TRYAGAIN), queue it to be retried until it lands.
+    The hold's lease stays renewed until then. Returns the script's result, or None when queued."""
+
+    async def landed() -> Any:
+        result = await attempt()
+        leases.discard(account_id, request_id)
+        return result
+
+    try:
+        return await landed()
+    except (StoreUnavailable, *REDIS_DOWN, RedisError):
+        retries.add(request_id, op, landed)
+        return None

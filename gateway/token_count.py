@@ -7,16 +7,15 @@ import asyncio
 
 import aiohttp
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from gateway.auth import Principal
 from gateway.dialects.base import Dialect
-from gateway.errors import Forbidden, InsufficientCredits, StoreUnavailable, UpstreamError, UpstreamTimeout
+from gateway.errors import Forbidden, InsufficientCredits, UpstreamError, UpstreamTimeout
 from gateway.limits import encode
 from gateway.metering import Quote, Reservation, ReserveSpec
 from gateway.pricing import Attempt, current_cycle, hold, route_for
 from gateway.proxy import Handler
-from gateway.scripts import REDIS_DOWN
+from gateway.settlement import land
 from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway
 from gateway.upstream import (
     forward_query,
@@ -90,16 +89,12 @@ def make_token_count_handler(dialect: Dialect, endpoint: str) -> Handler:
         try:
             return await forward(request, gw, principal, raw, reservation, answered)
         finally:
-            gw.leases.discard(principal.account_id, rid)
 
             async def attempt() -> None:
                 await meter.release(keys, rid, "count_tokens", limits, principal.key_id,
                                     provider_answered=bool(answered))
 
-            try:
-                await attempt()
-            except (StoreUnavailable, *REDIS_DOWN, RedisError):
-                gw.retries.add(rid, "release", attempt)
+            await land(gw.leases, gw.retries, principal.account_id, rid, "release", attempt)
 
     async def handler(request: web.Request) -> web.StreamResponse:
         gw = request.app[GATEWAY]
