@@ -81,10 +81,13 @@ async def _call(harness: Harness, key: str, body: dict[str, Any] = BIG) -> str:
 
 
 async def _send(harness: Harness, key: str, body: dict[str, Any] = BIG) -> tuple[str, int]:
+    """One request, and its settlement (which lands just after a non-streamed answer) with its alerts:
+    requests sent one after another then see each other's charges, not each other's holds."""
     async with harness.client.post("/v1/chat/completions", json=body,
                                    headers={"Authorization": f"Bearer {key}"}) as resp:
         await resp.read()
-        return resp.headers.get("x-request-id", ""), resp.status
+    await harness.gw.quiesce()
+    return resp.headers.get("x-request-id", ""), resp.status
 
 
 def _alerts(harness: Harness, account: str) -> dict[str, dict[str, Any]]:
