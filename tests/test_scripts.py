@@ -165,8 +165,10 @@ async def test_reaper_task_finds_every_account_holding_credits_through_the_index
     # indexed before the hold was taken, whoever called the reserve script (here: a test, not the proxy)
     assert harness.redis.zscore(gw.schema.holders(bucket_of(account)), account) is not None
     gw.meter.clock_offset_ms = int(gw.settings.hold_lease_seconds * 1000) + 1000
-    assert await reap_once(gw) == 1
+    # a bucket whose read times out (a loaded loop) is left for the next pass: a few passes at most
+    reaped = [await reap_once(gw) for _ in range(3)]
     gw.meter.clock_offset_ms = 0
+    assert sum(reaped) == 1 and reaped.count(1) == 1  # returned exactly once
     assert (await harness.assert_conserved(account))["charged"] == 0
 
 
