@@ -27,7 +27,7 @@ from aiohttp import web
 from gateway.config import Plan
 from gateway.errors import InsufficientCredits
 from gateway.jobs import due_buckets, run_leased
-from gateway.keys import bucket_of
+from gateway.keys import INDEX_BUCKETS, bucket_of
 from gateway.metering import LimitReached, Settlement
 from gateway.migrate import copy_legacy_webhooks
 from gateway.money import format_credits
@@ -244,13 +244,16 @@ async def _deliver(gw: Gateway, delivery: str) -> None:
                                    timeout=aiohttp.ClientTimeout(total=10)) as resp:
             ok = 200 <= resp.status < 300
     if ok:
+        gw.metrics.webhook_deliveries.labels("delivered").inc()
         await _forget(gw, delivery)
         return
     attempts += 1
     if attempts >= MAX_ATTEMPTS:
+        gw.metrics.webhook_deliveries.labels("gave_up").inc()
         log.error("webhook delivery %s to %s dropped after %d attempts", delivery, webhook_label(url), attempts)
         await _forget(gw, delivery)
         return
+    gw.metrics.webhook_deliveries.labels("failed").inc()
     backoff = min(gw.settings.webhook_backoff_seconds * 2 ** (attempts - 1), 3600)
     if await gw.redis.set(record_key, json.dumps({"account_id": account_id, "body": body, "attempts": attempts}),
                           xx=True):
@@ -298,12 +301,33 @@ async def poll_once(gw: Gateway, running: set[asyncio.Task[None]]) -> int:
                             lambda bucket: _claim(gw, bucket, now, running))
 
 
+QUEUE_DEPTH_SECONDS = 10.0  # how often the deliverer counts the queue (a ZCARD per bucket)
+
+
+async def report_queue_depth(gw: Gateway) -> int:
+    """Set gateway_webhook_queue_depth to the deliveries queued in every bucket (due or waiting for a
+    retry); a bucket that does not answer leaves the gauge as it was."""
+    depths = await asyncio.gather(*(gw.redis.zcard(gw.schema.webhooks(bucket)) for bucket in range(INDEX_BUCKETS)),
+                                  return_exceptions=True)
+    total = 0
+    for depth in depths:
+        if isinstance(depth, BaseException):
+            return -1
+        total += int(depth)
+    gw.metrics.webhook_queue.set(total)
+    return total
+
+
 async def _deliver_forever(gw: Gateway) -> None:
     running: set[asyncio.Task[None]] = set()
+    counted = 0.0
     try:
         while not stopping():
             await asyncio.sleep(gw.settings.webhook_poll_seconds)
             try:
+                if time.monotonic() - counted >= QUEUE_DEPTH_SECONDS:
+                    counted = time.monotonic()
+                    await report_queue_depth(gw)
                 await poll_once(gw, running)
             except Exception:  # Redis away: try again on the next tick
                 if stopping():

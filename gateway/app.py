@@ -14,10 +14,9 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 from redis import exceptions as redis_errors
 
-from gateway import admin, dashboard, usage_routes
+from gateway import admin, dashboard, logs, tracing, usage_routes
 from gateway.admin_keys import ADMIN_KEYS, AdminKeys
 from gateway.alerts import list_alerts, webhooks_ctx
 from gateway.auth import Authenticator
@@ -38,6 +37,7 @@ from gateway.errors import (
 from gateway.keys import KeySchema
 from gateway.ledger import trim_pass
 from gateway.listener import body_deadline, cap_connections_per_client, handler_args
+from gateway.logs import ACCESS, AccessLogger
 from gateway.metering import Meter
 from gateway.metrics import Metrics
 from gateway.migrate import migrate_once
@@ -56,15 +56,7 @@ from gateway.token_count import make_token_count_handler
 from gateway.usage_routes import key_holder
 
 log = logging.getLogger("gateway")
-
-
-class AccessLogger(AbstractAccessLogger):
-    """One line per request: method, path without the query string (it may hold `?key=`), status,
-    time and request id. Run the app with this logger: aiohttp's default prints the query string."""
-
-    def log(self, request: Any, response: Any, time: float) -> None:
-        self.logger.info("%s %s %s %.1fms %s", request.method, request.path, response.status, time * 1000,
-                         response.headers.get("x-request-id", "-"))
+__all__ = ["AccessLogger", "create_app"]  # AccessLogger (gateway.logs): the access log `gateway serve` runs with
 EMBEDDED = web.AppKey("embedded_redis", EmbeddedRedis)
 
 
@@ -134,7 +126,10 @@ def _render(request: web.Request, gw: Gateway, error: GatewayError) -> web.Respo
         gw.metrics.redis_errors.inc()
     status, body = _dialect_of(request, gw).error_response(error)
     headers = dict(error.headers)
-    headers["x-request-id"] = request.get(REQUEST_ID) or "req_none"
+    request_id = request.get(REQUEST_ID) or "req_none"
+    access = request.get(ACCESS)
+    headers["x-request-id"] = access.client_request_id or request_id if access is not None else request_id
+    headers["x-gateway-request-id"] = request_id
     if status == 402:
         headers["x-should-retry"] = "false"
     response = web.Response(status=status, body=body, content_type="application/json", headers=headers)
@@ -416,6 +411,9 @@ def _listener_app(gw: Gateway, keys: AdminKeys, operator: bool | None) -> web.Ap
     cap_connections_per_client(app, settings.max_connections_per_client, gw.metrics.connections_refused.inc)
     app[GATEWAY] = gw
     app[ADMIN_KEYS] = keys
+    tracer = tracing.from_env()
+    if tracer is not None:
+        app[tracing.TRACER] = tracer
     return app
 
 
@@ -481,6 +479,7 @@ def _add_routes(app: web.Application, gw: Gateway) -> None:
 def create_app(settings: Settings, config: Config | None = None) -> web.Application:
     """Build the gateway application. Redis, the upstream session and the reaper start with it; with
     `settings.admin_port`, so does the operator listener (admin API, metrics, dashboard)."""
+    logs.apply_env_format()  # GATEWAY_LOG_FORMAT=json in a worker that logging.basicConfig set up
     counters = Metrics(settings.metrics_dir)
     gw = Gateway(
         settings=settings,

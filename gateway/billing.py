@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway import alerts
@@ -19,6 +19,7 @@ from gateway.auth import Principal
 from gateway.config import ModelRoute, Rates
 from gateway.dialects.base import Dialect, ParsedRequest
 from gateway.keys import AccountKeys
+from gateway.logs import Access, outcome_of
 from gateway.metering import Quote, Reservation, Settlement, cost_of
 from gateway.money import MAX_SAFE
 from gateway.settlement import land
@@ -48,6 +49,7 @@ class Call:
     overhead: float = 0.0
     served: bool = False  # the upstream answered 2xx: from now on the request is charged
     ended: bool = False
+    access: Access = field(default_factory=lambda: Access("", None, None, ""))  # the access record (gateway.logs)
 
     @property
     def keys(self) -> AccountKeys:
@@ -76,6 +78,7 @@ async def end_call(call: Call, usage: Usage | None, *, outcome: str, http_status
     settlement or release has landed. `output_unknown`: the provider may have generated up to the cap
     and never said how much: an estimate is then the whole hold."""
     call.ended = True
+    call.access.outcome = outcome_of(outcome)
     if not call.served:
         task = call.gw.track(asyncio.ensure_future(_release(call, outcome, http_status)))
         return int(await asyncio.shield(task))
@@ -107,7 +110,10 @@ async def _release(call: Call, outcome: str, http_status: int) -> int:
         await meter.release(keys, rid, outcome, call.limits, call.principal.key_id, provider_answered=answered)
 
     gw.metrics.requests.labels(call.dialect.name, call.route.pattern, str(http_status)).inc()
-    await _land(call, "release", attempt)
+    try:
+        await _land(call, "release", attempt)
+    finally:
+        call.access.call_ended(http_status)
     return call.reservation.available_after + call.reservation.hold
 
 
@@ -135,10 +141,18 @@ async def _settle(call: Call, priced: Priced, http_status: int) -> int:
     async def attempt() -> Settlement:
         settlement = await meter.settle(keys, call.request_id, call.principal.key_id, cost, event, call.limits,
                                         tokens, usd)
-        _account(call, bill, settlement, cost, http_status)
+        _account(call, bill, settlement, cost, usd, http_status)
         return settlement
 
-    settlement = await _land(call, "settle", attempt)
+    access = call.access
+    settlement: Settlement | None = None
+    try:
+        settlement = await _land(call, "settle", attempt)
+    finally:  # the access record carries what was charged (it is written once the call has ended)
+        access.input_tokens, access.output_tokens = bill.input_tokens, bill.output_tokens
+        access.credits_micro = cost if settlement is None else settlement.charged if settlement.settled else 0
+        access.settled = settlement is not None
+        access.call_ended(http_status)
     if settlement is None:
         return _available_after(call, cost)
     gw.metrics.overhead_seconds.observe(call.overhead + time.perf_counter() - settle_started)
@@ -159,6 +173,7 @@ def _charge(call: Call, usage: Usage | None, outcome: str, http_status: int, low
             cost = max(cost, call.reservation.hold)
         call.gw.metrics.estimated.labels(model).inc()
         outcome += "_estimated"
+        call.access.estimated = True
     event: dict[str, Any] = {
         "model": call.parsed.model, "route": model,
         "upstream": call.route.upstream, "endpoint": call.parsed.endpoint, "dialect": call.dialect.name,
@@ -169,6 +184,7 @@ def _charge(call: Call, usage: Usage | None, outcome: str, http_status: int, low
         "tool_calls": dict(bill.tool_calls) if bill.tool_calls is not None else None,
         "outcome": outcome, "estimated": int(estimated), "lowered_cap": lowered, "stream": int(streamed),
         "latency_ms": int((time.perf_counter() - call.started) * 1000),
+        "client_request_id": call.access.client_request_id,  # the client's X-Request-ID: a label, never a key
     }
     tokens = sum(n or 0 for n in (bill.input_tokens, bill.cached_input_tokens, bill.cache_write_tokens,
                                   bill.cache_write_1h_tokens, bill.output_tokens))
@@ -177,7 +193,7 @@ def _charge(call: Call, usage: Usage | None, outcome: str, http_status: int, low
     return min(cost, MAX_SAFE), min(tokens, MAX_SAFE), min(usd, MAX_SAFE), bill, event
 
 
-def _account(call: Call, bill: Usage, settlement: Settlement, cost: int, http_status: int) -> None:
+def _account(call: Call, bill: Usage, settlement: Settlement, cost: int, usd: int, http_status: int) -> None:
     """Metrics and alerts of a settlement that landed."""
     gw, model = call.gw, call.route.pattern
     plan = gw.config.plans.get(call.principal.plan)
@@ -187,6 +203,8 @@ def _account(call: Call, bill: Usage, settlement: Settlement, cost: int, http_st
     if not settlement.settled:
         return
     gw.metrics.credits.labels(model).inc(settlement.charged / 1_000_000)
+    if usd:
+        gw.metrics.usd.labels(model).inc(usd / 1_000_000)
     if cost > settlement.charged:
         gw.metrics.uncollected.inc((cost - settlement.charged) / 1_000_000)
     for kind, count in (("input", bill.input_tokens), ("cached_input", bill.cached_input_tokens),

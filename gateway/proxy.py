@@ -25,8 +25,10 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from gateway.logs import ACCESS, Access, client_request_id, trace_id
 from gateway.pricing import Attempt, Priced, hold, lowered_cap, price, reserve_spec
 from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway
+from gateway.tracing import TRACER
 from gateway.upstream import (
     forward_query,
     new_request_id,
@@ -40,7 +42,7 @@ Handler = Callable[[web.Request], Coroutine[Any, Any, web.StreamResponse]]
 
 
 async def _reserve(gw: Gateway, dialect: Dialect, principal: Principal, parsed: ParsedRequest, request_id: str,
-                   started: float) -> Call:
+                   started: float, access: Access) -> Call:
     """Price the request and hold its worst case: the call in flight, or the refusal."""
 
     def prepare(who: Principal, now_ms: int | None) -> Attempt:
@@ -52,7 +54,7 @@ async def _reserve(gw: Gateway, dialect: Dialect, principal: Principal, parsed: 
     priced = attempt.priced
     assert priced is not None
     return Call(gw, dialect, principal, parsed, priced.route, priced.rates, attempt.quote, reservation, request_id,
-                started, attempt.spec.limits, priced.usd_quote, priced.usd_rates)
+                started, attempt.spec.limits, priced.usd_quote, priced.usd_rates, access=access)
 
 
 def make_handler(dialect: Dialect, endpoint: str) -> Handler:
@@ -68,15 +70,28 @@ def make_handler(dialect: Dialect, endpoint: str) -> Handler:
         request_id = new_request_id()
         request[REQUEST_ID] = request_id
         request[REQUEST_DIALECT] = dialect
+        headers = request.headers
+        access = request[ACCESS] = Access(request_id, client_request_id(headers.get("X-Request-ID")),
+                                          trace_id(headers.get("traceparent")), dialect.name)
         auth = gw.auth
         assert auth is not None
-        principal = await auth.authenticate(dialect.client_key(request.headers, request.query), request.remote)
-        raw = await read_body(request, dialect)
-        # a large body from an account that cannot pay even its prompt is refused before it is parsed
-        await auth.precheck(principal, dialect.name, len(raw), gw.config, gw.settings.clock_offset_ms)
-        parsed = dialect.parse_request(endpoint, raw, gw.settings.max_choices, request.match_info.get("model"),
-                                      headers=request.headers)
-        call = await _reserve(gw, dialect, principal, parsed, request_id, started)
+        try:
+            principal = await auth.authenticate(dialect.client_key(headers, request.query), request.remote)
+            access.account_id, access.key_id = principal.account_id, principal.key_id
+            raw = await read_body(request, dialect)
+            # a large body from an account that cannot pay even its prompt is refused before it is parsed
+            await auth.precheck(principal, dialect.name, len(raw), gw.config, gw.settings.clock_offset_ms)
+            parsed = dialect.parse_request(endpoint, raw, gw.settings.max_choices, request.match_info.get("model"),
+                                          headers=headers)
+            access.model = parsed.model
+            tracer = request.app.get(TRACER)
+            if tracer is not None:
+                access.span = tracer.start(dialect.name, endpoint, parsed.model, parsed.output_cap, headers)
+            call = await _reserve(gw, dialect, principal, parsed, request_id, started, access)
+        except BaseException as refused:  # nothing held: the call is over before it began
+            access.call_ended(getattr(refused, "status", 500))
+            raise
+        access.route, access.upstream = call.route.pattern, call.route.upstream
         call.overhead = time.perf_counter() - started
         gw.leases.add(call.keys, request_id)
         # the forwarding runs in a task of its own: a client that goes away (or a handler cancelled
@@ -89,11 +104,14 @@ def make_handler(dialect: Dialect, endpoint: str) -> Handler:
 
 async def _forward_and_end(request: web.Request, call: Call, raw: bytes) -> web.StreamResponse:
     gw = call.gw
+    in_flight = gw.metrics.in_flight.labels(call.dialect.name)
     gw.metrics.open_holds.inc()
+    in_flight.inc()
     try:
         return await _forward(request, call, raw)
     finally:
         gw.metrics.open_holds.dec()
+        in_flight.dec()
         if not call.ended:  # a bug or a cancellation: never strand the hold, never serve for free
             await end_call(call, None, outcome="internal_error", http_status=200 if call.served else 500)
 
@@ -111,6 +129,8 @@ async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamRe
     try:
         body, hide_usage = call.dialect.upstream_body(call.parsed, upstream, lowered)
         headers = call.dialect.upstream_headers(upstream, request.headers)
+        if call.access.span is not None:
+            call.access.span.inject(headers)
         url = upstream.base_url + call.dialect.upstream_path(request.path)
     except GatewayError as refused:
         await end_call(call, None, outcome="refused", http_status=refused.status)
@@ -123,7 +143,9 @@ async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamRe
                                          headers=headers, timeout=timeout, params=forward_query(request),
                                          allow_redirects=False)
         async with upstream_cm as up:
-            gw.metrics.upstream_seconds.labels(upstream.name).observe(time.perf_counter() - sent)
+            waited = time.perf_counter() - sent
+            gw.metrics.upstream_seconds.labels(upstream.name).observe(waited)
+            call.access.upstream_ms = waited * 1000
             if up.status >= 300:  # a refusal, or a redirect: never followed (it would carry the provider key)
                 return await _upstream_error(call, up)
             call.served = True
@@ -132,7 +154,8 @@ async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamRe
                 return await _stream(request, call, up, meter, lowered)
             try:
                 data = await up.read()
-            except (TimeoutError, aiohttp.ClientError):
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                _upstream_failed(call, exc)
                 await end_call(call, None, outcome="upstream_cut", http_status=up.status, lowered=lowered)
                 raise UpstreamError("The upstream connection was lost while reading its answer.") from None
             usage = call.dialect.usage_from_body(call.parsed.endpoint, data)
@@ -142,17 +165,27 @@ async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamRe
             available = await end_call(call, usage, outcome="ok", http_status=up.status, lowered=lowered,
                                        estimate_out=len(data) // 4 if unknown_output else 0, wait=False)
             return web.Response(body=data, status=up.status,
-                                headers=response_headers(up.headers, call.request_id, available))
-    except (TimeoutError, aiohttp.ServerTimeoutError):
+                                headers=response_headers(up.headers, call.request_id, available,
+                                                         call.access.client_request_id))
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
         if call.ended:
             raise
+        _upstream_failed(call, exc)
         await end_call(call, None, outcome="upstream_timeout", http_status=504)
         raise UpstreamTimeout("The upstream provider did not answer in time.") from None
     except aiohttp.ClientError as exc:
         if call.ended:
             raise
+        _upstream_failed(call, exc)
         await end_call(call, None, outcome="upstream_unreachable", http_status=502)
         raise UpstreamError(f"Could not reach the upstream provider ({type(exc).__name__}).") from None
+
+
+def _first_bytes(call: Call) -> None:
+    """A stream's first content bytes went out: its time to first token."""
+    ttft = time.perf_counter() - call.started
+    call.gw.metrics.ttft.labels(call.dialect.name, call.route.pattern).observe(ttft)
+    call.access.ttft_ms = ttft * 1000
 
 
 async def _upstream_error(call: Call, up: aiohttp.ClientResponse) -> web.StreamResponse:
@@ -163,9 +196,28 @@ async def _upstream_error(call: Call, up: aiohttp.ClientResponse) -> web.StreamR
         data = await up.read()
     except (TimeoutError, aiohttp.ClientError):
         data = b""
+    _upstream_failed(call, None, up.status)
     available = await end_call(call, None, outcome=f"upstream_{up.status}", http_status=up.status)
     refuse_operator_problems(up.status)
-    return relayed_error(call.dialect, up, data, call.parsed.model, call.request_id, available)
+    return relayed_error(call.dialect, up, data, call.parsed.model, call.request_id, available,
+                         call.access.client_request_id)
+
+
+def _upstream_failed(call: Call, error: BaseException | None, status: int | None = None) -> None:
+    """Count an upstream failure by cause, and put the cause in the access record."""
+    if status is not None:
+        cause = "redirect" if status < 400 else "status_4xx" if status < 500 else "status_5xx"
+    elif isinstance(error, TimeoutError):  # aiohttp's timeouts are TimeoutErrors too
+        cause = "timeout"
+    elif isinstance(error, aiohttp.ClientConnectorError):
+        cause = "connect"
+    else:
+        cause = "protocol"
+    call.gw.metrics.upstream_errors.labels(call.route.upstream, cause).inc()
+    access = call.access
+    access.cause, access.upstream_status = cause, status
+    if error is not None:
+        access.error = type(error).__name__
 
 
 async def _stream(request: web.Request, call: Call, up: aiohttp.ClientResponse, meter: StreamMeter,
@@ -175,12 +227,13 @@ async def _stream(request: web.Request, call: Call, up: aiohttp.ClientResponse, 
     `drain_seconds`, so the request is billed from the provider's own usage report; past that, its
     output is unknown and the whole hold is charged."""
     settings = call.gw.settings
-    response = web.StreamResponse(
-        status=up.status, headers=response_headers(up.headers, call.request_id, call.reservation.available_after))
+    response = web.StreamResponse(status=up.status, headers=response_headers(
+        up.headers, call.request_id, call.reservation.available_after, call.access.client_request_id))
     outcome = "ok"
     loop = asyncio.get_running_loop()
     drain_until: float | None = None  # set when the client is gone
     drained_out = False
+    first_bytes = True
     try:
         try:
             await response.prepare(request)
@@ -196,6 +249,7 @@ async def _stream(request: web.Request, call: Call, up: aiohttp.ClientResponse, 
             except (TimeoutError, aiohttp.ClientError) as exc:
                 if drain_until is None:
                     outcome = "upstream_cut"
+                    _upstream_failed(call, exc)
                 elif isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ClientError):
                     drained_out = True  # gave up reading: the provider may have generated up to the cap
                 break
@@ -204,6 +258,9 @@ async def _stream(request: web.Request, call: Call, up: aiohttp.ClientResponse, 
                 try:
                     async with asyncio.timeout(settings.client_stall_seconds):
                         await response.write(out)
+                    if first_bytes:
+                        first_bytes = False
+                        _first_bytes(call)
                 except (ConnectionResetError, TimeoutError):
                     outcome, drain_until = "client_disconnected", loop.time() + settings.drain_seconds
         tail = meter.finish()

@@ -28,7 +28,11 @@ def new_request_id() -> str:
     return "req_" + uuid.uuid4().hex
 
 
-def response_headers(upstream_headers: Any, request_id: str, available: int) -> dict[str, str]:
+def response_headers(upstream_headers: Any, request_id: str, available: int, client_id: str | None = None
+                     ) -> dict[str, str]:
+    """The answer's headers: the upstream's, minus hop-by-hop and the operator's, plus the gateway's
+    request id (`x-request-id` echoes the client's own X-Request-ID instead when it sent a valid one;
+    `x-gateway-request-id` and `request-id` are always the gateway's) and the credits remaining."""
     headers = {
         name: value
         for name, value in upstream_headers.items()
@@ -37,7 +41,8 @@ def response_headers(upstream_headers: Any, request_id: str, available: int) -> 
     upstream_id = upstream_headers.get("x-request-id") or upstream_headers.get("request-id")
     if upstream_id:
         headers["x-upstream-request-id"] = upstream_id
-    headers["x-request-id"] = request_id
+    headers["x-request-id"] = client_id or request_id
+    headers["x-gateway-request-id"] = request_id
     headers["request-id"] = request_id  # the Anthropic SDK's name for it
     headers["x-credits-remaining"] = format_credits(max(available, 0))
     return headers
@@ -102,8 +107,8 @@ def refuse_operator_problems(status: int) -> None:
 
 
 def relayed_error(dialect: Dialect, up: aiohttp.ClientResponse, data: bytes, model: str, request_id: str,
-                   available: int) -> web.Response:
-    headers = response_headers(up.headers, request_id, available)
+                   available: int, client_id: str | None = None) -> web.Response:
+    headers = response_headers(up.headers, request_id, available, client_id)
     if dialect.name != "http":
         headers = {name: value for name, value in headers.items() if name.lower() != "content-type"}
         headers["Content-Type"] = "application/json"
