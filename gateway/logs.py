@@ -44,13 +44,14 @@ def _format_from_env() -> str:
 
 
 class _Clock:
-    """ISO-8601 UTC timestamps with milliseconds; the seconds part is formatted once per second."""
+    """Timestamps with milliseconds whose seconds part is formatted once per second: ISO-8601 UTC
+    (`iso`), or local time as logging's default asctime (`local`)."""
 
-    __slots__ = ("_prefix", "_second")
+    __slots__ = ("_local", "_local_second", "_prefix", "_second")
 
     def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
+        self._second = self._local_second = -1
+        self._prefix = self._local = ""
 
     def iso(self, created: float) -> str:
         second = int(created)
@@ -58,6 +59,24 @@ class _Clock:
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = second
         return f"{self._prefix}.{int((created - second) * 1000):03d}Z"
+
+    def local(self, created: float) -> str:
+        second = int(created)
+        if second != self._local_second:
+            self._local = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            self._local_second = second
+        return f"{self._local},{int((created - second) * 1000):03d}"
+
+
+class TextFormatter(logging.Formatter):
+    """`TEXT_FORMAT` (the lines `gateway serve` always wrote), its time formatted once per second."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+        self._clock = _Clock()
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return self._clock.local(record.created)
 
 
 class JsonFormatter(logging.Formatter):
@@ -80,7 +99,7 @@ class JsonFormatter(logging.Formatter):
 
 def formatter(fmt: str | None = None) -> logging.Formatter:
     """The formatter of `fmt` (default: GATEWAY_LOG_FORMAT)."""
-    return JsonFormatter() if (fmt or log_format()) == "json" else logging.Formatter(TEXT_FORMAT)
+    return JsonFormatter() if (fmt or log_format()) == "json" else TextFormatter()
 
 
 def setup(level: int = logging.INFO, fmt: str | None = None, stream: IO[str] | None = None) -> None:
@@ -96,14 +115,17 @@ def setup(level: int = logging.INFO, fmt: str | None = None, stream: IO[str] | N
 
 
 def apply_env_format() -> None:
-    """With GATEWAY_LOG_FORMAT=json, give the plain stderr handlers `logging.basicConfig` installed the
-    JSON formatter (a worker process configured before this module was asked). Test capture handlers
-    (subclasses) are left alone."""
-    if log_format() != "json":
-        return
+    """Give the plain stderr handlers `logging.basicConfig` installed (a worker process configured
+    before this module was asked) the formatter GATEWAY_LOG_FORMAT names: JSON, or for text the same
+    lines as before, formatted more cheaply. Test capture handlers (subclasses) are left alone."""
+    json_format = log_format() == "json"
     for handler in logging.getLogger().handlers:
-        if type(handler) is logging.StreamHandler and not isinstance(handler.formatter, JsonFormatter):
+        if type(handler) is not logging.StreamHandler or isinstance(handler.formatter, JsonFormatter | TextFormatter):
+            continue
+        if json_format:
             handler.setFormatter(JsonFormatter())
+        elif handler.formatter is not None and handler.formatter._fmt == TEXT_FORMAT:
+            handler.setFormatter(TextFormatter())
 
 
 # ---------------------------------------------------------------- inbound ids
@@ -153,66 +175,38 @@ def outcome_of(end: str) -> str:
 
 class Access:
     """What the access record of one proxied request says; written once the response is done and
-    the call has ended (`hold` / `release`)."""
+    the call has ended (`call_ended`). Facts not known stay at the class's defaults (None): a request
+    sets only what it learns, which keeps building the record cheap."""
 
-    __slots__ = (
-        "_emit",
-        "_pending",
-        "account_id",
-        "cause",
-        "client_request_id",
-        "credits_micro",
-        "dialect",
-        "error",
-        "estimated",
-        "input_tokens",
-        "key_id",
-        "latency_ms",
-        "method",
-        "model",
-        "outcome",
-        "output_tokens",
-        "path",
-        "request_id",
-        "route",
-        "settled",
-        "span",
-        "status",
-        "trace_id",
-        "ttft_ms",
-        "upstream",
-        "upstream_ms",
-        "upstream_status",
-    )
+    account_id: str | None = None
+    key_id: str | None = None
+    model: str | None = None
+    route: str | None = None
+    upstream: str | None = None
+    outcome: str | None = None
+    estimated = False
+    cause: str | None = None
+    upstream_status: int | None = None
+    error: str | None = None
+    credits_micro: int | None = None
+    settled = True
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    upstream_ms: float | None = None
+    ttft_ms: float | None = None
+    status = 0
+    latency_ms = 0.0
+    method = ""
+    path = ""
+    span: Any = None  # a gateway.tracing.Span when tracing is on: ended with the call
+    _emit: Any = None  # the access logger's writer, once the response is done
 
     def __init__(self, request_id: str, client_id: str | None, trace: str | None, dialect: str) -> None:
         self.request_id = request_id
         self.client_request_id = client_id
         self.trace_id = trace
         self.dialect = dialect
-        self.account_id: str | None = None
-        self.key_id: str | None = None
-        self.model: str | None = None
-        self.route: str | None = None
-        self.upstream: str | None = None
-        self.outcome: str | None = None
-        self.estimated = False
-        self.cause: str | None = None
-        self.upstream_status: int | None = None
-        self.error: str | None = None
-        self.credits_micro: int | None = None
-        self.settled = True
-        self.input_tokens: int | None = None
-        self.output_tokens: int | None = None
-        self.upstream_ms: float | None = None
-        self.ttft_ms: float | None = None
-        self.status = 0
-        self.latency_ms = 0.0
-        self.method = ""
-        self.path = ""
-        self.span: Any = None  # a gateway.tracing.Span when tracing is on: ended with the call
         self._pending = 2  # the response is done, the call has ended: the last of the two writes the record
-        self._emit: Any = None
 
     def call_ended(self, status: int) -> None:
         """The call is over (settled or released, or refused before anything was held): `status` is
@@ -256,13 +250,26 @@ class Access:
 
     def text(self) -> str:
         """The compact text line: the request line, then key=value facts that are known."""
-        parts = [f"{self.method} {self.path} {self.status} {self.latency_ms:.1f}ms {self.request_id}",
+        parts = [f"{self.method} {self.path} {self.status} {self.latency_ms:.1f}ms {self.request_id} "
                  f"outcome={self.outcome_name()}"]
-        for name in ("client_request_id", "trace_id", "account_id", "key_id", "model", "route", "upstream", "cause",
-                     "upstream_status", "error", "input_tokens", "output_tokens"):
-            value = getattr(self, name)
-            if value is not None:
-                parts.append(f"{name}={value}")
+        if self.client_request_id is not None:
+            parts.append(f"client_request_id={self.client_request_id}")
+        if self.trace_id is not None:
+            parts.append(f"trace_id={self.trace_id}")
+        if self.account_id is not None:
+            parts.append(f"account_id={self.account_id} key_id={self.key_id}")
+        if self.model is not None:
+            parts.append(f"model={self.model}")
+        if self.route is not None:
+            parts.append(f"route={self.route} upstream={self.upstream}")
+        if self.cause is not None:
+            parts.append(f"cause={self.cause}")
+        if self.upstream_status is not None:
+            parts.append(f"upstream_status={self.upstream_status}")
+        if self.error is not None:
+            parts.append(f"error={self.error}")
+        if self.input_tokens is not None or self.output_tokens is not None:
+            parts.append(f"input_tokens={self.input_tokens} output_tokens={self.output_tokens}")
         if self.credits_micro is not None:
             parts.append(f"credits={format_credits(self.credits_micro)}")
             if not self.settled:
@@ -313,16 +320,20 @@ class AccessLogger(AbstractAccessLogger):
         rid = response.headers.get("x-gateway-request-id") or response.headers.get("x-request-id", "-")
         line = f"{request.method} {request.path} {response.status} {elapsed * 1000:.1f}ms {rid}"
         if self._json:
-            self.logger.info(line, extra={"access": {"request_id": rid, "method": request.method,
-                                                     "path": request.path, "status": response.status,
-                                                     "latency_ms": round(elapsed * 1000, 1)}})
+            self._emit(line, {"access": {"request_id": rid, "method": request.method, "path": request.path,
+                                         "status": response.status, "latency_ms": round(elapsed * 1000, 1)}})
         else:
-            self.logger.info(line)
+            self._emit(line, None)
 
     def _write(self, access: Access) -> None:
         if not self.logger.isEnabledFor(logging.INFO):
             return
         if self._json:
-            self.logger.info("access", extra={"access": access.fields()})
+            self._emit("access", {"access": access.fields()})
         else:
-            self.logger.info(access.text())
+            self._emit(access.text(), None)
+
+    def _emit(self, line: str, extra: dict[str, Any] | None) -> None:
+        """`logger.info(line)` without looking up the caller's frame (it is always this module)."""
+        logger = self.logger
+        logger.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0, line, (), None, extra=extra))
