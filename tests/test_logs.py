@@ -13,17 +13,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis as sync_redis
 from aiohttp.test_utils import TestClient, TestServer
+from conftest import ADMIN_KEY, PROVIDER_KEY, TEST_PLANS, Harness, emulator_state, make_settings
 from multidict import CIMultiDict
+from served import account_with_key, serve, wait_ready, wait_until
 
 from gateway import logs
 from gateway.app import AccessLogger, create_app
 from gateway.embedded import free_port
 from gateway.logs import client_request_id, trace_id
 from gateway.money import format_credits
-from tests.conftest import ADMIN_KEY, PROVIDER_KEY, TEST_PLANS, Harness, emulator_state, make_settings
 
 PLANS = TEST_PLANS + """  rpm1:
     monthly_credits: 100
@@ -324,3 +326,33 @@ def test_apply_env_format_switches_plain_stderr_handlers_only(monkeypatch: pytes
     finally:
         root.removeHandler(plain)
 
+
+
+async def test_gateway_serve_with_json_logs_writes_json_lines(tmp_path: Path, config_dir: Path, redis_url: str,
+                                                              emulator: TestServer) -> None:
+    served = serve(tmp_path, config_dir, redis_url=redis_url, env={logs.LOG_FORMAT_ENV: "json"})
+    try:
+        await wait_ready(served)
+        account, key = await account_with_key(served)
+        async with aiohttp.ClientSession() as session, session.post(
+                served.url("/v1/chat/completions"), json=CHAT,
+                headers={"Authorization": f"Bearer {key}", "X-Request-ID": "from-serve"}) as resp:
+            assert resp.status == 200
+            rid = resp.headers["x-gateway-request-id"]
+
+        def access() -> dict[str, Any] | None:
+            return next((json.loads(line) for line in served.log().splitlines() if rid in line), None)
+
+        async def written() -> dict[str, Any] | None:
+            return access()
+
+        record = await wait_until(written, "the access record")
+    finally:
+        assert served.stop() == 0
+    assert (record["msg"], record["outcome"], record["account_id"], record["client_request_id"]) == (
+        "access", "served", account, "from-serve")
+    assert record["credits_micro"] > 0
+    lines = served.log().splitlines()
+    printed = ("gateway listening on", "embedded redis-server at")  # the CLI's own banner, not log records
+    assert all(json.loads(line)["level"] for line in lines if not line.startswith(printed))
+    _no_secrets(served.log(), key)

@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from conftest import TEST_PLANS, Harness
 from prometheus_client import CollectorRegistry, Counter
 
 from gateway import alerts
 from gateway.keys import bucket_of
 from gateway.metrics import Labelled
-from tests.conftest import TEST_PLANS, Harness
 
 CHAT = {"model": "demo-mini", "max_tokens": 20, "messages": [{"role": "user", "content": "hello"}]}
 PLANS = TEST_PLANS + """  hooked:
