@@ -128,7 +128,7 @@ def _render(request: web.Request, gw: Gateway, error: GatewayError) -> web.Respo
     headers = dict(error.headers)
     request_id = request.get(REQUEST_ID) or "req_none"
     access = request.get(ACCESS)
-    headers["x-request-id"] = access.client_request_id or request_id if access is not None else request_id
+    headers["x-request-id"] = (access.client_request_id or request_id) if access is not None else request_id
     headers["x-gateway-request-id"] = request_id
     if status == 402:
         headers["x-should-retry"] = "false"
