@@ -67,8 +67,9 @@ def glob_match(name: str, pattern: str) -> bool:
 class ConfigError(Exception):
     """A configuration problem, located by file and path."""
 
-    def __init__(self, file: str, path: str, problem: str) -> None:
-        super().__init__(f"{file}: {path or '<root>'}: {problem}")
+    def __init__(self, file: str, path: str, problem: str, more: tuple[tuple[str, str, str], ...] = ()) -> None:
+        self.problems = ((file, path, problem), *more)  # every problem found, the first one first
+        super().__init__("\n".join(f"{f}: {p or '<root>'}: {m}" for f, p, m in self.problems))
         self.file, self.path, self.problem = file, path, problem
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, providers_yaml
 
 from gateway.config import ConfigError, load_config
 
@@ -51,14 +51,14 @@ def test_wildcard_routes_after_exact_names(folder: Path) -> None:
     ("plans.yaml", "credit_usd: 1.0\n", "credit_usd: -1\n", "plans.free.credit_usd", "positive"),
     ("plans.yaml", "monthly_credits: 20", "monthly_credit: 20", "plans.pro.monthly_credit", "unknown key"),
     ("plans.yaml", "default_plan: free", "default_plan: gold", "default_plan", "unknown plan"),
-    ("plans.yaml", 'models: ["demo-*", "gpt-4o-mini"', 'models: ["mistral-*"', "plans.free.models[0]",
+    ("plans.yaml", 'models: ["gpt-4o-mini"', 'models: ["mistral-*"', "plans.free.models[0]",
      "matches no model"),
-    ("providers.yaml", "demo-mini:\n    upstream: demo\n", "demo-mini:\n    upstream: nowhere\n",
-     "models.demo-mini.upstream", "unknown upstream"),
+    ("providers.yaml", "gpt-5-nano:\n    upstream: openai\n", "gpt-5-nano:\n    upstream: nowhere\n",
+     "models.gpt-5-nano.upstream", "unknown upstream"),
     ("providers.yaml", "output: 0.60\n    max_output_tokens: 16384", "output: lots\n    max_output_tokens: 16384",
      "models.gpt-4o-mini.output", "expected a number"),
-    ("providers.yaml", "output: 0.60\n    max_output_tokens: 4096", "output: 0.60\n    max_output_tokens: 0",
-     "models.demo-mini.max_output_tokens",
+    ("providers.yaml", "output: 2.00\n    max_output_tokens: 4096", "output: 2.00\n    max_output_tokens: 0",
+     "models.gpt-3.5-turbo-instruct.max_output_tokens",
      "at least 1"),
     ("providers.yaml", "dialect: openai", "dialect: smoke-signals", "upstreams.openai.dialect", "must be one of"),
     ("providers.yaml", "${UPSTREAM_OPENAI_API_KEY:-}", "${GATEWAY_TEST_UNSET_VAR}",
@@ -90,7 +90,7 @@ def test_check_config_and_serve_exit_non_zero_on_a_bad_file(folder: Path) -> Non
 def test_the_readme_plans_example_is_a_valid_plans_yaml(tmp_path: Path) -> None:
     readme = (ROOT / "README.md").read_text()
     example = readme.split("#### plans.yaml", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
-    (tmp_path / "providers.yaml").write_text((ROOT / "config" / "providers.yaml").read_text())
+    (tmp_path / "providers.yaml").write_text(providers_yaml())
     (tmp_path / "plans.yaml").write_text(example)
     config = load_config(tmp_path)
     team = config.plans["team"]
@@ -103,7 +103,7 @@ def test_the_readme_plans_example_is_a_valid_plans_yaml(tmp_path: Path) -> None:
 def test_the_readme_alerts_example_is_a_valid_plans_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     readme = (ROOT / "README.md").read_text()
     example = readme.split("### Alerts and webhooks", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
-    (tmp_path / "providers.yaml").write_text((ROOT / "config" / "providers.yaml").read_text())
+    (tmp_path / "providers.yaml").write_text(providers_yaml())
     (tmp_path / "plans.yaml").write_text(example)
     monkeypatch.setenv("ALERTS_WEBHOOK_URL", "https://billing.example/hooks/gateway")
     policy = load_config(tmp_path).plans["pro"].alerts
