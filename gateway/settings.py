@@ -72,6 +72,7 @@ class Settings:
             "drain_seconds": env_float("GATEWAY_DRAIN_SECONDS", 300),
             "client_stall_seconds": env_float("GATEWAY_CLIENT_STALL_SECONDS", 60),
             "settle_drain_seconds": env_float("GATEWAY_SETTLE_DRAIN_SECONDS", 30),
+            "reap_interval_seconds": env_float("GATEWAY_REAP_INTERVAL_SECONDS", 5.0),
             "redis_timeout_seconds": env_float("GATEWAY_REDIS_TIMEOUT_SECONDS", 0.5),
             "config_poll_seconds": env_float("GATEWAY_CONFIG_POLL_SECONDS", 2.0),
             # with a sink, Redis keeps only a window: the shipper has the rest (and trims only what it shipped)
