@@ -13,6 +13,7 @@ import sys
 from decimal import Decimal, InvalidOperation
 from inspect import isclass
 from pathlib import Path
+from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -227,18 +228,23 @@ class PlansFile(Strict):
 # ---------------------------------------------------------------- errors, schemas
 
 
+def _unwrap(kind: Any) -> Any:
+    """`X` of `Annotated[X, ...]` and of `X | None`."""
+    while get_origin(kind) in (Annotated, Union, UnionType):
+        kind = next(a for a in get_args(kind) if a is not type(None))
+    return kind
+
+
 def _model_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
     """The model whose field `loc` names (to list its keys when one is unknown)."""
     kind: Any = root
     for part in loc:
-        while get_origin(kind) in (Annotated, Union) or str(get_origin(kind)) == "types.UnionType":
-            kind = next(a for a in get_args(kind) if a is not type(None))
+        kind = _unwrap(kind)
         if isclass(kind) and issubclass(kind, BaseModel):
             kind = kind.model_fields[str(part)].annotation if str(part) in kind.model_fields else None
         elif get_origin(kind) in (dict, list):
             kind = get_args(kind)[-1]
-    while get_origin(kind) in (Annotated, Union) or str(get_origin(kind)) == "types.UnionType":
-        kind = next(a for a in get_args(kind) if a is not type(None))
+    kind = _unwrap(kind)
     return kind if isclass(kind) and issubclass(kind, BaseModel) else None
 
 
