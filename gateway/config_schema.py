@@ -111,8 +111,17 @@ class Strict(BaseModel):
 # ---------------------------------------------------------------- providers.yaml
 
 
+def _or_a_number(schema: dict[str, Any]) -> None:
+    """The JSON Schema of a mapping that may also be written as a bare number (its short form)."""
+    long_form = dict(schema)
+    schema.clear()
+    schema.update({"title": long_form.pop("title", ""), "anyOf": [{"type": "number", "minimum": 0}, long_form]})
+
+
 class ToolFeeSpec(Strict):
     """A built-in tool's fee: USD per call, or the long form."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_or_a_number)
 
     per_call: Amount
     max_calls_per_request: Count1 | None = None

@@ -190,6 +190,8 @@ def test_the_published_json_schemas_are_the_models_and_every_shipped_file_refere
         monkeypatch: pytest.MonkeyPatch) -> None:
     for name, text in render_schemas().items():
         assert (ROOT / "schema" / name).read_text() == text, f"regenerate: python -m gateway.config_schema ({name})"
+    tool_fee = json.loads(render_schemas()["providers.schema.json"])["$defs"]["ToolFeeSpec"]
+    assert tool_fee["anyOf"][0] == {"minimum": 0, "type": "number"}  # `web_search: 0.01`, the short form, too
     for folder, relative in ((ROOT / "config", "../schema"), (ROOT / "config" / "demo", "../../schema")):
         for kind in ("plans", "providers"):
             first = (folder / f"{kind}.yaml").read_text().splitlines()[0]
