@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
+import os
 import re
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -30,9 +32,19 @@ class UsageError(GatewayError):
     """The command cannot run as invoked (exit 2): no Redis to use, a bad option value."""
 
 
+SERVED_CONFIG = "config_dir"  # in the data directory: the config directory the running `gateway serve` uses
+
+
 def settings(args: argparse.Namespace) -> Settings:
-    return Settings.from_env(config_dir=getattr(args, "config_dir", None), redis_url=getattr(args, "redis_url", None),
-                             data_dir=getattr(args, "data_dir", None))
+    """The command's settings; with no config directory named, that of the gateway running on the
+    data directory (so `make run`'s demo plans are the ones an operator command sees)."""
+    current = Settings.from_env(config_dir=getattr(args, "config_dir", None),
+                                redis_url=getattr(args, "redis_url", None), data_dir=getattr(args, "data_dir", None))
+    served = current.data_dir / SERVED_CONFIG
+    if getattr(args, "config_dir", None) is None and not os.environ.get("GATEWAY_CONFIG_DIR") \
+            and served.exists() and discover_url(current.data_dir) is not None:
+        current = dataclasses.replace(current, config_dir=Path(served.read_text(encoding="utf-8").strip()))
+    return current
 
 
 def config(args: argparse.Namespace) -> Config:

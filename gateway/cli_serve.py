@@ -17,7 +17,7 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.app import AccessLogger
-from gateway.cli_common import output, redact_url
+from gateway.cli_common import SERVED_CONFIG, output, redact_url
 from gateway.config import ConfigError, load_config
 from gateway.embedded import EmbeddedRedis
 from gateway.master import Master, cleanup_metrics_dir, make_metrics_dir
@@ -114,6 +114,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             settings = dataclasses.replace(settings, redis_url=embedded.url)
             print(f"using the embedded Redis in {settings.data_dir.resolve()} (at {embedded.location})",
                   file=sys.stderr)
+            served_config = settings.data_dir / SERVED_CONFIG  # operator commands load the same config
+            served_config.write_text(f"{settings.config_dir.resolve()}\n", encoding="utf-8")
         else:
             print(f"using Redis at {redact_url(settings.redis_url)}", file=sys.stderr)
         print(f"configuration from {settings.config_dir.resolve()}", file=sys.stderr)
@@ -145,6 +147,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             emulator.join(10)
         if embedded is not None:
             embedded.stop()
+            (settings.data_dir / SERVED_CONFIG).unlink(missing_ok=True)
         cleanup_metrics_dir(metrics_dir)
 
 

@@ -75,13 +75,14 @@ async def test_serve_with_the_emulator_on_another_port_answers_through_the_demo_
     try:
         await wait_ready(served)
         assert f"provider emulator on http://127.0.0.1:{emulator_port}/v1" in served.log()
-        # the CLI, run from another directory, finds the running gateway's Redis through --data-dir
-        made = gateway("accounts", "create", "--name", "demo", "--json", "--data-dir", str(data),
-                       "--config-dir", str(ROOT / "config" / "demo"), cwd=tmp_path)
+        # the CLI, run from another directory, finds the running gateway's Redis through --data-dir, and
+        # its configuration (the demo's: the account is on the demo's default plan)
+        made = gateway("accounts", "create", "--name", "demo", "--json", "--data-dir", str(data), cwd=tmp_path)
         account = json_of(made)["id"]
+        assert json_of(made)["plan"] == "demo"
         assert f"using the embedded Redis of the gateway running on {data.resolve()}" in made.stderr
         key = json_of(gateway("keys", "create", "--account", account, "--json", "--data-dir", str(data),
-                              "--config-dir", str(ROOT / "config" / "demo"), cwd=tmp_path))["key"]
+                              cwd=tmp_path))["key"]
         async with aiohttp.ClientSession() as session, session.post(
                 served.url("/v1/chat/completions"), headers={"Authorization": f"Bearer {key}"},
                 json={"model": "demo-mini", "messages": [{"role": "user", "content": "Hello"}]}) as resp:
@@ -90,6 +91,7 @@ async def test_serve_with_the_emulator_on_another_port_answers_through_the_demo_
             assert body["usage"]["prompt_tokens"] > 0 and float(resp.headers["x-credits-remaining"]) < 1
     finally:
         assert served.stop() == 0, served.log()
+    assert not (data / "config_dir").exists()  # a stopped gateway's config is not an operator command's
 
 
 # ---------------------------------------------------------------- which Redis
