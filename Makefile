@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8080
+EMULATOR_PORT ?= 8090
 
 .DEFAULT_GOAL := help
 .PHONY: help install browser run test lint bench clean
@@ -22,8 +23,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## build .venv/ with the gateway and its test tools
 
-run: $(STAMP) ## start the gateway on embedded Redis, with the demo provider emulator
-	$(BIN)/gateway serve --host $(HOST) --port $(PORT) --with-emulator
+run: $(STAMP) ## the demo: the gateway on embedded Redis, the provider emulator, config/demo/ (EMULATOR_PORT=8090)
+	$(BIN)/gateway serve --host $(HOST) --port $(PORT) --with-emulator --emulator-port $(EMULATOR_PORT)
 
 browser: ## Debian's chromium, for the dashboard test (apt-get, as root; that test is skipped without it)
 	@command -v chromium >/dev/null 2>&1 || { \

@@ -1,198 +1,62 @@
 """The `gateway` command: serve, the provider emulator, and operator commands on accounts and keys.
 
 Operator commands talk to Redis directly: REDIS_URL (or --redis-url) when given, else the embedded
-server a running `gateway serve` started (its URL is in the data directory), else they start the
-embedded server themselves for the duration of the command.
+server a running `gateway serve` started (its URL is in the data directory), else the embedded server
+on the data directory, started for the command, but only if that directory holds data (see
+gateway.cli_common.open_redis). Each says on stderr which Redis it uses.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import dataclasses
 import json
-import logging
-import multiprocessing
-import os
-import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
-from gateway.app import AccessLogger
+from gateway import __version__
 from gateway.auth import check_scopes
-from gateway.config import Config, ConfigError, key_limits, load_config
-from gateway.embedded import EmbeddedRedis, discover_url
+from gateway.cli_common import EXIT_USAGE, iso, port_number, positive_int, table
+from gateway.cli_common import config as _config
+from gateway.cli_common import output as _output
+from gateway.cli_common import run as _run
+from gateway.cli_common import store as _store
+from gateway.cli_serve import cmd_check_config, cmd_emulator, cmd_serve
+from gateway.config import key_limits
 from gateway.errors import GatewayError
 from gateway.index import account_ids
-from gateway.keys import KeySchema
 from gateway.ledger import account_events, export_cursor, render
-from gateway.master import Master, cleanup_metrics_dir, make_metrics_dir
 from gateway.money import credits_number, credits_to_micro
-from gateway.scripts import ScriptRunner, load_scripts
-from gateway.settings import Settings, SettingsError
+from gateway.settings import SettingsError
 from gateway.store import Store, account_view, check_idempotency_key, key_view, parse_expiry
 
-log = logging.getLogger("gateway")
-_LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(message)s"
+ACCOUNT_STATUSES = ("active", "suspended", "closed")
 
 
-# ---------------------------------------------------------------- serve
+def _described(view: dict[str, Any]) -> str:
+    """An account, key or change as `name: value` lines a person reads (no Python reprs)."""
+    def text(value: Any) -> str:
+        if value is None or value == [] or value == {}:
+            return "-"
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if isinstance(value, list | tuple):
+            return ", ".join(text(v) for v in value)
+        if isinstance(value, dict):
+            return ", ".join(f"{k} {text(v)}" for k, v in value.items())
+        return str(value)
 
-
-def _serve_worker(settings: Settings, host: str, port: int, reuse_port: bool,
-                  embedded: EmbeddedRedis | None = None) -> None:
-    """Run one gateway process until SIGTERM or SIGINT, then drain it. `embedded`: a started server
-    this process takes over (restarts it if it dies, stops it once everything is settled)."""
-    from gateway.app import EMBEDDED, create_app
-
-    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
-    app = create_app(settings)
-    if embedded is not None:
-        app[EMBEDDED] = embedded
-    asyncio.run(_serve(app, settings, host, port, reuse_port))
-
-
-async def _serve(app: web.Application, settings: Settings, host: str, port: int, reuse_port: bool) -> None:
-    """Serve `app` until SIGTERM or SIGINT; then the listener closes, requests in flight may finish for
-    up to the grace period (aiohttp's shutdown timeout), and the cleanup contexts settle everything.
-
-    The signals only set an event (not aiohttp's run_app, which raises into the main task): a signal
-    during startup is acted on once startup is done, where a cancellation raised into it could be
-    swallowed by a Redis call and leave the process serving on, deaf to the signal."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=settings.shutdown_grace_seconds)
-    await runner.setup()
-    try:
-        if not stop.is_set():
-            await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
-            await stop.wait()
-    finally:
-        await runner.cleanup()
-
-
-def _emulator_worker(host: str, port: int, latency_ms: float = 0.0, chunk_delay_ms: float = 0.0) -> None:
-    from gateway.emulator import EmulatorState, create_emulator_app
-
-    logging.basicConfig(level=logging.WARNING)
-    state = EmulatorState(latency_ms=latency_ms, chunk_delay_ms=chunk_delay_ms)
-    web.run_app(create_emulator_app(state), host=host, port=port, print=None, access_log=None)
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    listener = {"admin_port": args.admin_port, "admin_host": args.admin_host, "admin_reuse_port": args.workers > 1}
-    try:
-        settings = Settings.from_env(config_dir=args.config_dir, redis_url=args.redis_url, **listener)
-        load_config(settings.config_dir)
-    except (ConfigError, SettingsError) as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
-    # until the serving loop (or the master) takes the signals over, SIGTERM unwinds like Ctrl-C: the
-    # embedded redis-server (in a session of its own) is stopped on the way out, never orphaned
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    embedded = emulator = metrics_dir = None
-    try:
-        if settings.redis_url is None:
-            embedded = EmbeddedRedis(settings.data_dir)
-            embedded.start()
-            settings = dataclasses.replace(settings, redis_url=embedded.url)
-            print(f"embedded redis-server at {embedded.location} (password and data in {settings.data_dir}/)",
-                  file=sys.stderr)
-        ctx = multiprocessing.get_context("spawn")
-        if args.with_emulator:
-            emulator = ctx.Process(target=_emulator_worker, daemon=True,
-                                   args=(args.host, args.emulator_port, args.latency_ms, args.chunk_delay_ms))
-            emulator.start()
-            print(f"provider emulator on http://{args.host}:{args.emulator_port}/v1", file=sys.stderr)
-        print(f"gateway listening on http://{args.host}:{args.port} ({args.workers} worker(s))", file=sys.stderr)
-        if settings.admin_port is not None:
-            print(f"admin API, metrics and dashboard on http://{settings.admin_host}:{settings.admin_port} only",
-                  file=sys.stderr)
-        if args.workers <= 1:  # this process serves, and owns (supervises, stops) the embedded server
-            _serve_worker(settings, args.host, args.port, False, embedded)
-            return 0
-        metrics_dir = make_metrics_dir()
-        settings = dataclasses.replace(settings, metrics_dir=metrics_dir)
-        worker_args = (settings, args.host, args.port, True)
-        return Master(settings, args.workers, lambda: ctx.Process(target=_serve_worker, args=worker_args),
-                      embedded).run()
-    except KeyboardInterrupt:  # a signal before anything was serving
-        return 0
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # already on the way out
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if emulator is not None and emulator.is_alive():
-            emulator.terminate()
-            emulator.join(10)
-        if embedded is not None:
-            embedded.stop()
-        cleanup_metrics_dir(metrics_dir)
-
-
-def cmd_emulator(args: argparse.Namespace) -> int:
-    print(f"provider emulator on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    _emulator_worker(args.host, args.port, args.latency_ms, args.chunk_delay_ms)
-    return 0
-
-
-def cmd_check_config(args: argparse.Namespace) -> int:
-    settings = Settings.from_env(config_dir=args.config_dir)
-    try:
-        config = load_config(settings.config_dir)
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
-    summary = {"config_dir": str(settings.config_dir), "upstreams": sorted(config.upstreams),
-               "models": [r.pattern for r in config.routes], "plans": sorted(config.plans),
-               "default_plan": config.default_plan}
-    _output(args, summary, f"ok: {len(config.upstreams)} upstream(s), {len(config.routes)} model route(s), "
-                           f"{len(config.plans)} plan(s) in {settings.config_dir}")
-    return 0
+    width = max((len(k) for k in view), default=0)
+    return "\n".join(f"{k.replace('_', ' '):<{width}}  {text(v)}" for k, v in view.items())
 
 
 # ---------------------------------------------------------------- operator commands
 
 
-@contextlib.asynccontextmanager
-async def _store(args: argparse.Namespace) -> AsyncIterator[Store]:
-    """A store on the configured Redis (standalone, cluster or sentinel URL); the legacy global
-    indexes are copied into the sharded ones first if no process has done it yet."""
-    from gateway.migrate import migrate_once
-    from gateway.redis_client import connect_redis
-
-    settings = Settings.from_env(config_dir=args.config_dir, redis_url=args.redis_url)
-    url = settings.redis_url or discover_url(settings.data_dir)
-    embedded = None
-    if url is None:
-        embedded = EmbeddedRedis(settings.data_dir)
-        embedded.start()
-        url = embedded.url
-    client = connect_redis(url, 5.0)
-    try:
-        runner = ScriptRunner(client, load_scripts())
-        schema = KeySchema(settings.key_prefix)
-        await migrate_once(client, schema)
-        yield Store(client, schema, runner)
-    finally:
-        await client.aclose()
-        if embedded is not None:
-            embedded.stop()
-
-
-def _output(args: argparse.Namespace, data: Any, text: str) -> None:
-    print(json.dumps(data, indent=2) if args.json else text)
-
-
 async def _accounts_create(args: argparse.Namespace) -> None:
-    config = load_config(Settings.from_env(config_dir=args.config_dir).config_dir)
+    config = _config(args)
     async with _store(args) as store:
         account_id = await store.create_account(config, args.name, args.plan or config.default_plan)
         view = account_view(account_id, await store.account_raw(account_id), config)
@@ -200,14 +64,10 @@ async def _accounts_create(args: argparse.Namespace) -> None:
 
 
 async def _accounts_show(args: argparse.Namespace) -> None:
-    config = load_config(Settings.from_env(config_dir=args.config_dir).config_dir)
+    config = _config(args)
     async with _store(args) as store:
         view = account_view(args.account_id, await store.account_raw(args.account_id), config)
-    _output(args, view, "\n".join(f"{k}: {v}" for k, v in view.items()))
-
-
-def _config(args: argparse.Namespace) -> Config:
-    return load_config(Settings.from_env(config_dir=args.config_dir).config_dir)
+    _output(args, view, _described(view))
 
 
 async def _keys_create(args: argparse.Namespace) -> None:
@@ -244,23 +104,37 @@ async def _accounts_list(args: argparse.Namespace) -> None:
     async with _store(args) as store:
         found, more = await store.list_accounts(args.plan, args.status, args.name, args.limit, args.after)
     views = [account_view(account_id, rec, config) for account_id, rec in found]
-    lines = [f"{v['id']}  {v['plan']:<12} {v['status']:<9} {v['credits_remaining']:>14}  {v['name']}" for v in views]
+    text = table(("id", "plan", "status", "credits left", "name"),
+                 [(v["id"], v["plan"], v["status"], v["credits_remaining"], v["name"]) for v in views])
     if more:
-        lines.append(f"(more: --after {views[-1]['id']})")
-    _output(args, {"data": views, "has_more": more}, "\n".join(lines) or "no accounts")
+        text += f"\n(more: --after {views[-1]['id']})"
+    _output(args, {"data": views, "has_more": more}, text if views else "no accounts")
 
 
 async def _stats(args: argparse.Namespace) -> None:
     async with _store(args) as store:
         totals = await store.stats()
-    _output(args, totals, "\n".join(f"{k}: {v}" for k, v in totals.items()))
+    _output(args, totals, _stats_text(totals))
+
+
+def _stats_text(t: dict[str, Any]) -> str:
+    def counts(by: dict[str, int]) -> str:
+        return ", ".join(f"{n} {name or 'unknown'}" for name, n in sorted(by.items())) or "none"
+
+    return (f"{t['accounts']} account(s). By plan: {counts(t['accounts_by_plan'])}. "
+            f"By status: {counts(t['accounts_by_status'])}.\n"
+            f"Credits: {t['credits_used_this_cycle']} used this cycle, {t['credits_used_lifetime']} used in all, "
+            f"{t['credits_remaining']} remaining, {t['credits_held']} held by requests in flight.\n"
+            f"Requests: {t['requests_this_cycle']} this cycle, {t['requests_lifetime']} in all.\n"
+            f"Tokens: {t['tokens_this_cycle']} this cycle, {t['tokens_lifetime']} in all.")
 
 
 async def _keys_list(args: argparse.Namespace) -> None:
     async with _store(args) as store:
         keys = await store.list_keys(args.account)
-    _output(args, keys, "\n".join(f"{k['id']}  {k['prefix']}…  {k['status']}  {k['label']}" for k in keys)
-            or "no keys")
+    rows = [(k["id"], f"{k['prefix']}…", k["status"], k.get("last_used_at") or "never", k.get("expires_at") or "never",
+             k["label"]) for k in keys]
+    _output(args, keys, table(("id", "key", "status", "last used", "expires", "label"), rows) if keys else "no keys")
 
 
 async def _keys_revoke(args: argparse.Namespace) -> None:
@@ -297,7 +171,8 @@ async def _plans_change(args: argparse.Namespace) -> None:
 async def _plans_renew(args: argparse.Namespace) -> None:
     async with _store(args) as store:
         end = await store.renew(args.account, args.months)
-    _output(args, {"account_id": args.account, "plan_expires_ms": end}, f"{args.account}: renewed until {end} ms")
+    _output(args, {"account_id": args.account, "plan_expires_at": iso(end), "plan_expires_ms": end},
+            f"{args.account}: subscription renewed until {iso(end)}")
 
 
 async def _packs_buy(args: argparse.Namespace) -> None:
@@ -350,68 +225,69 @@ async def _exported_accounts(args: argparse.Namespace, store: Store) -> AsyncIte
         yield account_id
 
 
-def _run(coro: Callable[[argparse.Namespace], Coroutine[Any, Any, None]]) -> Callable[[argparse.Namespace], int]:
-    def runner(args: argparse.Namespace) -> int:
-        try:
-            asyncio.run(coro(args))
-        except (GatewayError, ConfigError, SettingsError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        return 0
-
-    return runner
-
-
 # ---------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="Metering gateway for AI APIs.")
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p: argparse.ArgumentParser, redis: bool = True) -> argparse.ArgumentParser:
-        p.add_argument("--config-dir", type=Path, default=None, help="config directory (GATEWAY_CONFIG_DIR)")
+    def common(p: argparse.ArgumentParser, redis: bool = True, create: bool = True) -> argparse.ArgumentParser:
+        p.add_argument("--config-dir", type=Path, default=None,
+                       help="the directory of plans.yaml and providers.yaml (GATEWAY_CONFIG_DIR, default config/)")
         if redis:
-            p.add_argument("--redis-url", default=None, help="Redis URL (REDIS_URL); default: embedded")
+            p.add_argument("--redis-url", default=None, help="Redis URL (REDIS_URL); default: the embedded Redis")
+            p.add_argument("--data-dir", type=Path, default=None,
+                           help="the embedded Redis's data directory (GATEWAY_DATA_DIR, default var/)")
+            if create:  # (serve always may: it makes a new store on its first run)
+                p.add_argument("--create-data-dir", action="store_true",
+                               help="start a new, empty embedded Redis when the data directory holds no data")
         p.add_argument("--json", action="store_true", help="print JSON on stdout")
         return p
 
-    serve = common(sub.add_parser("serve", help="run the gateway"))
-    serve.add_argument("--host", default=os.environ.get("GATEWAY_HOST", "127.0.0.1"))
-    serve.add_argument("--port", type=int, default=int(os.environ.get("GATEWAY_PORT", 8080)))
-    serve.add_argument("--workers", type=int, default=int(os.environ.get("GATEWAY_WORKERS", 1)))
-    serve.add_argument("--admin-port", type=int, default=None,
+    serve = common(sub.add_parser("serve", help="run the gateway"), create=False)
+    serve.add_argument("--host", default=None, help="address to listen on (GATEWAY_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=port_number, default=None, help="port to listen on (GATEWAY_PORT, default 8080)")
+    serve.add_argument("--workers", type=positive_int, default=None,
+                       help="worker processes sharing the port (GATEWAY_WORKERS, default 1)")
+    serve.add_argument("--admin-port", type=port_number, default=None,
                        help="serve /admin, /metrics and the dashboard on this port only (GATEWAY_ADMIN_PORT)")
     serve.add_argument("--admin-host", default=None,
                        help="the admin listener's address (GATEWAY_ADMIN_HOST, default 127.0.0.1)")
-    serve.add_argument("--with-emulator", action="store_true", help="also run the demo provider emulator")
-    serve.add_argument("--emulator-port", type=int, default=8090)
+    serve.add_argument("--log-format", choices=("text", "json"), default=None,
+                       help="log lines as text or one JSON object each (GATEWAY_LOG_FORMAT, default text)")
+    serve.add_argument("--with-emulator", action="store_true",
+                       help="also run the provider emulator, with the demo configuration (config/demo/) unless "
+                            "--config-dir or GATEWAY_CONFIG_DIR names another")
+    serve.add_argument("--emulator-port", type=port_number, default=None,
+                       help="the emulator's port (EMULATOR_PORT, default 8090); the demo upstreams follow it")
     serve.set_defaults(func=cmd_serve)
 
     emulator = sub.add_parser("emulator", help="run the provider emulator alone")
-    emulator.add_argument("--host", default="127.0.0.1")
-    emulator.add_argument("--port", type=int, default=8090)
+    emulator.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    emulator.add_argument("--port", type=port_number, default=None, help="port (EMULATOR_PORT, default 8090)")
     emulator.set_defaults(func=cmd_emulator)
     for p in (serve, emulator):
         p.add_argument("--latency-ms", type=float, default=0.0, help="emulator: delay before each answer")
         p.add_argument("--chunk-delay-ms", type=float, default=0.0, help="emulator: delay between stream chunks")
 
-    common(sub.add_parser("check-config", help="validate plans.yaml and providers.yaml"), redis=False
-           ).set_defaults(func=cmd_check_config)
+    common(sub.add_parser("check-config", help="validate plans.yaml and providers.yaml (every problem at once)"),
+           redis=False).set_defaults(func=cmd_check_config)
 
     accounts = sub.add_parser("accounts", help="manage accounts").add_subparsers(dest="action", required=True)
     create = common(accounts.add_parser("create", help="create an account"))
-    create.add_argument("--name", required=True)
-    create.add_argument("--plan", default=None)
+    create.add_argument("--name", required=True, help="the account's display name")
+    create.add_argument("--plan", default=None, help="a plan of plans.yaml (default: its default_plan)")
     create.set_defaults(func=_run(_accounts_create))
     show = common(accounts.add_parser("show", help="show an account's balance"))
-    show.add_argument("account_id")
+    show.add_argument("account_id", help="the account's id (acct_...)")
     show.set_defaults(func=_run(_accounts_show))
     alist = common(accounts.add_parser("list", help="list accounts (filters, pages)"))
-    alist.add_argument("--plan", default=None)
-    alist.add_argument("--status", default=None)
+    alist.add_argument("--plan", default=None, help="only accounts on this plan")
+    alist.add_argument("--status", choices=ACCOUNT_STATUSES, default=None, help="only accounts with this status")
     alist.add_argument("--name", default=None, help="a substring of the name")
-    alist.add_argument("--limit", type=int, default=50)
+    alist.add_argument("--limit", type=positive_int, default=50, help="accounts per page (default 50)")
     alist.add_argument("--after", default=None, help="the last account id of the previous page")
     alist.set_defaults(func=_run(_accounts_list))
     common(sub.add_parser("stats", help="platform totals: accounts by plan, spend, requests, tokens")
@@ -419,44 +295,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
     kcreate = common(keys.add_parser("create", help="create a key (shown once)"))
-    kcreate.add_argument("--account", required=True)
-    kcreate.add_argument("--label", default="")
-    kcreate.add_argument("--expires-at", default=None, help="ISO 8601 time")
+    kcreate.add_argument("--account", required=True, help="the account the key spends from")
+    kcreate.add_argument("--label", default="", help="a name for the key (e.g. the machine it is for)")
+    kcreate.add_argument("--expires-at", default=None, help="when the key stops working, ISO 8601 time")
     kcreate.add_argument("--limits", default=None,
                          help='the key\'s own rate limits as JSON, e.g. \'{"requests_per_minute": 20}\'')
     kcreate.add_argument("--scope", action="append", default=[],
                          help="narrow the key: api:<openai|anthropic|gemini|http> or model:<glob> (repeatable)")
     kcreate.set_defaults(func=_run(_keys_create))
     krotate = common(keys.add_parser("rotate", help="a new key; the old one stays valid for a grace period"))
-    krotate.add_argument("key_id")
-    krotate.add_argument("--grace-seconds", type=int, default=3600)
+    krotate.add_argument("key_id", help="the key's id (key_...)")
+    krotate.add_argument("--grace-seconds", type=int, default=3600,
+                         help="how long the old key keeps working (default 3600)")
     krotate.set_defaults(func=_run(_keys_rotate))
     klist = common(keys.add_parser("list", help="list an account's keys"))
-    klist.add_argument("--account", required=True)
+    klist.add_argument("--account", required=True, help="the account's id")
     klist.set_defaults(func=_run(_keys_list))
     krevoke = common(keys.add_parser("revoke", help="revoke a key at once"))
-    krevoke.add_argument("key_id")
+    krevoke.add_argument("key_id", help="the key's id (key_...)")
     krevoke.set_defaults(func=_run(_keys_revoke))
 
     credits = sub.add_parser("credits", help="manage credits").add_subparsers(dest="action", required=True)
     grant = common(credits.add_parser("grant", help="grant credits that never expire"))
-    grant.add_argument("--account", required=True)
-    grant.add_argument("--credits", required=True)
-    grant.add_argument("--note", default="")
+    grant.add_argument("--account", required=True, help="the account's id")
+    grant.add_argument("--credits", required=True, help="credits to add (a decimal, at most 6 places)")
+    grant.add_argument("--note", default="", help="why (kept in the ledger)")
     grant.add_argument("--idempotency-key", default=None,
                        help="a retry with the same key (within 24 h) credits nothing and prints the first answer")
     grant.set_defaults(func=_run(_credits_grant))
 
     plans = sub.add_parser("plans", help="change subscriptions").add_subparsers(dest="action", required=True)
     change = common(plans.add_parser("change", help="upgrade (at once) or downgrade (next cycle) an account"))
-    change.add_argument("--account", required=True)
-    change.add_argument("--plan", required=True)
-    change.add_argument("--effective", choices=("now", "next_cycle"), default=None)
+    change.add_argument("--account", required=True, help="the account's id")
+    change.add_argument("--plan", required=True, help="the new plan (a plan of plans.yaml)")
+    change.add_argument("--effective", choices=("now", "next_cycle"), default=None,
+                        help="when the change applies (default: upgrades now, downgrades at the next cycle)")
     change.add_argument("--expires-at", default=None, help="subscription end, ISO 8601 (then: the default plan)")
     change.set_defaults(func=_run(_plans_change))
-    renew = common(plans.add_parser("renew", help="move a subscription's end on by whole months"))
-    renew.add_argument("--account", required=True)
-    renew.add_argument("--months", type=int, default=1)
+    renew = common(plans.add_parser("renew", help="move a subscription's end on by whole months (it must have one)"))
+    renew.add_argument("--account", required=True, help="the account's id")
+    renew.add_argument("--months", type=positive_int, default=1, help="whole months to add (default 1)")
     renew.set_defaults(func=_run(_plans_renew))
 
     usage = sub.add_parser("usage", help="the usage ledger").add_subparsers(dest="action", required=True)
@@ -472,8 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     packs = sub.add_parser("packs", help="credit packs").add_subparsers(dest="action", required=True)
     buy = common(packs.add_parser("buy", help="add a pack from plans.yaml (its credits never expire)"))
-    buy.add_argument("--account", required=True)
-    buy.add_argument("--pack", required=True)
+    buy.add_argument("--account", required=True, help="the account's id")
+    buy.add_argument("--pack", required=True, help="a pack of plans.yaml")
     buy.add_argument("--idempotency-key", default=None,
                      help="a retry with the same key (within 24 h) adds nothing and prints the first answer")
     buy.set_defaults(func=_run(_packs_buy))
@@ -482,4 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except SettingsError as exc:  # a bad GATEWAY_* value: named, never a traceback
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE

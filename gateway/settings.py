@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,35 +65,36 @@ class Settings:
             "redis_url": env.get("REDIS_URL") or None,
             "data_dir": Path(env.get("GATEWAY_DATA_DIR", "var")),
             "admin_key": Secret(env.get("GATEWAY_ADMIN_KEY", "")),
-            "max_body_bytes": int(env.get("GATEWAY_MAX_BODY_BYTES", 10 * 1024 * 1024)),
-            "max_choices": int(env.get("GATEWAY_MAX_CHOICES", 1)),
-            "hold_lease_seconds": float(env.get("GATEWAY_HOLD_LEASE_SECONDS", 120)),
-            "hold_tombstone_seconds": float(env.get("GATEWAY_HOLD_TOMBSTONE_SECONDS", 3600)),
-            "drain_seconds": float(env.get("GATEWAY_DRAIN_SECONDS", 300)),
-            "client_stall_seconds": float(env.get("GATEWAY_CLIENT_STALL_SECONDS", 60)),
-            "settle_drain_seconds": float(env.get("GATEWAY_SETTLE_DRAIN_SECONDS", 30)),
-            "redis_timeout_seconds": float(env.get("GATEWAY_REDIS_TIMEOUT_SECONDS", 0.5)),
-            "config_poll_seconds": float(env.get("GATEWAY_CONFIG_POLL_SECONDS", 2.0)),
+            "max_body_bytes": env_int("GATEWAY_MAX_BODY_BYTES", 10 * 1024 * 1024, minimum=1),
+            "max_choices": env_int("GATEWAY_MAX_CHOICES", 1, minimum=1),
+            "hold_lease_seconds": env_float("GATEWAY_HOLD_LEASE_SECONDS", 120),
+            "hold_tombstone_seconds": env_float("GATEWAY_HOLD_TOMBSTONE_SECONDS", 3600),
+            "drain_seconds": env_float("GATEWAY_DRAIN_SECONDS", 300),
+            "client_stall_seconds": env_float("GATEWAY_CLIENT_STALL_SECONDS", 60),
+            "settle_drain_seconds": env_float("GATEWAY_SETTLE_DRAIN_SECONDS", 30),
+            "reap_interval_seconds": env_float("GATEWAY_REAP_INTERVAL_SECONDS", 5.0),
+            "redis_timeout_seconds": env_float("GATEWAY_REDIS_TIMEOUT_SECONDS", 0.5),
+            "config_poll_seconds": env_float("GATEWAY_CONFIG_POLL_SECONDS", 2.0),
             # with a sink, Redis keeps only a window: the shipper has the rest (and trims only what it shipped)
-            "ledger_retention_days": float(env.get("GATEWAY_LEDGER_RETENTION_DAYS") or (7 if sink else 400)),
+            "ledger_retention_days": env_float("GATEWAY_LEDGER_RETENTION_DAYS", 7 if sink else 400),
             "ledger_protect_exports": tuple(n for n in env.get("GATEWAY_LEDGER_PROTECT_EXPORTS", "").split(",") if n),
             "ledger_sink": sink,
             "ledger_sink_token": Secret(env.get("GATEWAY_LEDGER_SINK_TOKEN", "")),
-            "ledger_ship_batch": int(env.get("GATEWAY_LEDGER_SHIP_BATCH", 500)),
-            "ledger_ship_interval_seconds": float(env.get("GATEWAY_LEDGER_SHIP_INTERVAL_SECONDS", 1.0)),
+            "ledger_ship_batch": env_int("GATEWAY_LEDGER_SHIP_BATCH", 500, minimum=1),
+            "ledger_ship_interval_seconds": env_float("GATEWAY_LEDGER_SHIP_INTERVAL_SECONDS", 1.0),
             "ledger_file_rotate": env.get("GATEWAY_LEDGER_FILE_ROTATE") or "hour",
-            "ledger_file_max_bytes": int(env.get("GATEWAY_LEDGER_FILE_MAX_BYTES", 256 * 1024 * 1024)),
-            "header_timeout_seconds": float(env.get("GATEWAY_HEADER_TIMEOUT_SECONDS", 10)),
-            "body_timeout_seconds": float(env.get("GATEWAY_BODY_TIMEOUT_SECONDS", 30)),
-            "max_connections_per_client": int(env.get("GATEWAY_MAX_CONNECTIONS_PER_CLIENT", 1024)),
-            "admin_port": int(env["GATEWAY_ADMIN_PORT"]) if env.get("GATEWAY_ADMIN_PORT") else None,
+            "ledger_file_max_bytes": env_int("GATEWAY_LEDGER_FILE_MAX_BYTES", 256 * 1024 * 1024),
+            "header_timeout_seconds": env_float("GATEWAY_HEADER_TIMEOUT_SECONDS", 10),
+            "body_timeout_seconds": env_float("GATEWAY_BODY_TIMEOUT_SECONDS", 30),
+            "max_connections_per_client": env_int("GATEWAY_MAX_CONNECTIONS_PER_CLIENT", 1024),
+            "admin_port": env_int("GATEWAY_ADMIN_PORT", None, minimum=1, maximum=65535),
             "admin_host": env.get("GATEWAY_ADMIN_HOST") or "127.0.0.1",
             "admin_keys": parse_named_keys(env.get("GATEWAY_ADMIN_KEYS", "")),
             "admin_keys_file": Path(env["GATEWAY_ADMIN_KEYS_FILE"]) if env.get("GATEWAY_ADMIN_KEYS_FILE") else None,
             "metrics_key": Secret(env.get("GATEWAY_METRICS_KEY", "")),
-            "shutdown_grace_seconds": float(env.get("GATEWAY_SHUTDOWN_GRACE_SECONDS", 30)),
-            "restart_backoff_seconds": float(env.get("GATEWAY_RESTART_BACKOFF_SECONDS", 0.5)),
-            "max_restarts_per_minute": int(env.get("GATEWAY_MAX_RESTARTS_PER_MINUTE", 5)),
+            "shutdown_grace_seconds": env_float("GATEWAY_SHUTDOWN_GRACE_SECONDS", 30),
+            "restart_backoff_seconds": env_float("GATEWAY_RESTART_BACKOFF_SECONDS", 0.5),
+            "max_restarts_per_minute": env_int("GATEWAY_MAX_RESTARTS_PER_MINUTE", 5),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["ledger_file_rotate"] not in ("hour", "day"):
@@ -102,6 +104,36 @@ class Settings:
 
 class SettingsError(ValueError):
     """A setting from the environment that cannot be used (the message never quotes a secret)."""
+
+
+def env_int(name: str, default: int | None, *, minimum: int = 0, maximum: int | None = None) -> int | None:
+    """A whole-number variable (unset or empty: `default`); SettingsError names it and what it wants."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum or (maximum is not None and value > maximum):
+        bound = f" at most {maximum}" if maximum is not None else ""
+        raise SettingsError(f"{name} must be a whole number of at least {minimum}{bound} "
+                            f"(no units), got {text[:40]!r}")
+    return value
+
+
+def env_float(name: str, default: float) -> float:
+    """A number-of-seconds (or days) variable, zero or more (unset or empty: `default`)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise SettingsError(f"{name} must be a number, zero or more (no units), got {text[:40]!r}")
+    return value
 
 
 def ledger_sink_spec(text: str) -> str | None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import anthropic
 import openai
 import pytest
 import redis as sync_redis
+import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from google import genai
@@ -85,6 +85,16 @@ def redis_url(redis_server: EmbeddedRedis) -> str:
     return redis_server.url
 
 
+def providers_yaml() -> str:
+    """The shipped providers.yaml with the demo's upstreams and models (config/demo/) added: the tests
+    reach the real providers' entries and the demo's through the emulator."""
+    shipped = yaml.safe_load((ROOT / "config" / "providers.yaml").read_text())
+    demo = yaml.safe_load((ROOT / "config" / "demo" / "providers.yaml").read_text())
+    for section in ("upstreams", "models"):
+        shipped[section].update(demo[section])
+    return yaml.safe_dump(shipped, sort_keys=False)
+
+
 @pytest.fixture
 def plans_yaml() -> str:
     """The plans.yaml of the harness gateway (override the fixture in a module for other plans)."""
@@ -93,10 +103,10 @@ def plans_yaml() -> str:
 
 @pytest.fixture
 def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plans_yaml: str) -> Path:
-    """The shipped providers.yaml (upstream URLs from the environment) with test plans."""
+    """The shipped providers.yaml with the demo's (upstream URLs from the environment) and test plans."""
     folder = tmp_path / "config"
     folder.mkdir()
-    shutil.copy(ROOT / "config" / "providers.yaml", folder / "providers.yaml")
+    (folder / "providers.yaml").write_text(providers_yaml())
     (folder / "plans.yaml").write_text(plans_yaml)
     monkeypatch.setenv("UPSTREAM_DEMO_API_KEY", PROVIDER_KEY)
     return folder
@@ -107,14 +117,11 @@ async def emulator(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[TestServer]
     state = EmulatorState(expected_key=PROVIDER_KEY)
     server = TestServer(create_emulator_app(state))
     await server.start_server()
-    monkeypatch.setenv("UPSTREAM_DEMO_BASE_URL", str(server.make_url("/v1")))
+    monkeypatch.setenv("EMULATOR_URL", str(server.make_url("")).rstrip("/"))  # the demo upstreams
     monkeypatch.setenv("UPSTREAM_OPENAI_BASE_URL", str(server.make_url("/v1")))
     monkeypatch.setenv("UPSTREAM_OPENAI_API_KEY", PROVIDER_KEY)
-    monkeypatch.setenv("UPSTREAM_DEMO_ANTHROPIC_BASE_URL", str(server.make_url("")).rstrip("/"))
     monkeypatch.setenv("UPSTREAM_ANTHROPIC_BASE_URL", str(server.make_url("")).rstrip("/"))
     monkeypatch.setenv("UPSTREAM_ANTHROPIC_API_KEY", PROVIDER_KEY)
-    monkeypatch.setenv("UPSTREAM_DEMO_GEMINI_BASE_URL", str(server.make_url("")).rstrip("/"))
-    monkeypatch.setenv("UPSTREAM_DEMO_SEARCH_BASE_URL", str(server.make_url("")).rstrip("/"))
     monkeypatch.setenv("UPSTREAM_GEMINI_BASE_URL", str(server.make_url("")).rstrip("/"))
     monkeypatch.setenv("UPSTREAM_GEMINI_API_KEY", PROVIDER_KEY)
     yield server

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -9,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+import yaml
+from conftest import ROOT, providers_yaml
 
-from gateway.config import ConfigError, load_config
+from gateway.config import ConfigError, interpolate, load_config
+from gateway.config_schema import PlansFile, ProvidersFile, render_schemas
 
 
 @pytest.fixture
@@ -51,14 +54,14 @@ def test_wildcard_routes_after_exact_names(folder: Path) -> None:
     ("plans.yaml", "credit_usd: 1.0\n", "credit_usd: -1\n", "plans.free.credit_usd", "positive"),
     ("plans.yaml", "monthly_credits: 20", "monthly_credit: 20", "plans.pro.monthly_credit", "unknown key"),
     ("plans.yaml", "default_plan: free", "default_plan: gold", "default_plan", "unknown plan"),
-    ("plans.yaml", 'models: ["demo-*", "gpt-4o-mini"', 'models: ["mistral-*"', "plans.free.models[0]",
+    ("plans.yaml", 'models: ["gpt-4o-mini"', 'models: ["mistral-*"', "plans.free.models[0]",
      "matches no model"),
-    ("providers.yaml", "demo-mini:\n    upstream: demo\n", "demo-mini:\n    upstream: nowhere\n",
-     "models.demo-mini.upstream", "unknown upstream"),
+    ("providers.yaml", "gpt-5-nano:\n    upstream: openai\n", "gpt-5-nano:\n    upstream: nowhere\n",
+     "models.gpt-5-nano.upstream", "unknown upstream"),
     ("providers.yaml", "output: 0.60\n    max_output_tokens: 16384", "output: lots\n    max_output_tokens: 16384",
      "models.gpt-4o-mini.output", "expected a number"),
-    ("providers.yaml", "output: 0.60\n    max_output_tokens: 4096", "output: 0.60\n    max_output_tokens: 0",
-     "models.demo-mini.max_output_tokens",
+    ("providers.yaml", "output: 2.00\n    max_output_tokens: 4096", "output: 2.00\n    max_output_tokens: 0",
+     "models.gpt-3.5-turbo-instruct.max_output_tokens",
      "at least 1"),
     ("providers.yaml", "dialect: openai", "dialect: smoke-signals", "upstreams.openai.dialect", "must be one of"),
     ("providers.yaml", "${UPSTREAM_OPENAI_API_KEY:-}", "${GATEWAY_TEST_UNSET_VAR}",
@@ -90,7 +93,7 @@ def test_check_config_and_serve_exit_non_zero_on_a_bad_file(folder: Path) -> Non
 def test_the_readme_plans_example_is_a_valid_plans_yaml(tmp_path: Path) -> None:
     readme = (ROOT / "README.md").read_text()
     example = readme.split("#### plans.yaml", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
-    (tmp_path / "providers.yaml").write_text((ROOT / "config" / "providers.yaml").read_text())
+    (tmp_path / "providers.yaml").write_text(providers_yaml())
     (tmp_path / "plans.yaml").write_text(example)
     config = load_config(tmp_path)
     team = config.plans["team"]
@@ -103,9 +106,107 @@ def test_the_readme_plans_example_is_a_valid_plans_yaml(tmp_path: Path) -> None:
 def test_the_readme_alerts_example_is_a_valid_plans_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     readme = (ROOT / "README.md").read_text()
     example = readme.split("### Alerts and webhooks", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
-    (tmp_path / "providers.yaml").write_text((ROOT / "config" / "providers.yaml").read_text())
+    (tmp_path / "providers.yaml").write_text(providers_yaml())
     (tmp_path / "plans.yaml").write_text(example)
     monkeypatch.setenv("ALERTS_WEBHOOK_URL", "https://billing.example/hooks/gateway")
     policy = load_config(tmp_path).plans["pro"].alerts
     assert (policy.low_credit_share, policy.thresholds) == (0.25, (80, 90, 100))
     assert policy.webhook_url == "https://billing.example/hooks/gateway"
+
+
+MANY_PROBLEMS = """
+default_plan: gold
+packs:
+  p: {credits: 0.0000001}
+plans:
+  free:
+    monthly_credits: -1
+    credit_usd: 0
+    models: ["gpt-*", 3]
+    limits: {requests_per_minute: 0, bogus: 1}
+    alerts: {low_credit_share: 2, webhook_url: ftp://x}
+  pro: 7
+"""
+
+
+def test_every_problem_is_reported_at_once_with_its_path(folder: Path) -> None:
+    (folder / "plans.yaml").write_text(MANY_PROBLEMS)
+    (folder / "providers.yaml").write_text((folder / "providers.yaml").read_text().replace(
+        "dialect: gemini", "dialect: carrier-pigeon").replace("max_output_tokens: 1\n", "max_output_tokens: 0\n"))
+    with pytest.raises(ConfigError) as info:
+        load_config(folder)
+    found = {(Path(file).name, path): problem for file, path, problem in info.value.problems}
+    assert found == {
+        ("providers.yaml", "upstreams.gemini.dialect"):
+            "must be one of openai, anthropic, gemini, http, got 'carrier-pigeon'",
+        ("providers.yaml", "models.text-embedding-3-small.max_output_tokens"): "expected a whole number of at least 1",
+        ("providers.yaml", "models.text-embedding-3-large.max_output_tokens"): "expected a whole number of at least 1",
+        ("providers.yaml", "models.gemini-embedding-001.max_output_tokens"): "expected a whole number of at least 1",
+        ("plans.yaml", "packs.p.credits"): "at most 6 decimal places",
+        ("plans.yaml", "plans.free.monthly_credits"): "must be zero or more",
+        ("plans.yaml", "plans.free.credit_usd"): "must be a positive number",
+        ("plans.yaml", "plans.free.models[1]"): "expected a non-empty string",
+        ("plans.yaml", "plans.free.limits.requests_per_minute"): "expected a whole number of at least 1",
+        ("plans.yaml", "plans.free.limits.bogus"): (
+            "unknown key (allowed: concurrent_requests, max_cost_usd_per_cycle, max_keys, providers, "
+            "requests_per_cycle, requests_per_day, requests_per_minute, spend_windows, tokens_per_cycle, "
+            "tokens_per_day, tokens_per_minute)"),
+        ("plans.yaml", "plans.free.alerts.low_credit_share"): "must be between 0 and 1",
+        ("plans.yaml", "plans.free.alerts.webhook_url"): "must start with http:// or https://, got 'ftp://x'",
+        ("plans.yaml", "plans.pro"): "expected a mapping, got int",
+    }
+    assert str(info.value).count("\n") == len(found) - 1  # one line per problem
+
+
+def test_the_checks_across_both_files_are_reported_together(folder: Path) -> None:
+    text = (folder / "plans.yaml").read_text().replace("default_plan: free", "default_plan: gold")
+    text = text.replace('models: ["gpt-4o-mini"', 'models: ["mistral-*"').replace("spend_windows: {5h: 10}",
+                                                                                "spend_windows: {5x: 10}")
+    (folder / "plans.yaml").write_text(text + "    timezone: Mars/Olympus_Mons\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(folder)
+    paths = [path for _, path, _ in info.value.problems]
+    assert paths == ["plans.pro.limits.spend_windows.5x", "plans.team.timezone", "default_plan",
+                     "plans.free.models[0]"], info.value
+
+
+def test_check_config_prints_every_problem_and_json_errors(folder: Path) -> None:
+    (folder / "plans.yaml").write_text(MANY_PROBLEMS)
+    out = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--json", "--config-dir",  # noqa: S603
+                          str(folder)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    report = json.loads(out.stdout)
+    assert report["ok"] is False and len(report["errors"]) == 9
+    assert {"file": str(folder / "plans.yaml"), "path": "plans.pro", "problem": "expected a mapping, got int"} \
+        in report["errors"]
+    assert out.stderr.startswith("configuration error: 9 problem(s)\n")
+    assert f"{folder / 'plans.yaml'}: plans.free.limits.requests_per_minute: expected a whole number" in out.stderr
+    ok = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--json", "--config-dir",  # noqa: S603
+                         str(ROOT / "config" / "demo")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert json.loads(ok.stdout)["ok"] is True and json.loads(ok.stdout)["default_plan"] == "demo"
+
+
+def test_the_published_json_schemas_are_the_models_and_every_shipped_file_references_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, text in render_schemas().items():
+        assert (ROOT / "schema" / name).read_text() == text, f"regenerate: python -m gateway.config_schema ({name})"
+    tool_fee = json.loads(render_schemas()["providers.schema.json"])["$defs"]["ToolFeeSpec"]
+    assert tool_fee["anyOf"][0] == {"minimum": 0, "type": "number"}  # `web_search: 0.01`, the short form, too
+    for folder, relative in ((ROOT / "config", "../schema"), (ROOT / "config" / "demo", "../../schema")):
+        for kind in ("plans", "providers"):
+            first = (folder / f"{kind}.yaml").read_text().splitlines()[0]
+            assert first == f"# yaml-language-server: $schema={relative}/{kind}.schema.json"
+            assert (folder / first.split("=", 1)[1]).resolve() == ROOT / "schema" / f"{kind}.schema.json"
+
+
+@pytest.mark.parametrize("folder", [ROOT / "config", ROOT / "config" / "demo"], ids=["shipped", "demo"])
+def test_the_shipped_and_demo_configs_validate_against_the_schemas(folder: Path) -> None:
+    for kind, model in (("plans", PlansFile), ("providers", ProvidersFile)):
+        raw = yaml.safe_load((folder / f"{kind}.yaml").read_text())
+        try:
+            import jsonschema  # type: ignore[import-untyped,unused-ignore]
+        except ImportError:  # not installed: the models the schemas are generated from decide
+            model.model_validate(interpolate(raw, lambda path, problem: pytest.fail(f"{path}: {problem}")))
+        else:
+            jsonschema.validate(raw, json.loads((ROOT / "schema" / f"{kind}.schema.json").read_text()))
+    assert load_config(folder).plans

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import TEST_PLANS, Harness, emulator_state
 from yarl import URL
 
@@ -48,11 +49,11 @@ def plans_yaml() -> str:
 @pytest.fixture
 def config_dir(config_dir: Path) -> Path:
     path = config_dir / "providers.yaml"
-    text = path.read_text()
+    providers = yaml.safe_load(path.read_text())
     # demo-anthropic prices web search (0.01 USD per call); demo-gemini gets the extra routes
-    anchor = "    allowed_betas: *harmless_betas\n  demo:"
-    assert anchor in text
-    text = text.replace(anchor, "    allowed_betas: *harmless_betas\n    tool_fees: {web_search: 0.01}\n  demo:")
+    providers["upstreams"]["demo-anthropic"]["tool_fees"] = {"web_search": 0.01}
+    text = yaml.safe_dump(providers, sort_keys=False)
+    assert text.rstrip().endswith("max_output_tokens: 4096")  # the models come last: the extra routes follow
     path.write_text(text + EXTRA_ROUTES)
     return config_dir
 

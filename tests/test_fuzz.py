@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ import pytest
 import redis as sync_redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import ADMIN_KEY, PROVIDER_KEY, ROOT, TEST_PLANS, Harness, make_settings
+from conftest import ADMIN_KEY, PROVIDER_KEY, TEST_PLANS, Harness, make_settings, providers_yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -211,7 +210,7 @@ def fuzz(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog.set_level(logging.INFO)
     folder = tmp_path / "config"
     folder.mkdir()
-    shutil.copy(ROOT / "config" / "providers.yaml", folder / "providers.yaml")
+    (folder / "providers.yaml").write_text(providers_yaml())
     (folder / "plans.yaml").write_text(TEST_PLANS)
     loop = asyncio.new_event_loop()
 
@@ -232,10 +231,8 @@ def fuzz(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         root = str(emulator.make_url("")).rstrip("/")
         for name, value in {"UPSTREAM_DEMO_API_KEY": PROVIDER_KEY, "UPSTREAM_OPENAI_API_KEY": PROVIDER_KEY,
                             "UPSTREAM_ANTHROPIC_API_KEY": PROVIDER_KEY, "UPSTREAM_GEMINI_API_KEY": PROVIDER_KEY,
-                            "UPSTREAM_DEMO_BASE_URL": root + "/v1", "UPSTREAM_OPENAI_BASE_URL": root + "/v1",
-                            "UPSTREAM_DEMO_ANTHROPIC_BASE_URL": root, "UPSTREAM_ANTHROPIC_BASE_URL": root,
-                            "UPSTREAM_DEMO_GEMINI_BASE_URL": root, "UPSTREAM_GEMINI_BASE_URL": root,
-                            "UPSTREAM_DEMO_SEARCH_BASE_URL": root}.items():
+                            "EMULATOR_URL": root, "UPSTREAM_OPENAI_BASE_URL": root + "/v1",
+                            "UPSTREAM_ANTHROPIC_BASE_URL": root, "UPSTREAM_GEMINI_BASE_URL": root}.items():
             monkeypatch.setenv(name, value)
         # the known keys stay cached for the whole run: the failed-auth throttle (item 10) blocks
         # unknown keys from 127.0.0.1 after a few examples, never keys the process already knows

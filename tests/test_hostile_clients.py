@@ -41,7 +41,7 @@ def config_dir(config_dir: Path) -> Path:
     """The shipped providers.yaml with the demo search entry's base URL below a path of its own."""
     providers = config_dir / "providers.yaml"
     text = providers.read_text()
-    line = "base_url: ${UPSTREAM_DEMO_SEARCH_BASE_URL:-http://127.0.0.1:8090}"
+    line = "base_url: ${EMULATOR_URL:-http://127.0.0.1:8090}"
     assert line in text
     providers.write_text(text.replace(line, line + "/tool-prefix"))
     return config_dir

@@ -59,7 +59,7 @@ async def emulator(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[TestServer]
     app.router.add_post("/v1/responses", responses)
     server = TestServer(app)
     await server.start_server()
-    monkeypatch.setenv("UPSTREAM_DEMO_BASE_URL", str(server.make_url("/v1")))
+    monkeypatch.setenv("EMULATOR_URL", str(server.make_url("")).rstrip("/"))
     monkeypatch.setenv("UPSTREAM_DEMO_API_KEY", PROVIDER_KEY)
     yield server
     await server.close()

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import PROVIDER_KEY, ROOT, TEST_PLANS, Harness, emulator_state
+from conftest import PROVIDER_KEY, TEST_PLANS, Harness, emulator_state, providers_yaml
 from test_proxy_openai import expected_micro
 
 from gateway.emulator import prompt_tokens
@@ -15,13 +15,13 @@ from gateway.emulator import prompt_tokens
 # Three OpenAI-compatible upstreams, written the way an operator would: no code, only configuration.
 COMPAT_UPSTREAMS = {
     # Mistral: knows max_tokens only, always reports usage on the last stream chunk
-    "mistral": {"dialect": "openai", "base_url": "${UPSTREAM_DEMO_BASE_URL}", "api_key": "${UPSTREAM_DEMO_API_KEY}",
+    "mistral": {"dialect": "openai", "base_url": "${EMULATOR_URL}/v1", "api_key": "${UPSTREAM_DEMO_API_KEY}",
                 "output_cap_field": "max_tokens", "stream_usage": "always"},
     # a local server that never reports usage in streams: the gateway bills its estimate, capped at the hold
-    "local": {"dialect": "openai", "base_url": "${UPSTREAM_DEMO_BASE_URL}", "api_key": "${UPSTREAM_DEMO_API_KEY}",
+    "local": {"dialect": "openai", "base_url": "${EMULATOR_URL}/v1", "api_key": "${UPSTREAM_DEMO_API_KEY}",
               "stream_usage": "none"},
     # vLLM / Gemini's OpenAI endpoint: honour stream_options.include_usage like OpenAI (the default)
-    "vllm": {"dialect": "openai", "base_url": "${UPSTREAM_DEMO_BASE_URL}", "api_key": "${UPSTREAM_DEMO_API_KEY}"},
+    "vllm": {"dialect": "openai", "base_url": "${EMULATOR_URL}/v1", "api_key": "${UPSTREAM_DEMO_API_KEY}"},
 }
 PRICES = {"input": 0.15, "cached_input": 0.075, "output": 0.60, "max_output_tokens": 4096}  # demo-mini's
 
@@ -30,7 +30,7 @@ PRICES = {"input": 0.15, "cached_input": 0.075, "output": 0.60, "max_output_toke
 def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = tmp_path / "config"
     folder.mkdir()
-    providers: dict[str, Any] = yaml.safe_load((ROOT / "config" / "providers.yaml").read_text())
+    providers: dict[str, Any] = yaml.safe_load(providers_yaml())
     providers["upstreams"].update(COMPAT_UPSTREAMS)
     providers["models"].update({f"compat-{name}": {"upstream": name, **PRICES} for name in COMPAT_UPSTREAMS})
     (folder / "providers.yaml").write_text(yaml.safe_dump(providers))

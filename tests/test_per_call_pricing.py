@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PROVIDER_KEY, ROOT, TEST_PLANS, Harness, emulator_state
+from conftest import PROVIDER_KEY, TEST_PLANS, Harness, emulator_state, providers_yaml
 from test_proxy_openai import expected_micro
 
 from gateway.config import ConfigError, load_config
@@ -128,7 +128,7 @@ async def test_usd_priced_plan_is_unchanged_by_other_plans_pricing(harness: Harn
     ('{"demo-mini": {credits_per_call: 0.0000001}}', "at most 6 decimal places"),
 ])
 def test_invalid_plan_pricing_is_rejected_with_its_path(tmp_path: Path, pricing: str, problem: str) -> None:
-    (tmp_path / "providers.yaml").write_text((ROOT / "config" / "providers.yaml").read_text())
+    (tmp_path / "providers.yaml").write_text(providers_yaml())
     (tmp_path / "plans.yaml").write_text(f"default_plan: p\nplans:\n  p:\n    monthly_credits: 1\n"
                                          f"    models: ['demo-*']\n    pricing: {pricing}\n")
     with pytest.raises(ConfigError) as error:
@@ -137,7 +137,7 @@ def test_invalid_plan_pricing_is_rejected_with_its_path(tmp_path: Path, pricing:
 
 
 def test_pass_through_entries_take_a_per_request_price_only(tmp_path: Path) -> None:
-    text = (ROOT / "config" / "providers.yaml").read_text().replace(
+    text = providers_yaml().replace(
         "  demo-search:\n    upstream: demo-search\n", "  demo-search:\n    upstream: demo-search\n    output: 1\n")
     (tmp_path / "providers.yaml").write_text(text)
     (tmp_path / "plans.yaml").write_text("default_plan: p\nplans:\n  p:\n    monthly_credits: 1\n"

@@ -192,7 +192,7 @@ async def test_upstream_connection_refused_is_502_and_releases(harness: Harness,
     from gateway.app import create_app
     from gateway.embedded import free_port
 
-    monkeypatch.setenv("UPSTREAM_DEMO_BASE_URL", f"http://127.0.0.1:{free_port()}/v1")  # nobody listens there
+    monkeypatch.setenv("EMULATOR_URL", f"http://127.0.0.1:{free_port()}")  # nobody listens there
     client = await aiohttp_client(create_app(make_settings(config_dir, redis_url)))
     h = H(client, harness.redis, harness.emulator)
     account, key = await h.account(credits=1)

@@ -67,6 +67,7 @@ async def test_valid_and_invalid_edits_while_requests_flow(harness: Harness, con
     assert harness.gw.config is valid  # the running configuration stayed through both bad edits
     assert "plans.yaml: plans.free.monthly_credits: expected a number" in caplog.text
     assert "providers.yaml: models: is required" in caplog.text
+    assert "providers.yaml: upstreams: expected a mapping, got list" in caplog.text  # every problem, at once
     assert set(statuses) == {200} and len(statuses) > 20  # no request failed because of a reload
     metrics = await (await harness.client.get("/metrics")).text()
     assert 'gateway_config_reloads_total{result="error"} 2.0' in metrics
