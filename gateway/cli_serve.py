@@ -16,6 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from gateway import logs
 from gateway.app import AccessLogger
 from gateway.cli_common import SERVED_CONFIG, output, redact_url
 from gateway.config import ConfigError, load_config
@@ -23,9 +24,17 @@ from gateway.embedded import EmbeddedRedis
 from gateway.master import Master, cleanup_metrics_dir, make_metrics_dir
 from gateway.settings import Settings, env_int
 
-_LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(message)s"
 DEMO_CONFIG_DIR = Path("config/demo")  # `--with-emulator` without --config-dir / GATEWAY_CONFIG_DIR
 DEFAULT_EMULATOR_PORT = 8090
+
+
+def _say(line: str) -> None:
+    """The banner `serve` prints at start: plain lines on stderr, or log records with JSON logs (so that
+    every line a JSON-logging gateway writes parses)."""
+    if logs.log_format() == "json":
+        logging.getLogger("gateway").info(line)
+    else:
+        print(line, file=sys.stderr)
 
 
 def _serve_worker(settings: Settings, host: str, port: int, reuse_port: bool,
@@ -34,7 +43,7 @@ def _serve_worker(settings: Settings, host: str, port: int, reuse_port: bool,
     this process takes over (restarts it if it dies, stops it once everything is settled)."""
     from gateway.app import EMBEDDED, create_app
 
-    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
+    logs.setup()  # GATEWAY_LOG_FORMAT: text or JSON, the master and every worker alike
     app = create_app(settings)
     if embedded is not None:
         app[EMBEDDED] = embedded
@@ -102,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
+    logs.setup()  # GATEWAY_LOG_FORMAT: text or JSON, the master and every worker alike
     # until the serving loop (or the master) takes the signals over, SIGTERM unwinds like Ctrl-C: the
     # embedded redis-server (in a session of its own) is stopped on the way out, never orphaned
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -112,23 +121,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
             embedded = EmbeddedRedis(settings.data_dir)
             embedded.start()
             settings = dataclasses.replace(settings, redis_url=embedded.url)
-            print(f"using the embedded Redis in {settings.data_dir.resolve()} (at {embedded.location})",
-                  file=sys.stderr)
+            _say(f"using the embedded Redis in {settings.data_dir.resolve()} (at {embedded.location})")
             served_config = settings.data_dir / SERVED_CONFIG  # operator commands load the same config
             served_config.write_text(f"{settings.config_dir.resolve()}\n", encoding="utf-8")
         else:
-            print(f"using Redis at {redact_url(settings.redis_url)}", file=sys.stderr)
-        print(f"configuration from {settings.config_dir.resolve()}", file=sys.stderr)
+            _say(f"using Redis at {redact_url(settings.redis_url)}")
+        _say(f"configuration from {settings.config_dir.resolve()}")
         ctx = multiprocessing.get_context("spawn")
         if args.with_emulator:
             emulator = ctx.Process(target=_emulator_worker, daemon=True,
                                    args=(host, emulator_port, args.latency_ms, args.chunk_delay_ms))
             emulator.start()
-            print(f"provider emulator on {os.environ['EMULATOR_URL']}/v1", file=sys.stderr)
-        print(f"gateway listening on http://{host}:{port} ({workers} worker(s))", file=sys.stderr)
+            _say(f"provider emulator on {os.environ['EMULATOR_URL']}/v1")
+        _say(f"gateway listening on http://{host}:{port} ({workers} worker(s))")
         if settings.admin_port is not None:
-            print(f"admin API, metrics and dashboard on http://{settings.admin_host}:{settings.admin_port} only",
-                  file=sys.stderr)
+            _say(f"admin API, metrics and dashboard on http://{settings.admin_host}:{settings.admin_port} only")
         if workers <= 1:  # this process serves, and owns (supervises, stops) the embedded server
             _serve_worker(settings, host, port, False, embedded)
             return 0

@@ -153,7 +153,7 @@ async def test_an_upstream_500_and_429_are_logged_with_their_cause_and_nothing_c
 async def test_an_upstream_that_refuses_connections_is_logged_as_cause_connect(
         redis_url: str, config_dir: Path, emulator: TestServer, monkeypatch: pytest.MonkeyPatch,
         log_lines: io.StringIO) -> None:
-    monkeypatch.setenv("UPSTREAM_DEMO_BASE_URL", f"http://127.0.0.1:{free_port()}/v1")  # nobody listens
+    monkeypatch.setenv("EMULATOR_URL", f"http://127.0.0.1:{free_port()}")  # nobody listens
     server = TestServer(create_app(make_settings(config_dir, redis_url)))
     await server.start_server(access_log_class=AccessLogger)
     client: TestClient[Any, Any] = TestClient(server)

