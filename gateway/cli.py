@@ -25,6 +25,7 @@ from aiohttp import web
 
 from gateway.app import AccessLogger
 from gateway.auth import check_scopes
+from gateway.budgets import cli_budgets
 from gateway.config import Config, ConfigError, key_limits, load_config
 from gateway.embedded import EmbeddedRedis, discover_url
 from gateway.errors import GatewayError
@@ -35,7 +36,7 @@ from gateway.master import Master, cleanup_metrics_dir, make_metrics_dir
 from gateway.money import credits_number, credits_to_micro
 from gateway.scripts import ScriptRunner, load_scripts
 from gateway.settings import Settings, SettingsError
-from gateway.store import Store, account_view, check_idempotency_key, key_view, parse_expiry
+from gateway.store import Store, account_view, check_idempotency_key, parse_expiry
 
 log = logging.getLogger("gateway")
 _LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(message)s"
@@ -221,11 +222,17 @@ async def _keys_create(args: argparse.Namespace) -> None:
     async with _store(args) as store:
         plan = config.plans.get((await store.account_raw(args.account)).get("plan", ""))
         new = await store.create_key(args.account, args.label or "", parse_expiry(args.expires_at), scopes, limits,
-                                     plan.max_keys if plan else None)
-        _, record = await store.key_record(new.id)
-    view = key_view(new.id, new.account_id, record)
+                                     plan.max_keys if plan else None, cli_budgets(args.budget, args.lifetime_budget))
+        view = await store.key_view_of(new.id)
     _output(args, {**view, "key": new.key},
             f"created key {new.id} for {new.account_id}\n{new.key}\n(shown once: store it now)")
+
+
+async def _keys_update(args: argparse.Namespace) -> None:
+    async with _store(args) as store:
+        view = await store.update_key(args.key_id, label=args.label,
+                                      budgets=cli_budgets(args.budget, args.lifetime_budget))
+    _output(args, view, "\n".join(f"{k}: {v}" for k, v in view.items()))
 
 
 async def _keys_rotate(args: argparse.Namespace) -> None:
@@ -426,7 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help='the key\'s own rate limits as JSON, e.g. \'{"requests_per_minute": 20}\'')
     kcreate.add_argument("--scope", action="append", default=[],
                          help="narrow the key: api:<openai|anthropic|gemini|http> or model:<glob> (repeatable)")
+    kupdate = common(keys.add_parser("update", help="change a key's label or budgets"))
+    kupdate.add_argument("key_id")
+    kupdate.add_argument("--label", default=None)
+    for kparser, removable in ((kcreate, ""), (kupdate, "; 'none' removes it")):
+        kparser.add_argument("--budget", default=None, help=f"credits the key may spend per billing cycle{removable}")
+        kparser.add_argument("--lifetime-budget", default=None, help=f"credits the key may ever spend{removable}")
     kcreate.set_defaults(func=_run(_keys_create))
+    kupdate.set_defaults(func=_run(_keys_update))
     krotate = common(keys.add_parser("rotate", help="a new key; the old one stays valid for a grace period"))
     krotate.add_argument("key_id")
     krotate.add_argument("--grace-seconds", type=int, default=3600)

@@ -25,7 +25,9 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from gateway.metering import quote
 from gateway.pricing import Attempt, Priced, hold, lowered_cap, price, reserve_spec
+from gateway.signals import success_headers
 from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway
 from gateway.upstream import (
     forward_query,
@@ -105,7 +107,10 @@ async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamRe
     lowered = lowered_cap(call)
     if lowered is not None and lowered < 1:
         await end_call(call, None, outcome="refused", http_status=402)
-        raise InsufficientCredits("Insufficient credits for even one output token per choice.")
+        refusal = InsufficientCredits("Insufficient credits for even one output token per choice.")
+        refusal.available_micro = call.reservation.hold  # what the balance (and the key's budget) afforded
+        refusal.needed_micro = quote(call.rates, call.parsed.prompt_tokens_bound, call.parsed.choices).full_cost
+        raise refusal
     if lowered is not None:
         gw.metrics.lowered.labels(call.route.pattern).inc()
     try:
@@ -141,8 +146,9 @@ async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamRe
             # fails), and x-credits-remaining is what the reservation leaves after this charge
             available = await end_call(call, usage, outcome="ok", http_status=up.status, lowered=lowered,
                                        estimate_out=len(data) // 4 if unknown_output else 0, wait=False)
-            return web.Response(body=data, status=up.status,
-                                headers=response_headers(up.headers, call.request_id, available))
+            headers = response_headers(up.headers, call.request_id, available)
+            headers.update(success_headers(call.dialect.name, call.reservation, lowered))
+            return web.Response(body=data, status=up.status, headers=headers)
     except (TimeoutError, aiohttp.ServerTimeoutError):
         if call.ended:
             raise
@@ -175,8 +181,9 @@ async def _stream(request: web.Request, call: Call, up: aiohttp.ClientResponse, 
     `drain_seconds`, so the request is billed from the provider's own usage report; past that, its
     output is unknown and the whole hold is charged."""
     settings = call.gw.settings
-    response = web.StreamResponse(
-        status=up.status, headers=response_headers(up.headers, call.request_id, call.reservation.available_after))
+    headers = response_headers(up.headers, call.request_id, call.reservation.available_after)  # before the answer:
+    headers.update(success_headers(call.dialect.name, call.reservation, lowered))  # the whole hold is out
+    response = web.StreamResponse(status=up.status, headers=headers)
     outcome = "ok"
     loop = asyncio.get_running_loop()
     drain_until: float | None = None  # set when the client is gone
