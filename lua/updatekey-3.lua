@@ -1,4 +1,4 @@
--- updatekey-3.lua: change a key's label or expiry. A change that lets a key authenticate longer is
+-- updatekey-3.lua: change a key's label, expiry or budgets. A change that lets a key authenticate longer is
 -- refused when the account's other usable keys already fill the plan's key limit (so an expired or
 -- rotated key cannot be revived past it). Uses lib/clock.lua.
 -- KEYS[1] the key's record hash   KEYS[2] usable keys zset   KEYS[3] ledger stream
