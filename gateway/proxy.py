@@ -181,11 +181,11 @@ async def _stream(request: web.Request, call: Call, up: aiohttp.ClientResponse, 
     `drain_seconds`, so the request is billed from the provider's own usage report; past that, its
     output is unknown and the whole hold is charged."""
     settings = call.gw.settings
-    headers = response_headers(up.headers, call.request_id, call.reservation.available_after)  # before the answer:
-    headers.update(success_headers(call.dialect.name, call.reservation, lowered))  # the whole hold is out
-    response = web.StreamResponse(status=up.status, headers=headers)
+    response = web.StreamResponse(
+        status=up.status, headers=response_headers(up.headers, call.request_id, call.reservation.available_after))
     outcome = "ok"
     loop = asyncio.get_running_loop()
+    response.headers.update(success_headers(call.dialect.name, call.reservation, lowered))  # before prepare()
     drain_until: float | None = None  # set when the client is gone
     drained_out = False
     try:
