@@ -21,13 +21,11 @@ from gateway.billing import Call, end_call
 from gateway.dialects.base import Dialect, ParsedRequest, StreamMeter
 from gateway.errors import (
     GatewayError,
-    InsufficientCredits,
     UpstreamError,
     UpstreamTimeout,
 )
-from gateway.metering import quote
 from gateway.pricing import Attempt, Priced, hold, lowered_cap, price, reserve_spec
-from gateway.signals import success_headers
+from gateway.signals import no_output_refusal, success_headers
 from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway
 from gateway.upstream import (
     forward_query,
@@ -107,10 +105,7 @@ async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamRe
     lowered = lowered_cap(call)
     if lowered is not None and lowered < 1:
         await end_call(call, None, outcome="refused", http_status=402)
-        refusal = InsufficientCredits("Insufficient credits for even one output token per choice.")
-        refusal.available_micro = call.reservation.hold  # what the balance (and the key's budget) afforded
-        refusal.needed_micro = quote(call.rates, call.parsed.prompt_tokens_bound, call.parsed.choices).full_cost
-        raise refusal
+        raise no_output_refusal(call)
     if lowered is not None:
         gw.metrics.lowered.labels(call.route.pattern).inc()
     try:

@@ -1,5 +1,5 @@
 """What a response tells the client beyond the answer: rate-limit headers in each dialect's names, and
-that its output cap was lowered to what the credits afford.
+that its output cap was lowered to what the credits afford, or what a 402 lacked.
 
 OpenAI's names (`x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, reset as a Go duration such
 as `1m0s`) serve every dialect but Anthropic's, which has its own names with an RFC 3339 reset
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import time
 
-from gateway.metering import Reservation, Window
+from gateway.billing import Call
+from gateway.errors import InsufficientCredits
+from gateway.metering import Reservation, Window, quote
 
 LOWERED_HEADER = "x-gateway-output-cap-lowered"
 
@@ -52,3 +54,12 @@ def success_headers(dialect: str, reservation: Reservation, lowered_cap: int | N
     if lowered_cap is not None:
         headers[LOWERED_HEADER] = str(lowered_cap)
     return headers
+
+
+def no_output_refusal(call: Call) -> InsufficientCredits:
+    """The 402 of a hold that affords no output token per choice: what it held (all the balance and the
+    key's budget allowed) against its prompt and one output token per choice."""
+    refusal = InsufficientCredits("Insufficient credits for even one output token per choice.")
+    refusal.available_micro = call.reservation.hold
+    refusal.needed_micro = quote(call.rates, call.parsed.prompt_tokens_bound, call.parsed.choices).full_cost
+    return refusal
