@@ -11,6 +11,7 @@ from aiohttp import web
 from gateway.admin_keys import ADMIN_KEYS, AdminKeys
 from gateway.alerts import webhook_label
 from gateway.auth import check_scopes
+from gateway.budgets import budget_changes
 from gateway.config import key_limits
 from gateway.errors import BadRequest, Unauthorized
 from gateway.money import credits_number, credits_to_micro
@@ -99,11 +100,11 @@ async def create_key(request: web.Request) -> web.Response:
         key_limits(limits)
     except ValueError as exc:
         raise BadRequest(f"Invalid key limits: {exc}.", param="limits") from None
+    budgets = budget_changes(body)
     account_id = request.match_info["account_id"]
     new = await store.create_key(account_id, label, parse_expiry(body.get("expires_at")), scopes,
-                                 limits, await max_keys(gw, store, account_id))
-    _, record = await store.key_record(new.id)
-    return web.json_response({**key_view(new.id, new.account_id, record), "key": new.key}, status=201)
+                                 limits, await max_keys(gw, store, account_id), budgets)
+    return web.json_response({**await store.key_view_of(new.id), "key": new.key}, status=201)
 
 
 async def max_keys(gw: Gateway, store: Store, account_id: str) -> int | None:
@@ -215,7 +216,8 @@ async def rotate_key(request: web.Request) -> web.Response:
 
 
 async def update_key(request: web.Request) -> web.Response:
-    """PATCH /admin/keys/{id} {label, expires_at}: expires_at null means never."""
+    """PATCH /admin/keys/{id} {label, expires_at, budget_credits_per_cycle, budget_credits_lifetime}:
+    expires_at null means never, a budget null means none; an absent field stays as it is."""
     gw, store = check_admin(request)
     body = await read_json(request)
     label = body.get("label")
@@ -224,7 +226,8 @@ async def update_key(request: web.Request) -> web.Response:
     expires = parse_expiry(body["expires_at"]) if "expires_at" in body else None
     account_id, _ = await store.key_record(request.match_info["key_id"])
     return web.json_response(await store.update_key(request.match_info["key_id"], label=label, expires_ms=expires,
-                                                    max_keys=await max_keys(gw, store, account_id)))
+                                                    max_keys=await max_keys(gw, store, account_id),
+                                                    budgets=budget_changes(body)))
 
 
 async def list_plans(request: web.Request) -> web.Response:

@@ -266,7 +266,7 @@ class Authenticator:
                 f"Insufficient credits: {format_credits(max(available, 0))} credits available, not enough to "
                 f"cover this request's prompt ({body_bytes} bytes need at least {format_credits(need)} credits). "
                 "Add credits to continue.")
-            refusal.available_micro, refusal.held_micro = available, int(held or 0)
+            refusal.available_micro, refusal.held_micro, refusal.needed_micro = available, int(held or 0), need
             raise refusal
 
     def _remember(self, principal: Principal) -> None:

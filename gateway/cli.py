@@ -18,6 +18,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.auth import check_scopes
+from gateway.budgets import cli_budgets
 from gateway.cli_common import EXIT_USAGE, iso, port_number, positive_int, table
 from gateway.cli_common import config as _config
 from gateway.cli_common import output as _output
@@ -30,7 +31,7 @@ from gateway.index import account_ids
 from gateway.ledger import account_events, export_cursor, render
 from gateway.money import credits_number, credits_to_micro
 from gateway.settings import SettingsError
-from gateway.store import Store, account_view, check_idempotency_key, key_view, parse_expiry
+from gateway.store import Store, account_view, check_idempotency_key, parse_expiry
 
 ACCOUNT_STATUSES = ("active", "suspended", "closed")
 
@@ -81,11 +82,17 @@ async def _keys_create(args: argparse.Namespace) -> None:
     async with _store(args) as store:
         plan = config.plans.get((await store.account_raw(args.account)).get("plan", ""))
         new = await store.create_key(args.account, args.label or "", parse_expiry(args.expires_at), scopes, limits,
-                                     plan.max_keys if plan else None)
-        _, record = await store.key_record(new.id)
-    view = key_view(new.id, new.account_id, record)
+                                     plan.max_keys if plan else None, cli_budgets(args.budget, args.lifetime_budget))
+        view = await store.key_view_of(new.id)
     _output(args, {**view, "key": new.key},
             f"created key {new.id} for {new.account_id}\n{new.key}\n(shown once: store it now)")
+
+
+async def _keys_update(args: argparse.Namespace) -> None:
+    async with _store(args) as store:
+        view = await store.update_key(args.key_id, label=args.label,
+                                      budgets=cli_budgets(args.budget, args.lifetime_budget))
+    _output(args, view, _described(view))
 
 
 async def _keys_rotate(args: argparse.Namespace) -> None:
@@ -302,7 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help='the key\'s own rate limits as JSON, e.g. \'{"requests_per_minute": 20}\'')
     kcreate.add_argument("--scope", action="append", default=[],
                          help="narrow the key: api:<openai|anthropic|gemini|http> or model:<glob> (repeatable)")
+    kupdate = common(keys.add_parser("update", help="change a key's label or budgets"))
+    kupdate.add_argument("key_id")
+    kupdate.add_argument("--label", default=None)
+    for kparser, removable in ((kcreate, ""), (kupdate, "; 'none' removes it")):
+        kparser.add_argument("--budget", default=None, help=f"credits the key may spend per billing cycle{removable}")
+        kparser.add_argument("--lifetime-budget", default=None, help=f"credits the key may ever spend{removable}")
     kcreate.set_defaults(func=_run(_keys_create))
+    kupdate.set_defaults(func=_run(_keys_update))
     krotate = common(keys.add_parser("rotate", help="a new key; the old one stays valid for a grace period"))
     krotate.add_argument("key_id", help="the key's id (key_...)")
     krotate.add_argument("--grace-seconds", type=int, default=3600,

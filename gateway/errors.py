@@ -7,6 +7,7 @@ own wire shape (see `gateway.dialects`).
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Any
 
 from gateway.money import format_credits
 
@@ -22,6 +23,10 @@ class GatewayError(Exception):
         self.message = message
         self.headers = headers or {}
         self.param = param
+
+    def details(self) -> dict[str, Any]:
+        """Machine-readable fields each dialect adds inside its error object (none by default)."""
+        return {}
 
 
 class BadRequest(GatewayError):
@@ -39,6 +44,36 @@ class InsufficientCredits(GatewayError):
     kind = "insufficient_credits"
     available_micro: int | None = None  # the balance that was too small, when known
     held_micro: int = 0  # ... and what requests in flight held of it
+    needed_micro: int | None = None  # the least the request could be held for (its prompt and one token)
+    limited_by = "account_balance"
+
+    def details(self) -> dict[str, Any]:
+        """`available`, `needed` and `shortfall` in credits (decimal strings) and micro-credits, and what
+        ran short (`limited_by`), when known."""
+        if self.available_micro is None or self.needed_micro is None:
+            return {}
+        available = max(self.available_micro, 0)
+        out: dict[str, Any] = {"limited_by": self.limited_by}
+        for name, micro in (("available", available), ("needed", self.needed_micro),
+                            ("shortfall", max(self.needed_micro - available, 0))):
+            out[name], out[f"{name}_micro"] = format_credits(micro), micro
+        return out
+
+
+class KeyBudgetExhausted(InsufficientCredits):
+    """The calling key's own budget (per cycle or lifetime) cannot pay the request's prompt, however
+    much its account has."""
+
+    def __init__(self, which: str, available: int, cap: int, needed: int) -> None:
+        span = "per billing cycle" if which == "cycle" else "for its lifetime"
+        super().__init__(
+            f"This API key's budget is used up: {format_credits(max(available, 0))} credits left of its "
+            f"{format_credits(cap)}-credit budget {span}, not enough to cover this request's prompt (at least "
+            f"{format_credits(needed)} credits). "
+            + ("It renews with the next billing cycle; " if which == "cycle" else "")
+            + "the account's administrator can raise it.")
+        self.available_micro, self.needed_micro = available, needed
+        self.limited_by = f"key_budget_{which}"
 
 
 class UnreadableBody(BadRequest):
@@ -118,6 +153,7 @@ class ScriptStatus(IntEnum):
     CYCLE_STALE = 16  # reserve: the cycle boundaries sent were computed for another moment
     INSUFFICIENT = 20
     LIMIT_REACHED = 21
+    KEY_BUDGET = 22  # reserve: the key's own budget cannot pay the prompt
     TOO_MANY_KEYS = 30
     NO_SUBSCRIPTION_END = 31  # renew: the subscription has no end to extend
     SUBSCRIPTION_ENDED = 32  # renew: its end has passed
@@ -131,7 +167,8 @@ def error_for_status(status: int, *, available_micro: int = 0) -> GatewayError |
     """Map a script status to the exception the caller sees; None for the non-error codes."""
     code = ScriptStatus(status)
     if code in (ScriptStatus.OK, ScriptStatus.LOWERED, ScriptStatus.ALREADY_DONE, ScriptStatus.PLAN_CHANGED,
-                ScriptStatus.CYCLE_STALE, ScriptStatus.LIMIT_REACHED, ScriptStatus.TOO_MANY_KEYS):
+                ScriptStatus.CYCLE_STALE, ScriptStatus.LIMIT_REACHED, ScriptStatus.KEY_BUDGET,
+                ScriptStatus.TOO_MANY_KEYS):
         return None
     if code is ScriptStatus.INSUFFICIENT:
         refusal = InsufficientCredits(

@@ -7,11 +7,11 @@ Pure functions price a request from integer rates (`quote`, `cost_of`, `affordab
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.config import Rates
-from gateway.errors import GatewayError, InsufficientCredits, ScriptStatus, error_for_status
+from gateway.errors import GatewayError, InsufficientCredits, KeyBudgetExhausted, ScriptStatus, error_for_status
 from gateway.keys import AccountKeys
 from gateway.money import MAX_SAFE, MICRO, ceil_div
 from gateway.scripts import ScriptRunner
@@ -119,6 +119,15 @@ def cost_of(rates: Rates, usage: Usage) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class Window:
+    """The tightest request or token window a request was held under, after its hold (rate-limit headers)."""
+
+    cap: int
+    remaining: int
+    reset_ms: int  # until it is whole again
+
+
+@dataclass(frozen=True, slots=True)
 class Reservation:
     """A granted hold."""
 
@@ -128,6 +137,8 @@ class Reservation:
     lowered: bool
     held_tokens: int = 0
     held_usd: int = 0
+    requests_window: Window | None = field(default=None, compare=False)
+    tokens_window: Window | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,9 +180,11 @@ class CycleStale(Exception):
 class LimitReached(Exception):
     """A limit refused the request: which one, its value, its cap and when it frees up."""
 
-    def __init__(self, limit_id: str, used: int, cap: int, frees_in_ms: int, scope: str) -> None:
+    def __init__(self, limit_id: str, used: int, cap: int, frees_in_ms: int, scope: str, metric: str = "n",
+                 window_ms: int = 0) -> None:
         super().__init__(limit_id)
         self.limit_id, self.used, self.cap, self.frees_in_ms, self.scope = limit_id, used, cap, frees_in_ms, scope
+        self.metric, self.window_ms = metric, window_ms  # window: 0 the cycle, -1 in flight, > 0 rolling
 
 
 class PlanChanged(Exception):
@@ -208,14 +221,18 @@ class Meter:
         if status == ScriptStatus.CYCLE_STALE:
             raise CycleStale(int(reply[6]))
         if status == ScriptStatus.LIMIT_REACHED:
-            raise LimitReached(str(reply[6]), int(reply[7]), int(reply[8]), int(reply[9]), str(reply[10]))
+            raise LimitReached(str(reply[6]), int(reply[7]), int(reply[8]), int(reply[9]), str(reply[10]),
+                               str(reply[11]), int(reply[12]))
+        if status == ScriptStatus.KEY_BUDGET:
+            raise KeyBudgetExhausted(str(reply[6]), int(available), int(reply[8]), q.min_cost)
         error: GatewayError | None = error_for_status(int(status), available_micro=int(available))
         if isinstance(error, InsufficientCredits):
-            error.held_micro = int(reply[4])
+            error.held_micro, error.needed_micro = int(reply[4]), q.min_cost
         if error is not None:
             raise error
+        windows = [Window(*(int(v) for v in reply[i:i + 3])) for i in (6, 9)] if len(reply) > 6 else [None, None]
         return Reservation(request_id, int(hold), int(available), status == ScriptStatus.LOWERED,
-                           int(reply[4]), int(reply[5]))
+                           int(reply[4]), int(reply[5]), *(w if w and w.cap >= 0 else None for w in windows))
 
     async def settle(
         self, keys: AccountKeys, request_id: str, key_id: str, cost: int, event: dict[str, Any],

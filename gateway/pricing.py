@@ -19,12 +19,13 @@ from gateway.errors import (
     Forbidden,
     GatewayError,
     InsufficientCredits,
+    KeyBudgetExhausted,
     NotFound,
     RateLimited,
     StoreUnavailable,
 )
 from gateway.keys import AccountKeys
-from gateway.limits import Limit, applicable, cycle_bounds, describe, encode
+from gateway.limits import MINUTE_MS, Limit, applicable, cycle_bounds, describe, encode
 from gateway.metering import (
     CycleStale,
     LimitReached,
@@ -35,6 +36,7 @@ from gateway.metering import (
     affordable_output,
     quote,
 )
+from gateway.signals import rate_headers
 from gateway.state import Gateway
 
 
@@ -97,26 +99,20 @@ def _limit_rows(plan: Plan, upstream: str, key_limits: tuple[Limit, ...]) -> tup
 
 def limit_error(gw: Gateway, dialect: Dialect, plan: str, reached: LimitReached) -> RateLimited:
     """429 naming the plan, the limit, its current value and when it frees up, with the rate-limit
-    headers of the caller's dialect."""
-    limit = next((lim for p in gw.config.plans.values() for lim in p.limits if lim.id == reached.limit_id), None)
-    metric = limit.metric if limit is not None else ("t" if "token" in reached.limit_id else "n")
+    headers of the caller's dialect. A limit whose window is longer than a minute (or the billing
+    cycle), or a wait over a minute, says `x-should-retry: false`: the SDKs' automatic retries would
+    otherwise sleep on it (openai and anthropic retry a 429 twice, honouring `retry-after`)."""
     seconds = max(1, -(-reached.frees_in_ms // 1000))
     whose = "this API key" if reached.scope == "k" else f"your plan '{plan}'"
-    message = (f"Limit reached: {describe(reached.limit_id, reached.used, reached.cap, metric)} "
+    message = (f"Limit reached: {describe(reached.limit_id, reached.used, reached.cap, reached.metric)} "
                f"for {whose}. It frees up in {seconds} s.")
     headers = {"Retry-After": str(seconds), "retry-after-ms": str(max(reached.frees_in_ms, 0))}
-    if seconds > 60:
-        headers["x-should-retry"] = "false"  # SDKs would otherwise sleep on a long wait
-    kind = "tokens" if metric == "t" else "requests"
-    remaining = str(max(reached.cap - reached.used, 0))
-    if dialect.name == "openai" and metric in ("n", "t"):
-        headers.update({f"x-ratelimit-limit-{kind}": str(reached.cap), f"x-ratelimit-remaining-{kind}": remaining,
-                        f"x-ratelimit-reset-{kind}": f"{seconds}s"})
-    elif dialect.name == "anthropic" and metric in ("n", "t"):
-        reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + seconds))
-        headers.update({f"anthropic-ratelimit-{kind}-limit": str(reached.cap),
-                        f"anthropic-ratelimit-{kind}-remaining": remaining,
-                        f"anthropic-ratelimit-{kind}-reset": reset})
+    if seconds > 60 or reached.window_ms == 0 or reached.window_ms > MINUTE_MS:
+        headers["x-should-retry"] = "false"
+    if reached.metric in ("n", "t"):
+        kind = "tokens" if reached.metric == "t" else "requests"
+        headers.update(rate_headers(dialect.name, kind, reached.cap, reached.cap - reached.used,
+                                    reached.frees_in_ms))
     return RateLimited(message, headers=headers)
 
 
@@ -196,7 +192,7 @@ async def hold(gw: Gateway, dialect: Dialect, principal: Principal, request_id: 
                               alerts.due_on_refusal(plan, spec.cycle[0], reached=reached), request_id)
             raise limit_error(gw, dialect, plan.name, reached) from None
         except InsufficientCredits as refused:
-            if attempt.alerts:
+            if attempt.alerts and not isinstance(refused, KeyBudgetExhausted):  # a key's budget is not the account's
                 alerts.notify(gw, principal.account_id, plan,
                               alerts.due_on_refusal(plan, spec.cycle[0], refused=refused, min_cost=q.min_cost),
                               request_id)

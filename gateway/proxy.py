@@ -21,12 +21,12 @@ from gateway.billing import Call, end_call
 from gateway.dialects.base import Dialect, ParsedRequest, StreamMeter
 from gateway.errors import (
     GatewayError,
-    InsufficientCredits,
     UpstreamError,
     UpstreamTimeout,
 )
 from gateway.logs import ACCESS, Access, client_request_id, trace_id
 from gateway.pricing import Attempt, Priced, hold, lowered_cap, price, reserve_spec
+from gateway.signals import no_output_refusal, success_headers
 from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway
 from gateway.tracing import TRACER
 from gateway.upstream import (
@@ -123,7 +123,7 @@ async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamRe
     lowered = lowered_cap(call)
     if lowered is not None and lowered < 1:
         await end_call(call, None, outcome="refused", http_status=402)
-        raise InsufficientCredits("Insufficient credits for even one output token per choice.")
+        raise no_output_refusal(call)
     if lowered is not None:
         gw.metrics.lowered.labels(call.route.pattern).inc()
     try:
@@ -164,9 +164,9 @@ async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamRe
             # fails), and x-credits-remaining is what the reservation leaves after this charge
             available = await end_call(call, usage, outcome="ok", http_status=up.status, lowered=lowered,
                                        estimate_out=len(data) // 4 if unknown_output else 0, wait=False)
-            return web.Response(body=data, status=up.status,
-                                headers=response_headers(up.headers, call.request_id, available,
-                                                         call.access.client_request_id))
+            headers = response_headers(up.headers, call.request_id, available, call.access.client_request_id)
+            headers.update(success_headers(call.dialect.name, call.reservation, lowered))
+            return web.Response(body=data, status=up.status, headers=headers)
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
         if call.ended:
             raise
@@ -231,6 +231,7 @@ async def _stream(request: web.Request, call: Call, up: aiohttp.ClientResponse, 
         up.headers, call.request_id, call.reservation.available_after, call.access.client_request_id))
     outcome = "ok"
     loop = asyncio.get_running_loop()
+    response.headers.update(success_headers(call.dialect.name, call.reservation, lowered))  # before prepare()
     drain_until: float | None = None  # set when the client is gone
     drained_out = False
     first_bytes = True

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from gateway.budgets import BUDGET_FIELDS, budget_pairs, owner_of, with_budgets
 from gateway.config import Config
 from gateway.errors import BadRequest, Forbidden, NotFound, ScriptStatus, StoreUnavailable, Unprocessable
 from gateway.index import account_ids, add_account, bucket_accounts
@@ -177,7 +178,7 @@ class Store:
 
     async def create_key(self, account_id: str, label: str = "", expires_ms: int = 0,
                          scopes: tuple[str, ...] = (), limits: dict[str, int] | None = None,
-                         max_keys: int | None = None) -> NewKey:
+                         max_keys: int | None = None, budgets: dict[str, int | None] | None = None) -> NewKey:
         """A new key; refused when the account already has `max_keys` usable keys (atomic): keys
         that can still authenticate, a rotated key until its grace period ends."""
         await self._index_keys(account_id)
@@ -185,7 +186,8 @@ class Store:
         keys = self.schema.for_account(account_id)
         status, usable = await self.runner.run(
             "addkey", [keys.account, keys.key_ids, keys.api_key(key_id), keys.usable_keys, keys.ledger],
-            [key_id, max_keys or 0, self.clock_offset_ms, label, expires_ms, *pairs, "expires_ms", expires_ms])
+            [key_id, max_keys or 0, self.clock_offset_ms, label, expires_ms, *pairs, *budget_pairs(budgets or {}),
+             "expires_ms", expires_ms])
         if status == ScriptStatus.NO_ACCOUNT:
             raise NotFound(f"No account {account_id!r}.")
         if status == ScriptStatus.TOO_MANY_KEYS:
@@ -292,8 +294,9 @@ class Store:
             pipe = self.redis.pipeline(transaction=False)
             for key_id in ids:
                 pipe.hgetall(keys.api_key(key_id))
-            records = await pipe.execute()
-        return [key_view(key_id, account_id, rec, self._now()) for key_id, rec in zip(ids, records, strict=True) if rec]
+            records = [(key_id, rec) for key_id, rec in zip(ids, await pipe.execute(), strict=True) if rec]
+            views = [key_view(key_id, account_id, rec, self._now()) for key_id, rec in records]
+            return await with_budgets(self.redis, keys, views, [rec for _, rec in records], self._now())
 
     async def revoke_key(self, key_id: str, note: str = "revoked") -> dict[str, Any]:
         """Revoke a key at once: the reserve script refuses it on every gateway process."""
@@ -348,6 +351,8 @@ class Store:
         scopes = tuple(s for s in old.get("scopes", "").split(",") if s)
         label = old.get("label", "")
         raw, new_id, pairs = _new_key_record(label, scopes, limits)
+        pairs += [v for name in BUDGET_FIELDS.values() if old.get(name) for v in (name, old[name])]
+        pairs += ["budget_id", owner_of(key_id, old)]  # the replacement spends from the same budget
         keys = self.schema.for_account(account_id)
         status, detail, _until = await self.runner.run(
             "rotatekey", [keys.account, keys.key_ids, keys.api_key(key_id), keys.api_key(new_id), keys.usable_keys,
@@ -369,27 +374,36 @@ class Store:
         return new, key_view(key_id, account_id, record, self._now())
 
     async def update_key(self, key_id: str, *, label: str | None = None, expires_ms: int | None = None,
-                         max_keys: int | None = None) -> dict[str, Any]:
+                         max_keys: int | None = None, budgets: dict[str, int | None] | None = None
+                         ) -> dict[str, Any]:
         """Change a key's label or expiry (0: never); the reserve script applies a new expiry at once.
         An expiry that lets the key authenticate longer is refused (403) when the account's other usable
         keys already fill `max_keys`."""
-        if label is None and expires_ms is None:
-            raise BadRequest("Nothing to change: give 'label' or 'expires_at'.")
+        budgets = budgets or {}
+        if label is None and expires_ms is None and not budgets:
+            raise BadRequest("Nothing to change: give 'label', 'expires_at' or a budget.")
         account_id, _ = await self.key_record(key_id)
         await self._index_keys(account_id)
         keys = self.schema.for_account(account_id)
         status, usable = await self.runner.run(
             "updatekey", [keys.api_key(key_id), keys.usable_keys, keys.ledger],
             [key_id, max_keys or 0, self.clock_offset_ms, "0" if label is None else "1", label or "",
-             "" if expires_ms is None else expires_ms])
+             "" if expires_ms is None else expires_ms,
+             *(str(budgets[f] or "none") if f in budgets else "" for f in BUDGET_FIELDS.values())])
         if status == ScriptStatus.NO_ACCOUNT:
             raise NotFound(f"No key {key_id!r}.")
         if status == ScriptStatus.TOO_MANY_KEYS:
             raise Forbidden(f"The account's other {usable} active keys already fill its plan's key limit: "
                             "a later expiry would let one more key authenticate. Revoke a key first.",
                             param="expires_at")
-        _, record = await self.key_record(key_id)
-        return key_view(key_id, account_id, record, self._now())
+        return await self.key_view_of(key_id)
+
+    async def key_view_of(self, key_id: str) -> dict[str, Any]:
+        """One key's view, its budgets included."""
+        account_id, record = await self.key_record(key_id)
+        async with redis_guard():
+            return (await with_budgets(self.redis, self.schema.for_account(account_id),
+                                       [key_view(key_id, account_id, record, self._now())], [record], self._now()))[0]
 
     async def list_accounts(self, plan: str | None = None, status: str | None = None, name: str | None = None,
                             limit: int = 50, after: str | None = None) -> tuple[list[tuple[str, dict[str, str]]], bool]:

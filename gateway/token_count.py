@@ -10,7 +10,7 @@ from aiohttp import web
 
 from gateway.auth import Principal
 from gateway.dialects.base import Dialect
-from gateway.errors import Forbidden, InsufficientCredits, UpstreamError, UpstreamTimeout
+from gateway.errors import Forbidden, InsufficientCredits, KeyBudgetExhausted, UpstreamError, UpstreamTimeout
 from gateway.limits import encode
 from gateway.metering import Quote, Reservation, ReserveSpec
 from gateway.pricing import Attempt, current_cycle, hold, route_for
@@ -50,6 +50,8 @@ def make_token_count_handler(dialect: Dialect, endpoint: str) -> Handler:
         try:
             principal, attempt, reservation = await hold(gw, dialect, principal, request_id,
                                                          lambda who, now: prepare(who, now, gw))
+        except KeyBudgetExhausted:
+            raise  # the key's own budget: its message says so
         except InsufficientCredits:
             raise InsufficientCredits("Insufficient credits: this account has no credits left. "
                                       "Add credits to continue.") from None

@@ -115,7 +115,8 @@ async def account_alerts(request: web.Request) -> web.Response:
 
 
 async def my_keys(request: web.Request) -> web.Response:
-    """GET /gateway/keys: the calling account's keys (prefix, label, status, scopes, last use; never a secret)."""
+    """GET /gateway/keys: the calling account's keys (prefix, label, status, scopes, last use, budgets and
+    what each spent; never a secret)."""
     gw, account_id, _account = await key_holder(request)
     assert gw.store is not None
     return web.json_response({"data": await gw.store.list_keys(account_id)})

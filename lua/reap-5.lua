@@ -4,7 +4,7 @@
 -- KEYS[5] limits hash (see lib/limits.lua). Uses lib/clock.lua, lib/hold.lua and lib/settle.lua.
 -- ARGV[1] clock offset (ms)   ARGV[2] most entries to look at in one call   ARGV[3] tombstone time (ms)
 -- Returns {holds reaped, micro-credits returned}. Idempotent: a reaped hold leaves a tombstone `~r`,
--- so that a late settle still charges its request (settle-5.lua).
+-- so that a late settle still charges its request (settle-5.lua), in its key's budget too (`~r <owner>`).
 local now = now_ms(ARGV[1])
 local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
 local reaped, returned = 0, 0
@@ -16,7 +16,7 @@ for _, rid in ipairs(expired) do
   else
     reaped, returned = reaped + 1, returned + h.amount
     end_hold(KEYS[1], h, 0)
-    entomb(KEYS[2], KEYS[3], rid, 'r', now, ARGV[3])
+    entomb(KEYS[2], KEYS[3], rid, h.budget and ('r ' .. h.budget) or 'r', now, ARGV[3])
     give_back(KEYS[5], rid)
     redis.call('XADD', KEYS[4], '*', 'type', 'reaped', 'ts', now, 'rid', rid, 'cost', 0, 'hold', h.amount)
   end

@@ -1,5 +1,6 @@
 -- settle-5.lua: charge a request's actual cost, count it in every limit, end its holds and record one
--- event. Uses lib/clock.lua, lib/hold.lua and lib/settle.lua.
+-- event; a hold under a key budget counts its charge there (lib/budget.lua). Uses lib/budget.lua,
+-- lib/clock.lua, lib/hold.lua and lib/settle.lua.
 -- KEYS[1] account hash   KEYS[2] holds hash   KEYS[3] hold expiry zset   KEYS[4] ledger stream
 -- KEYS[5] limits hash (see lib/limits.lua)
 -- ARGV[1] request id     ARGV[2] actual cost (micro-credits)   ARGV[3] clock offset (ms)
@@ -16,7 +17,7 @@ local h = hold_record(KEYS[2], ARGV[1])
 if h and h.ended and h.ended ~= 'r' then return {2, 0, 0} end
 local reaped = 0
 if not h or h.ended then
-  h, reaped = {amount = 0, allow = 0, gen = -1}, 1
+  h, reaped = {amount = 0, allow = 0, gen = -1, budget = h and h.budget}, 1
 end
 local a = redis.call('HMGET', KEYS[1], 'allow', 'extra', 'held')
 local free = math.max(tonumber(a[1] or '0') + tonumber(a[2] or '0') - tonumber(a[3] or '0'), 0)
@@ -29,6 +30,7 @@ for field, n in pairs({charged = charge, cycle_used = charge, requests = 1, cycl
 end
 entomb(KEYS[2], KEYS[3], ARGV[1], 's', now, ARGV[9])
 give_back(KEYS[5], ARGV[1])
+if h.budget then budget_spent(KEYS[5], h.budget, charge) end
 local counted = {}
 if ARGV[6] ~= '' then
   local used = {c = charge, t = tonumber(ARGV[7]), u = tonumber(ARGV[8]), n = 1}

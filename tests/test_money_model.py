@@ -40,7 +40,7 @@ from hypothesis.stateful import (
 
 from gateway.app import connect_redis
 from gateway.config import Config, load_config
-from gateway.errors import InsufficientCredits, StoreUnavailable, Unauthorized
+from gateway.errors import InsufficientCredits, KeyBudgetExhausted, StoreUnavailable, Unauthorized
 from gateway.keys import AccountKeys, KeySchema
 from gateway.limits import Limit, cycle_bounds, encode, rate_limits
 from gateway.metering import LimitReached, Meter, PlanChanged, Reservation, ReserveSpec, quote
@@ -98,9 +98,11 @@ class Hold:
     limit_held: dict[str, int]  # limits hash field -> amount this request holds in it
     lease_until: int
     spec: tuple[Any, ...]  # what the reserve was called with, for a retry
+    budget: str | None = None  # the key whose budget counters its charge goes to (it had a budget)
 
     def record(self) -> str:
-        return f"{self.amount} {self.allow_part} {self.gen} {int(self.lowered)} {self.tokens} {self.usd}"
+        owner = f" {self.budget}" if self.budget else ""
+        return f"{self.amount} {self.allow_part} {self.gen} {int(self.lowered)} {self.tokens} {self.usd}{owner}"
 
 
 @dataclass
@@ -112,6 +114,10 @@ class Ended:
     rows: tuple[Limit, ...] = ()
     key_id: str = ""
     remembered: bool = True
+    budget: str | None = None  # a reaped hold under a key budget: its tombstone names the key
+
+    def tombstone(self) -> str:
+        return "~" + ENDED_MARK[self.how] + (f" {self.budget}" if self.how == "reaped" and self.budget else "")
 
 
 @dataclass(repr=False)
@@ -144,6 +150,8 @@ class AccountModel:
     windows: dict[str, dict[int, int]] = field(default_factory=dict)  # <scope>:<id> -> bucket -> amount
     events: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)  # rid -> ledger events
     grants: list[int] = field(default_factory=list)  # grant events, in order
+    key_budgets: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)  # per cycle, lifetime
+    lifetime_counters: dict[str, int] = field(default_factory=dict)  # l:a:key_lifetime:<key> -> spent
 
     def __repr__(self) -> str:
         return self.name
@@ -377,6 +385,9 @@ class MoneyMachine(RuleBasedStateMachine):
             return
         want = {"c": min(q.full_cost, available), "t": spec.tokens_full, "u": spec.usd_full, "n": 1}
         least = {"c": q.min_cost, "t": spec.tokens_min, "u": spec.usd_min, "n": 1}
+        budget_held = self._key_budgets_allow(acct, key_id, want, least, call)
+        if budget_held is None:
+            return
         for row in chosen:
             used = acct.limit_used(row, key_id, self.now)
             if row.cap - used < least[row.metric]:
@@ -388,8 +399,9 @@ class MoneyMachine(RuleBasedStateMachine):
             want[row.metric] = min(want[row.metric], row.cap - used)
         lowered = want["c"] < q.full_cost or want["t"] < spec.tokens_full or want["u"] < spec.usd_full
         hold = Hold(rid, key_id, want["c"], max(min(want["c"], acct.allow - acct.held_allow), 0), acct.agen, lowered,
-                    want["t"], want["u"], chosen, {"h:" + scoped(r, key_id): want[r.metric] for r in chosen},
-                    self.now + LEASE_MS, (key_id, priced_plan, q, spec))
+                    want["t"], want["u"], chosen, {**{name: want["c"] for name in budget_held},
+                                                   **{"h:" + scoped(r, key_id): want[r.metric] for r in chosen}},
+                    self.now + LEASE_MS, (key_id, priced_plan, q, spec), key_id if budget_held else None)
         got_res = self.call(call)
         assert got_res == Reservation(rid, hold.amount, available - hold.amount, lowered, hold.tokens, hold.usd)
         acct.holds[rid] = hold
@@ -445,8 +457,12 @@ class MoneyMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------ ending holds
 
     def _settle(self, acct: AccountModel, rid: str, hold: Hold | None, rows: tuple[Limit, ...], key_id: str,
-                actual: int, tokens: int, usd: int) -> None:
+                actual: int, tokens: int, usd: int, budget: str | None = None) -> None:
         expected = acct.end_hold(hold, actual)
+        if budget and expected:  # a hold under a key budget: its charge counts there, this cycle and for ever
+            for counters, name in ((acct.cycle_counters, f"c:a:key_budget:{budget}"),
+                                   (acct.lifetime_counters, f"l:a:key_lifetime:{budget}")):
+                counters[name] = counters.get(name, 0) + expected
         got = self.call(self.meter.settle(acct.keys, rid, key_id, actual, {"outcome": "model"}, encode(list(rows)),
                                           tokens, usd))
         acct.charged += expected
@@ -482,7 +498,7 @@ class MoneyMachine(RuleBasedStateMachine):
     def _settle_hold(self, data: st.DataObject, acct: AccountModel, hold: Hold, actual: int) -> None:
         tokens = data.draw(st.integers(0, hold.tokens + 500), label="tokens")
         usd = data.draw(st.integers(0, hold.usd), label="usd")
-        self._settle(acct, hold.rid, hold, hold.rows, hold.key_id, actual, tokens, usd)
+        self._settle(acct, hold.rid, hold, hold.rows, hold.key_id, actual, tokens, usd, hold.budget)
 
     @precondition(lambda self: self._ended("reaped", forgotten_too=True))
     @rule(data=st.data(), actual=st.integers(0, 6000), tokens=st.integers(0, 3000))
@@ -490,7 +506,9 @@ class MoneyMachine(RuleBasedStateMachine):
         """A request whose lease ran out (reaped) settles late: still charged, out of unclaimed credits."""
         rid = data.draw(st.sampled_from(self._ended("reaped", forgotten_too=True)), label="reaped")
         acct, ended = self.owner[rid], self.owner[rid].ended[rid]
-        self._settle(acct, rid, None, ended.rows, ended.key_id, actual, tokens, 0)
+        # its key's budget is known while Redis remembers the reaped hold (`~r <key>`), not after
+        self._settle(acct, rid, None, ended.rows, ended.key_id, actual, tokens, 0,
+                     ended.budget if ended.remembered else None)
 
     @precondition(lambda self: self._ended("settled", "released", "reaped"))
     @rule(data=st.data(), actual=st.integers(0, 6000), settle=st.booleans())
@@ -553,7 +571,7 @@ class MoneyMachine(RuleBasedStateMachine):
                 ended.remembered = False
         for h in expired:
             acct.end_hold(h, 0)
-            acct.ended[h.rid] = Ended("reaped", self.now + TOMBSTONE_MS, h.rows, h.key_id)
+            acct.ended[h.rid] = Ended("reaped", self.now + TOMBSTONE_MS, h.rows, h.key_id, budget=h.budget)
             acct.events.setdefault(h.rid, []).append(("reaped", 0, h.amount))
         expected = (len(expired), sum(h.amount for h in expired))
         assert self.call(self.meter.reap(acct.keys)) == expected
@@ -626,6 +644,50 @@ class MoneyMachine(RuleBasedStateMachine):
         self.call(self.store.revoke_key(key_id))
         acct.revoked.add(key_id)
 
+    # ------------------------------------------------------------ per-key budgets (issue 15.4)
+
+    def _key_budgets_allow(self, acct: AccountModel, key_id: str, want: dict[str, int], least: dict[str, int],
+                           call: Coroutine[Any, Any, Any]) -> list[str] | None:
+        """The key's budgets, checked before every limit row: each lowers the hold to its room (what it
+        allows less what it spent, this cycle or for ever, and what requests in flight hold of it), or
+        refuses the request (402) when not even the prompt fits. Returns the held fields the budgets
+        take (in the script's order), or None after checking the refusal."""
+        per_cycle, lifetime = acct.key_budgets.get(key_id, (None, None))
+        held = acct.limit_holds()
+        fields = []
+        for which, cap, spent, name in (
+                ("cycle", per_cycle, acct.cycle_counters.get(f"c:a:key_budget:{key_id}", 0), "key_budget"),
+                ("lifetime", lifetime, acct.lifetime_counters.get(f"l:a:key_lifetime:{key_id}", 0), "key_lifetime")):
+            if cap is None:
+                continue
+            used = spent + held.get(f"h:a:{name}:{key_id}", 0)
+            if cap - used < least["c"]:
+                with pytest.raises(KeyBudgetExhausted) as refused:
+                    self.call(call)
+                assert (refused.value.limited_by, refused.value.available_micro) == (f"key_budget_{which}",
+                                                                                     max(cap - used, 0))
+                return None
+            want["c"] = min(want["c"], cap - used)
+            fields.append(f"h:a:{name}:{key_id}")
+        return fields
+
+    @rule(data=st.data(), per_cycle=st.none() | st.integers(1, 8000), lifetime=st.none() | st.integers(1, 20000))
+    def set_key_budget(self, data: st.DataObject, per_cycle: int | None, lifetime: int | None) -> None:
+        """An operator sets (or removes) a key's budgets; the next reserve applies them, holds in flight
+        keep what they hold, and what the key spent so far still counts."""
+        acct = data.draw(st.sampled_from(self.accounts), label="account")
+        key_id = data.draw(st.sampled_from(acct.key_ids), label="key")
+        view = self.call(self.store.update_key(key_id, budgets={"budget_cycle": per_cycle, "budget_life": lifetime}))
+        assert (view["budget_credits_per_cycle_micro"], view["budget_credits_lifetime_micro"]) == (per_cycle, lifetime)
+        acct.key_budgets[key_id] = (per_cycle, lifetime)
+
+    @invariant()
+    def key_budget_counters_match_the_model(self) -> None:
+        """Each key's lifetime spend (its per-cycle spend and holds are checked with the other limits)."""
+        for acct, (_raw, _holds, _expiry, lim, _events) in zip(self.accounts, self._read(), strict=True):
+            lifetime = {k: int(v) for k, v in lim.items() if k.startswith("l:") and int(v) != 0}
+            assert lifetime == {k: v for k, v in acct.lifetime_counters.items() if v != 0}
+
     # ------------------------------------------------------------ invariants
 
     def _read(self) -> list[list[Any]]:
@@ -671,7 +733,7 @@ class MoneyMachine(RuleBasedStateMachine):
 
     def _check_holds(self, acct: AccountModel, holds: dict[str, str], expiry: list[tuple[str, float]]) -> None:
         expected = {rid: h.record() for rid, h in acct.holds.items()}
-        expected.update({rid: "~" + ENDED_MARK[e.how] for rid, e in acct.ended.items() if e.remembered})
+        expected.update({rid: e.tombstone() for rid, e in acct.ended.items() if e.remembered})
         assert holds == expected
         scores = {rid: int(score) for rid, score in expiry}
         assert set(scores) == set(expected)

@@ -245,7 +245,7 @@ class AnthropicDialect:
 
     def error_response(self, error: GatewayError) -> tuple[int, bytes]:
         payload = {"type": "error", "error": {"type": _ERROR_TYPES.get(error.kind, "api_error"),
-                                              "message": error.message}}
+                                              "message": error.message, **error.details()}}
         return error.status, json.dumps(payload).encode()
 
     def stream_error_event(self, message: str) -> bytes:

@@ -240,7 +240,7 @@ class GeminiDialect:
 
     def error_response(self, error: GatewayError) -> tuple[int, bytes]:
         payload = {"error": {"code": error.status, "message": error.message,
-                             "status": _STATUS.get(error.status, "UNKNOWN")}}
+                             "status": _STATUS.get(error.status, "UNKNOWN"), **error.details()}}
         return error.status, json.dumps(payload).encode()
 
     def stream_error_event(self, message: str) -> bytes:

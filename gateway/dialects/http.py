@@ -109,7 +109,8 @@ class HttpDialect:
         return _NoStream()
 
     def error_response(self, error: GatewayError) -> tuple[int, bytes]:
-        payload = {"error": {"message": error.message, "type": error.kind, "param": error.param}}
+        payload = {"error": {"message": error.message, "type": error.kind, "param": error.param,
+                             **error.details()}}
         return error.status, json.dumps(payload).encode()
 
     def stream_error_event(self, message: str) -> bytes:

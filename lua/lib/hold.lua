@@ -1,16 +1,21 @@
 -- lib/hold.lua: a hold's record in the holds hash, and ending it against the account's buckets.
--- Live: `amount allowance-part allowance-generation lowered tokens micro-USD` (a bare amount is a
--- hold taken before holds had parts: it is ended against the unheld balance). Ended: a tombstone
--- `~s` settled, `~x` released or cancelled, `~r` reaped; kept until its hold-expiry score passes.
--- Returns: hold_record: nil, {ended = state} or the live fields; end_hold: the unheld balance after.
+-- Live: `amount allowance-part allowance-generation lowered tokens micro-USD [budget owner]` (a bare
+-- amount is a hold taken before holds had parts: it is ended against the unheld balance; the budget
+-- owner is the key id whose budget counters the charge goes to, see lib/budget.lua). Ended: a
+-- tombstone `~s` settled, `~x` released or cancelled, `~r` reaped (`~r <owner>` for a hold under a key
+-- budget, so a late settle still counts in it); kept until its hold-expiry score passes.
+-- Returns: hold_record: nil, {ended = state, budget} or the live fields; end_hold: the unheld balance after.
 local function hold_record(holds, rid)
   local v = redis.call('HGET', holds, rid)
   if not v then return nil end
-  if string.sub(v, 1, 1) == '~' then return {ended = string.sub(v, 2, 2)} end
+  if string.sub(v, 1, 1) == '~' then
+    return {ended = string.sub(v, 2, 2), budget = #v > 3 and string.sub(v, 4) or nil}
+  end
   local f = {}
-  for x in string.gmatch(v, '%S+') do f[#f + 1] = tonumber(x) end
-  if not f[2] then return {amount = f[1], allow = 0, legacy = true, lowered = 0, tokens = 0, usd = 0} end
-  return {amount = f[1], allow = f[2], gen = f[3], lowered = f[4], tokens = f[5], usd = f[6]}
+  for x in string.gmatch(v, '%S+') do f[#f + 1] = x end
+  if not f[2] then return {amount = tonumber(f[1]), allow = 0, legacy = true, lowered = 0, tokens = 0, usd = 0} end
+  return {amount = tonumber(f[1]), allow = tonumber(f[2]), gen = tonumber(f[3]), lowered = tonumber(f[4]),
+          tokens = tonumber(f[5]), usd = tonumber(f[6]), budget = f[7]}
 end
 
 local function entomb(holds, expiry, rid, state, now, keep)
