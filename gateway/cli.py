@@ -310,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     kcreate.add_argument("--scope", action="append", default=[],
                          help="narrow the key: api:<openai|anthropic|gemini|http> or model:<glob> (repeatable)")
     kupdate = common(keys.add_parser("update", help="change a key's label or budgets"))
-    kupdate.add_argument("key_id")
-    kupdate.add_argument("--label", default=None)
+    kupdate.add_argument("key_id", help="the key's id (key_...), never the key itself")
+    kupdate.add_argument("--label", default=None, help="a new label for the key")
     for kparser, removable in ((kcreate, ""), (kupdate, "; 'none' removes it")):
         kparser.add_argument("--budget", default=None, help=f"credits the key may spend per billing cycle{removable}")
         kparser.add_argument("--lifetime-budget", default=None, help=f"credits the key may ever spend{removable}")

@@ -71,7 +71,7 @@ def _records(stream: io.StringIO) -> list[dict[str, Any]]:
 
 async def _access(stream: io.StringIO, request_id: str) -> dict[str, Any]:
     """The access record of `request_id` (written once the response is done and the call has ended)."""
-    for _ in range(500):
+    for _ in range(3000):  # up to 30 s: the call ends after the response, on a loaded machine later
         found = [r for r in _records(stream) if r.get("request_id") == request_id and r["msg"] == "access"]
         if found:
             assert len(found) == 1, found
@@ -237,7 +237,7 @@ async def test_text_format_carries_the_key_facts_on_one_line(harness: Harness, c
     assert status == 500
     await harness.gw.quiesce()
     rid = headers["x-gateway-request-id"]
-    for _ in range(500):
+    for _ in range(3000):  # up to 30 s: the call ends after the response, on a loaded machine later
         lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access" and rid in r.getMessage()]
         if lines:
             break
@@ -249,7 +249,7 @@ async def test_text_format_carries_the_key_facts_on_one_line(harness: Harness, c
     _, ok_headers, _ = await _post(harness.client, key)
     await harness.gw.quiesce()
     ok_id = ok_headers["x-request-id"]
-    for _ in range(500):
+    for _ in range(3000):  # up to 30 s: the call ends after the response, on a loaded machine later
         ok = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access" and ok_id in r.getMessage()]
         if ok:
             break
@@ -262,7 +262,7 @@ async def test_other_routes_get_a_plain_json_line_and_every_logger_writes_json(
     async with harness.client.get("/health") as resp:
         assert resp.status == 200
     logging.getLogger("gateway.test").warning("something %s", "odd")
-    for _ in range(500):
+    for _ in range(3000):  # up to 30 s: the call ends after the response, on a loaded machine later
         records = _records(log_lines)
         if any(r.get("path") == "/health" for r in records):
             break
