@@ -32,7 +32,7 @@ from gateway.index import account_ids
 from gateway.keys import KeySchema
 from gateway.ledger import account_events, export_cursor, render
 from gateway.master import Master, cleanup_metrics_dir, make_metrics_dir
-from gateway.money import credits_number, credits_to_micro
+from gateway.money import amount, credits_to_micro, format_credits
 from gateway.scripts import ScriptRunner, load_scripts
 from gateway.settings import Settings, SettingsError
 from gateway.store import Store, account_view, check_idempotency_key, key_view, parse_expiry
@@ -277,9 +277,9 @@ async def _credits_grant(args: argparse.Namespace) -> None:
     idempotency_key = check_idempotency_key(args.idempotency_key)
     async with _store(args) as store:
         credited = await store.grant(args.account, micro, args.note or "cli grant", idempotency_key)
-    available = credits_number(credited.available)
-    _output(args, {"account_id": args.account, "granted": credits_number(micro), "credits_remaining": available,
-                   "replayed": credited.replayed},
+    available = format_credits(credited.available)
+    _output(args, {"account_id": args.account, **amount("granted", micro),
+                   **amount("credits_remaining", credited.available), "replayed": credited.replayed},
             f"already granted with this idempotency key: nothing added; {available} available then"
             if credited.replayed else f"granted {args.credits} credits to {args.account}; {available} available")
 
@@ -305,8 +305,8 @@ async def _packs_buy(args: argparse.Namespace) -> None:
     idempotency_key = check_idempotency_key(args.idempotency_key)
     async with _store(args) as store:
         credited = await store.buy_pack(config, args.account, args.pack, idempotency_key)
-    available = credits_number(credited.available)
-    _output(args, {"account_id": args.account, "pack": args.pack, "credits_remaining": available,
+    available = format_credits(credited.available)
+    _output(args, {"account_id": args.account, "pack": args.pack, **amount("credits_remaining", credited.available),
                    "replayed": credited.replayed},
             f"already added with this idempotency key: nothing added; {available} credits available then"
             if credited.replayed else f"added pack {args.pack} to {args.account}; {available} credits available")

@@ -22,10 +22,11 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.exports import EVENT_SOURCE
 from gateway.index import bucket_accounts
 from gateway.jobs import Lease
 from gateway.keys import INDEX_BUCKETS, KeySchema
-from gateway.ledger import EVENT_SOURCE, admin_view, cloudevent, parse_entry, shipped_key, trim, usage_view
+from gateway.ledger import admin_view, cloudevent, parse_entry, shipped_key, trim, usage_view
 from gateway.sinks import Sink, make_sink
 from gateway.state import GATEWAY, in_background, stopping
 
