@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,11 @@ from aiohttp import web
 
 from gateway.app import AccessLogger
 from gateway.auth import check_scopes
+from gateway.cli_billing import register as register_billing
 from gateway.config import Config, ConfigError, key_limits, load_config
 from gateway.embedded import EmbeddedRedis, discover_url
 from gateway.errors import GatewayError
+from gateway.exports import PROVIDER_FORMATS
 from gateway.index import account_ids
 from gateway.keys import KeySchema
 from gateway.ledger import account_events, export_cursor, render
@@ -312,6 +315,20 @@ async def _packs_buy(args: argparse.Namespace) -> None:
             if credited.replayed else f"added pack {args.pack} to {args.account}; {available} credits available")
 
 
+def export_bound(value: str | None, option: str) -> int | None:
+    """An export's --from / --until (an ISO 8601 date or date-time, UTC unless it says otherwise) as
+    unix ms; `--until` is exclusive (an event at that moment is left for the next export)."""
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise GatewayError(f"invalid {option} {value!r}: give an ISO 8601 date or time, "
+                           "e.g. 2026-10-01 or 2026-10-01T12:00:00Z") from None
+    ms = int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp() * 1000)
+    return ms - 1 if option == "--until" else ms
+
+
 def _write_text(path: Path, text: str, append: bool) -> None:
     with path.open("a" if append else "w", encoding="utf-8") as out:
         out.write(text)
@@ -321,11 +338,13 @@ async def _usage_export(args: argparse.Namespace) -> None:
     async with _store(args) as store:
         redis, schema = store.redis, store.schema
         views, last, resumed = [], {}, False
-        until = None if args.until is None else parse_expiry(args.until)
+        since, until = export_bound(args.since, "--from"), export_bound(args.until, "--until")
+        if since is not None and until is not None and since >= until:
+            raise GatewayError("--from must be before --until")
         async for account_id in _exported_accounts(args, store):
             after = await export_cursor(redis, schema, account_id, args.resume) if args.resume else None
             resumed = resumed or after is not None
-            async for stream_id, view in account_events(redis, schema, account_id, after, until):
+            async for stream_id, view in account_events(redis, schema, account_id, after, until, since):
                 views.append(view)
                 last[account_id] = stream_id
         text = render(views, args.format, header=not resumed)
@@ -460,14 +479,16 @@ def build_parser() -> argparse.ArgumentParser:
     renew.set_defaults(func=_run(_plans_renew))
 
     usage = sub.add_parser("usage", help="the usage ledger").add_subparsers(dest="action", required=True)
-    export = common(usage.add_parser("export", help="usage events as JSONL, CSV or CloudEvents 1.0"))
-    export.add_argument("--format", choices=("jsonl", "csv", "cloudevents"), default="jsonl")
+    export = common(usage.add_parser("export", help="usage events as JSONL, CSV, CloudEvents 1.0, or Stripe meter "
+                                                    "events, Lago events, OpenMeter CloudEvents"))
+    export.add_argument("--format", choices=("jsonl", "csv", "cloudevents", *PROVIDER_FORMATS), default="jsonl")
     export.add_argument("--output", default=None, help="file to write (default: standard output)")
     export.add_argument("--append", action="store_true", help="append to --output instead of replacing it")
     export.add_argument("--resume", default=None, metavar="NAME",
                         help="continue the export NAME where it stopped, and remember where this one stops")
     export.add_argument("--account", default=None, help="one account only")
-    export.add_argument("--until", default=None, help="events up to this ISO 8601 time")
+    export.add_argument("--from", dest="since", default=None, help="events from this ISO 8601 date or time (UTC)")
+    export.add_argument("--until", default=None, help="events before this ISO 8601 date or time (UTC)")
     export.set_defaults(func=_run(_usage_export))
 
     packs = sub.add_parser("packs", help="credit packs").add_subparsers(dest="action", required=True)
@@ -477,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     buy.add_argument("--idempotency-key", default=None,
                      help="a retry with the same key (within 24 h) adds nothing and prints the first answer")
     buy.set_defaults(func=_run(_packs_buy))
+    register_billing(sub, common)
     return parser
 
 
