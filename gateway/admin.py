@@ -14,7 +14,7 @@ from gateway.auth import check_scopes
 from gateway.budgets import budget_changes
 from gateway.config import key_limits
 from gateway.errors import BadRequest, Unauthorized
-from gateway.money import credits_number, credits_to_micro
+from gateway.money import amount, credits_to_micro
 from gateway.state import GATEWAY, Gateway
 from gateway.store import (
     Credited,
@@ -25,6 +25,7 @@ from gateway.store import (
     parse_expiry,
     redis_guard,
 )
+from gateway.store_billing import adjust, check_external_id, check_reason, set_status, update_account
 
 log = logging.getLogger("gateway.admin")
 
@@ -77,7 +78,8 @@ async def create_account(request: web.Request) -> web.Response:
     timezone = body.get("timezone")
     if timezone is not None and not isinstance(timezone, str):
         raise BadRequest("'timezone' must be an IANA time zone name.", param="timezone")
-    account_id = await store.create_account(gw.config, name, plan, timezone)
+    external_id = check_external_id(body["external_id"]) if body.get("external_id") is not None else ""
+    account_id = await store.create_account(gw.config, name, plan, timezone, external_id)
     return web.json_response(account_view(account_id, await store.account_raw(account_id), gw.config), status=201)
 
 
@@ -116,7 +118,7 @@ async def max_keys(gw: Gateway, store: Store, account_id: str) -> int | None:
 def _credited(body: dict[str, Any], credited: Credited) -> web.Response:
     """A grant's or pack's answer; a replay (same Idempotency-Key) is the first answer, marked as such."""
     headers = {"Idempotent-Replayed": "true"} if credited.replayed else None
-    return web.json_response({**body, "credits_remaining": credits_number(credited.available)}, headers=headers)
+    return web.json_response({**body, **amount("credits_remaining", credited.available)}, headers=headers)
 
 
 async def list_keys(request: web.Request) -> web.Response:
@@ -145,7 +147,48 @@ async def grant_credits(request: web.Request) -> web.Response:
         raise BadRequest("'note' must be a string.", param="note")
     account_id = request.match_info["account_id"]
     credited = await store.grant(account_id, micro, note, idempotency_key)
-    return _credited({"account_id": account_id, "granted": credits_number(micro)}, credited)
+    return _credited({"account_id": account_id, **amount("granted", micro)}, credited)
+
+
+async def update(request: web.Request) -> web.Response:
+    """PATCH /admin/accounts/{id} {name?, external_id?}: the account view after."""
+    gw, store = check_admin(request)
+    body = await read_json(request)
+    account_id = request.match_info["account_id"]
+    name = _string(body, "name") if "name" in body else None
+    external_id = check_external_id(body["external_id"] or "") if "external_id" in body else None
+    await update_account(store, account_id, name, external_id)
+    return web.json_response(account_view(account_id, await store.account_raw(account_id), gw.config))
+
+
+async def lifecycle(request: web.Request) -> web.Response:
+    """POST /admin/accounts/{id}/suspend|reactivate|close {reason?}: the account view after. A
+    suspended or closed account's requests are refused (403); closed is final (409 afterwards)."""
+    gw, store = check_admin(request)
+    body = await read_json(request)
+    account_id = request.match_info["account_id"]
+    await set_status(store, account_id, request.match_info["action"], check_reason(body.get("reason")))
+    return web.json_response(account_view(account_id, await store.account_raw(account_id), gw.config))
+
+
+async def adjustment(request: web.Request) -> web.Response:
+    """POST /admin/accounts/{id}/adjustments {credits, reason} with a required `Idempotency-Key`:
+    a refund (credits > 0) or a deduction (< 0), applied once however often it is sent."""
+    _gw, store = check_admin(request)
+    idempotency_key = check_idempotency_key(request.headers.get("Idempotency-Key"))
+    body = await read_json(request)
+    if "credits" not in body:
+        raise BadRequest("'credits' is required.", param="credits")
+    try:
+        micro = credits_to_micro(body["credits"])
+    except ValueError as exc:
+        raise BadRequest(f"Invalid 'credits': {exc}.", param="credits") from None
+    account_id = request.match_info["account_id"]
+    done = await adjust(store, account_id, micro, check_reason(body.get("reason"), required=True), idempotency_key)
+    headers = {"Idempotent-Replayed": "true"} if done.replayed else None
+    return web.json_response({"account_id": account_id, "adjustment_id": done.adjustment_id,
+                              **amount("credits", done.micro), **amount("credits_remaining", done.available),
+                              "replayed": done.replayed}, headers=headers)
 
 
 async def set_plan(request: web.Request) -> web.Response:
@@ -233,13 +276,13 @@ async def update_key(request: web.Request) -> web.Response:
 async def list_plans(request: web.Request) -> web.Response:
     """GET /admin/plans: the plans configured now (as plans.yaml says, after the last reload)."""
     gw, _store = check_admin(request)
-    data = [{"name": p.name, "monthly_credits": credits_number(p.monthly_credits), "credit_usd": float(p.credit_usd),
+    data = [{"name": p.name, **amount("monthly_credits", p.monthly_credits), "credit_usd": str(p.credit_usd),
              "models": list(p.models), "max_keys": p.max_keys, "timezone": p.timezone,
              "default": p.name == gw.config.default_plan,
-             "limits": [{"id": lim.id, "cap": credits_number(lim.cap) if lim.metric == "c" else lim.cap,
+             "limits": [{"id": lim.id, **(amount("cap", lim.cap) if lim.metric in ("c", "u") else {"cap": lim.cap}),
                          "metric": lim.metric, "provider": lim.provider} for lim in p.limits]}
             for p in gw.config.plans.values()]
-    packs = [{"name": k.name, "credits": credits_number(k.credits), "price_usd": float(k.price_usd)}
+    packs = [{"name": k.name, **amount("credits", k.credits), "price_usd": str(k.price_usd)}
              for k in gw.config.packs.values()]
     return web.json_response({"data": data, "packs": packs})
 
@@ -291,3 +334,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_put("/admin/accounts/{account_id}/plan", set_plan)
     app.router.add_post("/admin/accounts/{account_id}/packs", buy_pack)
     app.router.add_post("/admin/accounts/{account_id}/renew", renew)
+    app.router.add_patch("/admin/accounts/{account_id}", update)
+    app.router.add_post("/admin/accounts/{account_id}/adjustments", adjustment)
+    app.router.add_post(r"/admin/accounts/{account_id}/{action:suspend|reactivate|close}", lifecycle)

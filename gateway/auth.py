@@ -301,6 +301,6 @@ class Authenticator:
         if not account:
             self.forget(principal)
             raise Unauthorized("The account for this API key no longer exists.")
-        if account.get("status") != "active":
-            raise Forbidden("This account is disabled.")
+        if account.get("status") != "active":  # the same words as the reserve's refusal (gateway.errors)
+            raise Forbidden(f"This account is {account.get('status') or 'disabled'}: its requests are refused.")
         return dict(account)

@@ -13,12 +13,14 @@ import asyncio
 import json
 import sys
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from gateway import __version__
 from gateway.auth import check_scopes
 from gateway.budgets import cli_budgets
+from gateway.cli_billing import register as register_billing
 from gateway.cli_common import EXIT_USAGE, iso, port_number, positive_int, table
 from gateway.cli_common import config as _config
 from gateway.cli_common import output as _output
@@ -27,9 +29,10 @@ from gateway.cli_common import store as _store
 from gateway.cli_serve import cmd_check_config, cmd_emulator, cmd_serve
 from gateway.config import key_limits
 from gateway.errors import GatewayError
+from gateway.exports import PROVIDER_FORMATS
 from gateway.index import account_ids
 from gateway.ledger import account_events, export_cursor, render
-from gateway.money import credits_number, credits_to_micro
+from gateway.money import amount, credits_to_micro, format_credits
 from gateway.settings import SettingsError
 from gateway.store import Store, account_view, check_idempotency_key, parse_expiry
 
@@ -158,9 +161,9 @@ async def _credits_grant(args: argparse.Namespace) -> None:
     idempotency_key = check_idempotency_key(args.idempotency_key)
     async with _store(args) as store:
         credited = await store.grant(args.account, micro, args.note or "cli grant", idempotency_key)
-    available = credits_number(credited.available)
-    _output(args, {"account_id": args.account, "granted": credits_number(micro), "credits_remaining": available,
-                   "replayed": credited.replayed},
+    available = format_credits(credited.available)
+    _output(args, {"account_id": args.account, **amount("granted", micro),
+                   **amount("credits_remaining", credited.available), "replayed": credited.replayed},
             f"already granted with this idempotency key: nothing added; {available} available then"
             if credited.replayed else f"granted {args.credits} credits to {args.account}; {available} available")
 
@@ -187,11 +190,25 @@ async def _packs_buy(args: argparse.Namespace) -> None:
     idempotency_key = check_idempotency_key(args.idempotency_key)
     async with _store(args) as store:
         credited = await store.buy_pack(config, args.account, args.pack, idempotency_key)
-    available = credits_number(credited.available)
-    _output(args, {"account_id": args.account, "pack": args.pack, "credits_remaining": available,
+    available = format_credits(credited.available)
+    _output(args, {"account_id": args.account, "pack": args.pack, **amount("credits_remaining", credited.available),
                    "replayed": credited.replayed},
             f"already added with this idempotency key: nothing added; {available} credits available then"
             if credited.replayed else f"added pack {args.pack} to {args.account}; {available} credits available")
+
+
+def export_bound(value: str | None, option: str) -> int | None:
+    """An export's --from / --until (an ISO 8601 date or date-time, UTC unless it says otherwise) as
+    unix ms; `--until` is exclusive (an event at that moment is left for the next export)."""
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise GatewayError(f"invalid {option} {value!r}: give an ISO 8601 date or time, "
+                           "e.g. 2026-10-01 or 2026-10-01T12:00:00Z") from None
+    ms = int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp() * 1000)
+    return ms - 1 if option == "--until" else ms
 
 
 def _write_text(path: Path, text: str, append: bool) -> None:
@@ -203,11 +220,13 @@ async def _usage_export(args: argparse.Namespace) -> None:
     async with _store(args) as store:
         redis, schema = store.redis, store.schema
         views, last, resumed = [], {}, False
-        until = None if args.until is None else parse_expiry(args.until)
+        since, until = export_bound(args.since, "--from"), export_bound(args.until, "--until")
+        if since is not None and until is not None and since >= until:
+            raise GatewayError("--from must be before --until")
         async for account_id in _exported_accounts(args, store):
             after = await export_cursor(redis, schema, account_id, args.resume) if args.resume else None
             resumed = resumed or after is not None
-            async for stream_id, view in account_events(redis, schema, account_id, after, until):
+            async for stream_id, view in account_events(redis, schema, account_id, after, until, since):
                 views.append(view)
                 last[account_id] = stream_id
         text = render(views, args.format, header=not resumed)
@@ -352,14 +371,16 @@ def build_parser() -> argparse.ArgumentParser:
     renew.set_defaults(func=_run(_plans_renew))
 
     usage = sub.add_parser("usage", help="the usage ledger").add_subparsers(dest="action", required=True)
-    export = common(usage.add_parser("export", help="usage events as JSONL, CSV or CloudEvents 1.0"))
-    export.add_argument("--format", choices=("jsonl", "csv", "cloudevents"), default="jsonl")
+    export = common(usage.add_parser("export", help="usage events as JSONL, CSV, CloudEvents 1.0, or Stripe meter "
+                                                    "events, Lago events, OpenMeter CloudEvents"))
+    export.add_argument("--format", choices=("jsonl", "csv", "cloudevents", *PROVIDER_FORMATS), default="jsonl")
     export.add_argument("--output", default=None, help="file to write (default: standard output)")
     export.add_argument("--append", action="store_true", help="append to --output instead of replacing it")
     export.add_argument("--resume", default=None, metavar="NAME",
                         help="continue the export NAME where it stopped, and remember where this one stops")
     export.add_argument("--account", default=None, help="one account only")
-    export.add_argument("--until", default=None, help="events up to this ISO 8601 time")
+    export.add_argument("--from", dest="since", default=None, help="events from this ISO 8601 date or time (UTC)")
+    export.add_argument("--until", default=None, help="events before this ISO 8601 date or time (UTC)")
     export.set_defaults(func=_run(_usage_export))
 
     packs = sub.add_parser("packs", help="credit packs").add_subparsers(dest="action", required=True)
@@ -369,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     buy.add_argument("--idempotency-key", default=None,
                      help="a retry with the same key (within 24 h) adds nothing and prints the first answer")
     buy.set_defaults(func=_run(_packs_buy))
+    register_billing(sub, common)
     return parser
 
 

@@ -108,6 +108,14 @@ class Unprocessable(GatewayError):
     kind = "invalid_request"
 
 
+class Conflict(GatewayError):
+    """The request contradicts the resource's state (a closed account reactivated, a deduction larger
+    than the unheld balance)."""
+
+    status = 409
+    kind = "conflict"
+
+
 class RateLimited(GatewayError):
     status = 429
     kind = "rate_limit"
@@ -151,6 +159,7 @@ class ScriptStatus(IntEnum):
     PLAN_CHANGED = 14
     DUPLICATE_REQUEST = 15  # reserve: the request id already ended (cancelled after a timeout)
     CYCLE_STALE = 16  # reserve: the cycle boundaries sent were computed for another moment
+    ACCOUNT_CLOSED = 17  # reserve: the account is closed (11: suspended)
     INSUFFICIENT = 20
     LIMIT_REACHED = 21
     KEY_BUDGET = 22  # reserve: the key's own budget cannot pay the prompt
@@ -161,6 +170,8 @@ class ScriptStatus(IntEnum):
     KEY_ALREADY_ROTATED = 34
     IDEMPOTENCY_MISMATCH = 35  # grant: the idempotency key was first used with another request
     IDEMPOTENT_REPLAY = 36  # grant: the idempotency key was seen: the first answer, nothing credited
+    ACCOUNT_IS_CLOSED = 37  # lifecycle: a closed account cannot change status
+    DEDUCTION_TOO_LARGE = 38  # adjust: more than the unheld balance
 
 
 def error_for_status(status: int, *, available_micro: int = 0) -> GatewayError | None:
@@ -179,7 +190,9 @@ def error_for_status(status: int, *, available_micro: int = 0) -> GatewayError |
         return refusal
     messages = {
         ScriptStatus.NO_ACCOUNT: (Unauthorized, "The account for this API key no longer exists."),
-        ScriptStatus.ACCOUNT_DISABLED: (Forbidden, "This account is disabled."),
+        ScriptStatus.ACCOUNT_DISABLED: (Forbidden, "This account is suspended: its requests are refused until "
+                                                   "the operator reactivates it."),
+        ScriptStatus.ACCOUNT_CLOSED: (Forbidden, "This account is closed: its keys can no longer be used."),
         ScriptStatus.KEY_REVOKED: (Unauthorized, "This API key has been revoked."),
         ScriptStatus.KEY_EXPIRED: (Unauthorized, "This API key has expired."),
         ScriptStatus.DUPLICATE_REQUEST: (StoreUnavailable, "This request was cancelled while the credit store was "

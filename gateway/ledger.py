@@ -16,15 +16,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway.exports import EVENT_SOURCE, PROVIDER_FORMATS
 from gateway.index import bucket_page
 from gateway.jobs import buckets_where, run_leased
 from gateway.keys import AccountKeys, KeySchema
-from gateway.money import credits_number
+from gateway.money import amount
 
 PAGE_MAX = 1000
 SCAN_MAX = 2 * PAGE_MAX  # ledger entries one usage page reads at most, matching or not
 SUMMARY_SCAN_MAX = 20_000  # ledger entries one cycle summary reads at most (then `truncated`)
-EVENT_SOURCE = "metering-gateway"
 #: Every token count a usage event carries, as the API names it <- as the ledger stores it. Each is
 #: priced at its own rate, so each stays separate everywhere: `input_tokens` is the uncached input
 #: only (billed at the input rate), beside cache reads and the 5-minute and 1-hour cache writes;
@@ -35,8 +35,9 @@ TOKEN_FIELDS = {"input_tokens": "in", "cached_input_tokens": "cached_in", "cache
 _KNOWN = {"type", "ts", "_id", "rid", "key_id", "upstream", "model", "route", "endpoint", "dialect", "cost", "hold",
           "uncollected", "usd_micro", "latency_ms", "status", "outcome", "lowered_cap", "estimated", "stream",
           *TOKEN_FIELDS.values()}
-CSV_FIELDS = ("id", "time", "account_id", "key_id", "provider", "model", "route", "endpoint", "dialect",
-              *TOKEN_FIELDS, "credits", "credits_held", "credits_uncollected", "cost_usd", "latency_ms", "status",
+CSV_FIELDS = ("id", "time", "account_id", "external_id", "key_id", "provider", "model", "route", "endpoint",
+              "dialect", *TOKEN_FIELDS, "credits", "credits_micro", "credits_held", "credits_held_micro",
+              "credits_uncollected", "credits_uncollected_micro", "usd", "usd_micro", "latency_ms", "status",
               "outcome", "cap_lowered", "output_cap", "estimated", "stream", "other")
 
 
@@ -59,20 +60,21 @@ def parse_entry(stream_id: str, fields: dict[str, str]) -> dict[str, Any]:
     return event
 
 
-def usage_view(account_id: str, event: dict[str, Any]) -> dict[str, Any]:
+def usage_view(account_id: str, event: dict[str, Any], external_id: str | None = None) -> dict[str, Any]:
     """A usage event as the API and exports show it (`id` is the request id: a dedup key downstream).
     Every priced quantity is its own field, so `credits` + `credits_uncollected` is each count times
     its rate under the route's price (`route`), rounded up once, plus any per-request price; an
-    estimate never charges more than `credits_held`. Fields this view does not name are in `other`."""
+    estimate never charges more than `credits_held`. Fields this view does not name are in `other` (the
+    route's other priced quantities: tool calls, service tier...). Money: decimal strings + `_micro`."""
     lowered = event.get("lowered_cap")
     return {
         "id": event.get("rid"), "time": _iso(_int(event.get("ts"))), "account_id": account_id,
-        "key_id": event.get("key_id"), "provider": event.get("upstream"), "model": event.get("model"),
+        "external_id": external_id or None, "key_id": event.get("key_id"), "provider": event.get("upstream"),
+        "model": event.get("model"),
         "route": event.get("route"), "endpoint": event.get("endpoint"), "dialect": event.get("dialect"),
         **{name: _int(event.get(stored)) for name, stored in TOKEN_FIELDS.items()},
-        "credits": credits_number(_int(event.get("cost"))), "credits_held": credits_number(_int(event.get("hold"))),
-        "credits_uncollected": credits_number(_int(event.get("uncollected"))),
-        "cost_usd": _int(event.get("usd_micro")) / 1_000_000,
+        **amount("credits", _int(event.get("cost"))), **amount("credits_held", _int(event.get("hold"))),
+        **amount("credits_uncollected", _int(event.get("uncollected"))), **amount("usd", _int(event.get("usd_micro"))),
         "latency_ms": _int(event.get("latency_ms")), "status": _int(event.get("status")),
         "outcome": event.get("outcome"), "cap_lowered": lowered is not None,
         "output_cap": None if lowered is None else _int(lowered), "estimated": bool(_int(event.get("estimated"))),
@@ -101,8 +103,8 @@ class Query:
                 and (self.provider is None or event.get("upstream") == self.provider))
 
 
-async def query_usage(redis: Any, account_id: str, keys: AccountKeys, q: Query, scan_max: int | None = None
-                      ) -> tuple[list[dict[str, Any]], str | None]:
+async def query_usage(redis: Any, account_id: str, keys: AccountKeys, q: Query, scan_max: int | None = None,
+                      external_id: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
     """One page of usage events, oldest first; returns (events, cursor of the next page or None).
     A page reads at most `scan_max` ledger entries, however few match: when they run out first, the
     page holds what matched (perhaps nothing) and the cursor continues after the last entry read."""
@@ -119,7 +121,7 @@ async def query_usage(redis: Any, account_id: str, keys: AccountKeys, q: Query, 
                 continue  # admin and release events: no need to parse them
             event = parse_entry(stream_id, fields)
             if q.matches(event):
-                found.append(usage_view(account_id, event))
+                found.append(usage_view(account_id, event, external_id))
                 if len(found) == q.limit:
                     return found, stream_id
         if len(batch) < count:
@@ -143,8 +145,8 @@ def _add(sums: dict[str, int], event: dict[str, Any]) -> None:
 def _sums_view(sums: dict[str, int]) -> dict[str, Any]:
     """Summed usage events, each quantity as in the events (the same names and meaning)."""
     return {"requests": sums["requests"], **{name: sums[name] for name in TOKEN_FIELDS},
-            "credits": credits_number(sums["micro"]), "credits_uncollected": credits_number(sums["uncollected"]),
-            "cost_usd": sums["usd_micro"] / 1_000_000}
+            **amount("credits", sums["micro"]), **amount("credits_uncollected", sums["uncollected"]),
+            **amount("usd", sums["usd_micro"])}
 
 
 async def cycle_summary(redis: Any, account_id: str, keys: AccountKeys, account: dict[str, str],
@@ -185,13 +187,13 @@ async def cycle_summary(redis: Any, account_id: str, keys: AccountKeys, account:
     return {
         "account_id": account_id, "cycle_start": _iso(start) if start else None,
         "cycle_end": _iso(end) if end else None,
-        "credits_used": credits_number(used), "projected_credits_at_cycle_end": credits_number(projected),
+        **amount("credits_used", used), **amount("projected_credits_at_cycle_end", projected),
         "totals": _sums_view(totals),
         "by_model": by_model,
         "truncated": truncated,
         "summed_through": _iso(int(last.split("-")[0])) if truncated and last else None,
-        "lifetime": {"credits_used": credits_number(_int(account.get("charged"))),
-                     "credits_granted": credits_number(_int(account.get("granted"))),
+        "lifetime": {**amount("credits_used", _int(account.get("charged"))),
+                     **amount("credits_granted", _int(account.get("granted"))),
                      "requests": _int(account.get("requests"))},
     }
 
@@ -200,18 +202,20 @@ async def cycle_summary(redis: Any, account_id: str, keys: AccountKeys, account:
 
 
 async def account_events(redis: Any, schema: KeySchema, account_id: str, after: str | None = None,
-                         end_ms: int | None = None) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    """Usage events of one account after the stream id `after` (None: from the first), oldest first,
-    read 1000 entries at a time: yields (stream id, view)."""
+                         end_ms: int | None = None, start_ms: int | None = None
+                         ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """Usage events of one account after the stream id `after` (None: from `start_ms`, else the
+    first) up to `end_ms`, oldest first, read 1000 entries at a time: yields (stream id, view)."""
     keys = schema.for_account(account_id)
-    start = f"({after}" if after else "-"
+    external_id = await redis.hget(keys.account, "external_id")
+    start = f"({after}" if after else (str(start_ms) if start_ms is not None else "-")
     end = str(end_ms) if end_ms is not None else "+"
     while True:
         batch = await redis.xrange(keys.ledger, start, end, count=1000)
         for stream_id, fields in batch:
             event = parse_entry(stream_id, fields)
             if event.get("type") == "usage":
-                yield stream_id, usage_view(account_id, event)
+                yield stream_id, usage_view(account_id, event, external_id)
         if len(batch) < 1000:
             break
         start = f"({batch[-1][0]}"
@@ -225,7 +229,16 @@ def cloudevent(view: dict[str, Any]) -> dict[str, Any]:
             "data": {k: v for k, v in view.items() if k not in ("id", "time", "account_id")}}
 
 
+def _csv_cell(value: Any) -> Any:
+    """Booleans as `true`/`false` (what spreadsheets and warehouses parse), None as an empty cell."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else value
+
+
 def render(views: list[dict[str, Any]], fmt: str, header: bool = True) -> str:
+    """Usage views in an export format: jsonl, csv, cloudevents, or a billing provider's (stripe, lago,
+    openmeter: see gateway.exports)."""
     if fmt == "jsonl":
         return "".join(json.dumps(v, separators=(",", ":")) + "\n" for v in views)
     if fmt == "cloudevents":
@@ -235,10 +248,14 @@ def render(views: list[dict[str, Any]], fmt: str, header: bool = True) -> str:
         writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
         if header:
             writer.writeheader()
-        writer.writerows({**v, "other": json.dumps(v["other"], separators=(",", ":")) if v.get("other") else ""}
+        writer.writerows({k: _csv_cell(v.get(k)) for k in CSV_FIELDS if k != "other"}
+                         | {"other": json.dumps(v["other"], separators=(",", ":")) if v.get("other") else ""}
                          for v in views)
         return out.getvalue()
-    raise ValueError(f"unknown format {fmt!r} (jsonl, csv or cloudevents)")
+    if fmt in PROVIDER_FORMATS:
+        mapping = PROVIDER_FORMATS[fmt]
+        return "".join(json.dumps(mapping(v), separators=(",", ":")) + "\n" for v in views)
+    raise ValueError(f"unknown format {fmt!r} (jsonl, csv, cloudevents, {', '.join(PROVIDER_FORMATS)})")
 
 
 async def export_cursor(redis: Any, schema: KeySchema, account_id: str, name: str) -> str | None:

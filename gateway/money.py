@@ -38,11 +38,11 @@ def format_credits(micro: int) -> str:
     return sign + text
 
 
-def credits_number(micro: int) -> float | int:
-    """Credits as a JSON number for APIs: exact for every value a 6-decimal float can hold."""
-    if micro % MICRO == 0:
-        return micro // MICRO
-    return float(Decimal(micro) / MICRO)
+def amount(name: str, micro: int) -> dict[str, str | int]:
+    """A money amount as every API, export and CLI `--json` gives it: `name` an exact decimal string
+    (never a float or an exponent: a JSON number would round in many consumers) and `name_micro` the
+    same amount as an integer of micro-units. Used for credits and for USD (`usd`, `usd_micro`)."""
+    return {name: format_credits(micro), f"{name}_micro": int(micro)}
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -22,10 +22,11 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.exports import EVENT_SOURCE
 from gateway.index import bucket_accounts
 from gateway.jobs import Lease
 from gateway.keys import INDEX_BUCKETS, KeySchema
-from gateway.ledger import EVENT_SOURCE, admin_view, cloudevent, parse_entry, shipped_key, trim, usage_view
+from gateway.ledger import admin_view, cloudevent, parse_entry, shipped_key, trim, usage_view
 from gateway.sinks import Sink, make_sink
 from gateway.state import GATEWAY, in_background, stopping
 
@@ -57,13 +58,14 @@ async def account_ids(redis: Any, schema: KeySchema, shard: int = 0) -> AsyncIte
 # ---------------------------------------------------------------- events
 
 
-def to_cloudevent(account_id: str, stream_id: str, fields: dict[str, str]) -> dict[str, Any]:
+def to_cloudevent(account_id: str, stream_id: str, fields: dict[str, str], external_id: str | None = None
+                  ) -> dict[str, Any]:
     """One ledger entry as a CloudEvent 1.0. A usage event is exactly what `gateway usage export
     --format cloudevents` writes (`id` the request id); any other is `gateway.<type>`, `id`
     `account:stream id` (stream ids repeat across accounts), its fields as `data`."""
     event = parse_entry(stream_id, fields)
     if event.get("type") == "usage" and event.get("rid"):
-        return cloudevent(usage_view(account_id, event))
+        return cloudevent(usage_view(account_id, event, external_id))
     view = admin_view(account_id, event)
     data = {k: v for k, v in view.items() if k not in ("id", "type", "time", "account_id")}
     return {"specversion": "1.0", "type": f"gateway.{view['type']}", "source": EVENT_SOURCE, "id": view["id"],
@@ -213,12 +215,13 @@ class Shipper:
 
     async def _read_account(self, account_id: str, cursor: str | None, batch: _Batch, lease: Lease) -> int:
         ledger = self.schema.for_account(account_id).ledger
+        external_id = await self.redis.hget(self.schema.for_account(account_id).account, "external_id")
         start, shipped = f"({cursor}" if cursor else "-", 0
         while True:
             room = self.batch - len(batch.events)
             entries = await self.redis.xrange(ledger, start, "+", count=room)
             for stream_id, fields in entries:
-                batch.events.append(to_cloudevent(account_id, stream_id, fields))
+                batch.events.append(to_cloudevent(account_id, stream_id, fields, external_id))
             if entries:
                 batch.last[account_id] = entries[-1][0]
                 start = f"({entries[-1][0]}"

@@ -23,7 +23,7 @@ from gateway.errors import BadRequest, Forbidden, NotFound, ScriptStatus, StoreU
 from gateway.index import account_ids, add_account, bucket_accounts
 from gateway.keys import INDEX_BUCKETS, KeySchema
 from gateway.limits import cycle_bounds
-from gateway.money import credits_number, format_credits
+from gateway.money import amount, format_credits
 from gateway.scripts import REDIS_DOWN, ScriptRunner
 
 KEY_PREFIX = "gwk_"  # every raw gateway key starts with this, so it is recognisable in a leak scan
@@ -119,7 +119,8 @@ class Store:
         """Now in ms on the scripts' clock (shifted by the test-only offset)."""
         return now_ms() + self.clock_offset_ms
 
-    async def create_account(self, config: Config, name: str, plan: str, timezone: str | None = None) -> str:
+    async def create_account(self, config: Config, name: str, plan: str, timezone: str | None = None,
+                             external_id: str = "") -> str:
         """A new account on `plan`, its billing cycle anchored now in `timezone` (default: the plan's)."""
         if plan not in config.plans:
             raise BadRequest(f"Unknown plan {plan!r} (configured: {', '.join(config.plans)}).", param="plan")
@@ -143,6 +144,7 @@ class Store:
                 "key_index": 1,
                 "created_ms": start_ms, "anchor_ms": start_ms, "expired": 0, "timezone": timezone or "",
                 "cycle_start_ms": cycle[0], "cycle_end_ms": cycle[1], "cycle_allowance_start": cycle[0],
+                **({"external_id": external_id} if external_id else {}),
             })
             pipe.xadd(keys.ledger, {"type": "account_created", "ts": start_ms, "plan": plan, "name": name,
                                     "allowance": allowance})
@@ -157,10 +159,11 @@ class Store:
         return data
 
     async def grant(self, account_id: str, micro: int, note: str = "", idempotency_key: str = "",
-                    request: dict[str, Any] | None = None) -> Credited:
+                    request: dict[str, Any] | None = None, kind: str = "grant") -> Credited:
         """Add non-expiring credits. With an `idempotency_key`, at most once: a retry of the same
         `request` (what the caller asked, default the amount and note) within IDEMPOTENCY_TTL_MS gets
-        the first answer; the same key with another request is refused (422)."""
+        the first answer; the same key with another request is refused (422). `kind` ('grant' or 'pack')
+        is counted apart for statements."""
         if micro <= 0:
             raise BadRequest("'credits' must be a positive number.", param="credits")
         keys = self.schema.for_account(account_id)
@@ -168,7 +171,8 @@ class Store:
         fingerprint = hashlib.sha256(asked.encode()).hexdigest()
         status, available = await self.runner.run(
             "grant", [keys.account, keys.ledger, keys.idempotency(idempotency_key)],
-            [micro, self.clock_offset_ms, note, idempotency_key, fingerprint, IDEMPOTENCY_TTL_MS])
+            [micro, self.clock_offset_ms, note, idempotency_key, fingerprint, IDEMPOTENCY_TTL_MS,
+             "credited_packs" if kind == "pack" else "credited_grants"])
         if status == ScriptStatus.NO_ACCOUNT:
             raise NotFound(f"No account {account_id!r}.")
         if status == ScriptStatus.IDEMPOTENCY_MISMATCH:
@@ -244,8 +248,8 @@ class Store:
                 [current, plan, effective, new_allow, old_allow, expires_ms, self.clock_offset_ms, next_cycle])
             if status == ScriptStatus.OK:
                 return {"plan": plan if effective == "now" else current, "next_plan": None if effective == "now"
-                        else plan, "effective": effective, "credited": credits_number(int(credited)),
-                        "allowance_removed": credits_number(int(removed))}
+                        else plan, "effective": effective, **amount("credited", int(credited)),
+                        **amount("allowance_removed", int(removed))}
             if status == ScriptStatus.NO_ACCOUNT:
                 raise NotFound(f"No account {account_id!r}.")
         raise BadRequest("The account's plan changed while it was being changed; try again.")
@@ -284,7 +288,7 @@ class Store:
                              param="pack")
         chosen = config.packs[pack]
         return await self.grant(account_id, chosen.credits, f"pack:{pack} usd:{chosen.price_usd}",
-                                idempotency_key, {"pack": pack})
+                                idempotency_key, {"pack": pack}, kind="pack")
 
     async def list_keys(self, account_id: str) -> list[dict[str, Any]]:
         await self.account_raw(account_id)
@@ -465,9 +469,8 @@ class Store:
                         remaining += int(rec["allow"] or 0) + int(rec["extra"] or 0) - int(rec["held"] or 0)
         return {
             "accounts": accounts, "accounts_by_plan": by_plan, "accounts_by_status": by_status,
-            "credits_used_this_cycle": credits_number(sums["cycle_used"]),
-            "credits_used_lifetime": credits_number(sums["charged"]),
-            "credits_remaining": credits_number(remaining), "credits_held": credits_number(sums["held"]),
+            **amount("credits_used_this_cycle", sums["cycle_used"]), **amount("credits_used_lifetime", sums["charged"]),
+            **amount("credits_remaining", remaining), **amount("credits_held", sums["held"]),
             "requests_this_cycle": sums["cycle_requests"], "requests_lifetime": sums["requests"],
             "tokens_this_cycle": sums["cycle_tokens"], "tokens_lifetime": sums["tokens"],
         }
@@ -522,15 +525,17 @@ def account_view(account_id: str, rec: dict[str, str], config: Config) -> dict[s
         "name": rec.get("name", ""),
         "plan": rec.get("plan", ""),
         "status": rec.get("status", ""),
-        "credits_remaining": credits_number(available),
-        "credits_limit": credits_number(limit),
+        "status_reason": rec.get("status_reason") or None,
+        "external_id": rec.get("external_id") or None,
+        **amount("credits_remaining", available),
+        **amount("credits_limit", limit),
         "percent_remaining": percent,
-        "allowance_remaining": credits_number(allow),
-        "purchased_remaining": credits_number(extra),
-        "credits_held": credits_number(held),
-        "credits_used_this_cycle": credits_number(int(rec.get("cycle_used") or 0)),
-        "lifetime_credits_used": credits_number(int(rec.get("charged") or 0)),
-        "lifetime_credits_granted": credits_number(int(rec.get("granted") or 0)),
+        **amount("allowance_remaining", allow),
+        **amount("purchased_remaining", extra),
+        **amount("credits_held", held),
+        **amount("credits_used_this_cycle", int(rec.get("cycle_used") or 0)),
+        **amount("lifetime_credits_used", int(rec.get("charged") or 0)),
+        **amount("lifetime_credits_granted", int(rec.get("granted") or 0)),
         "requests": int(rec.get("requests") or 0),
         "requests_this_cycle": int(rec.get("cycle_requests") or 0),
         "cycle_start": _iso(int(rec.get("cycle_start_ms") or 0)) if rec.get("cycle_start_ms") else None,

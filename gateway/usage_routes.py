@@ -18,6 +18,7 @@ from gateway.alerts import list_alerts, mark_read
 from gateway.errors import BadRequest, NotFound
 from gateway.ledger import PAGE_MAX, Query, cycle_summary, query_usage
 from gateway.state import GATEWAY, Gateway
+from gateway.statements import statement, statement_list
 from gateway.store import redis_guard
 
 _CURSOR = re.compile(r"^\d{1,15}-\d{1,9}$")
@@ -56,10 +57,11 @@ async def key_holder(request: web.Request) -> tuple[Gateway, str, dict[str, str]
     return gw, principal.account_id, await gw.auth.live_account(principal)
 
 
-async def _usage(gw: Gateway, account_id: str, request: web.Request) -> web.Response:
+async def _usage(gw: Gateway, account_id: str, request: web.Request, account: dict[str, str]) -> web.Response:
     q = parse_query(request.query)
     async with redis_guard():
-        events, cursor = await query_usage(gw.redis, account_id, gw.schema.for_account(account_id), q)
+        events, cursor = await query_usage(gw.redis, account_id, gw.schema.for_account(account_id), q,
+                                           external_id=account.get("external_id"))
     return web.json_response({"data": events, "next_cursor": cursor, "has_more": cursor is not None})
 
 
@@ -70,8 +72,8 @@ async def _summary(gw: Gateway, account_id: str, account: dict[str, str]) -> web
 
 
 async def my_usage(request: web.Request) -> web.Response:
-    gw, account_id, _account = await key_holder(request)
-    return await _usage(gw, account_id, request)
+    gw, account_id, account = await key_holder(request)
+    return await _usage(gw, account_id, request, account)
 
 
 async def my_summary(request: web.Request) -> web.Response:
@@ -82,8 +84,7 @@ async def my_summary(request: web.Request) -> web.Response:
 async def account_usage(request: web.Request) -> web.Response:
     gw, store = check_admin(request)
     account_id = request.match_info["account_id"]
-    await store.account_raw(account_id)
-    return await _usage(gw, account_id, request)
+    return await _usage(gw, account_id, request, await store.account_raw(account_id))
 
 
 async def account_summary(request: web.Request) -> web.Response:
@@ -122,7 +123,44 @@ async def my_keys(request: web.Request) -> web.Response:
     return web.json_response({"data": await gw.store.list_keys(account_id)})
 
 
+async def _statement(gw: Gateway, account_id: str, account: dict[str, str], cycle: str) -> web.Response:
+    store = gw.store
+    offset = store.clock_offset_ms if store is not None else 0
+    async with redis_guard():
+        found = await statement(gw.redis, gw.schema.for_account(account_id), account_id, account, gw.config, cycle,
+                                offset)
+    return web.json_response(found)
+
+
+async def my_statements(request: web.Request) -> web.Response:
+    """GET /gateway/statements: every billing cycle's figures, newest first."""
+    gw, account_id, account = await key_holder(request)
+    return web.json_response({"data": statement_list(account_id, account, gw.config)})
+
+
+async def my_statement(request: web.Request) -> web.Response:
+    """GET /gateway/statements/{cycle} (YYYY-MM or current): one cycle, with usage by model and key."""
+    gw, account_id, account = await key_holder(request)
+    return await _statement(gw, account_id, account, request.match_info["cycle"])
+
+
+async def account_statements(request: web.Request) -> web.Response:
+    gw, store = check_admin(request)
+    account_id = request.match_info["account_id"]
+    return web.json_response({"data": statement_list(account_id, await store.account_raw(account_id), gw.config)})
+
+
+async def account_statement(request: web.Request) -> web.Response:
+    gw, store = check_admin(request)
+    account_id = request.match_info["account_id"]
+    return await _statement(gw, account_id, await store.account_raw(account_id), request.match_info["cycle"])
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/gateway/statements", my_statements)
+    app.router.add_get("/gateway/statements/{cycle}", my_statement)
+    app.router.add_get("/admin/accounts/{account_id}/statements", account_statements)
+    app.router.add_get("/admin/accounts/{account_id}/statements/{cycle}", account_statement)
     app.router.add_get("/gateway/keys", my_keys)
     app.router.add_get("/gateway/alerts", my_alerts)
     app.router.add_post("/gateway/alerts/{alert_id}/read", read_alert)

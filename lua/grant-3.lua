@@ -4,6 +4,7 @@
 -- KEYS[1] account hash   KEYS[2] ledger stream   KEYS[3] the idempotency key's record (hash)
 -- ARGV[1] micro-credits to add (> 0)   ARGV[2] clock offset (ms)   ARGV[3] note
 -- ARGV[4] idempotency key ('' none)   ARGV[5] the request's fingerprint   ARGV[6] how long the key is kept (ms)
+-- ARGV[7] the account's counter of this kind of credit ('credited_grants' or 'credited_packs': statements)
 -- Returns {status, available_after}; status 0 granted, 10 no account, 35 the idempotency key was
 -- used with another request, 36 a replay (available_after: the first answer's).
 if redis.call('EXISTS', KEYS[1]) == 0 then return {10, 0} end
@@ -15,6 +16,8 @@ end
 local amount = tonumber(ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'extra', amount)
 redis.call('HINCRBY', KEYS[1], 'granted', amount)
+if ARGV[7] == 'credited_packs' then redis.call('HINCRBY', KEYS[1], 'credited_packs', amount)
+else redis.call('HINCRBY', KEYS[1], 'credited_grants', amount) end
 local a = redis.call('HMGET', KEYS[1], 'allow', 'extra', 'held')
 local available = tonumber(a[1] or '0') + tonumber(a[2] or '0') - tonumber(a[3] or '0')
 local event = {'type', 'grant', 'ts', now_ms(ARGV[2]), 'amount', amount, 'note', ARGV[3]}

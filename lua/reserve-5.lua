@@ -11,7 +11,7 @@
 -- the caller computed for now   ARGV[15] the priced plan's allowance per cycle   ARGV[16] fallback plan
 -- ARGV[17] its allowance
 -- Returns {status, credits held, available_after, plan, tokens held, micro-USD held, detail...}; status
--- 0 full hold, 1 lowered (detail: see lib/limits.lua tightest), 10 no account, 11 disabled, 12 key
+-- 0 full hold, 1 lowered (detail: see lib/limits.lua tightest), 10 no account, 11 suspended (17 closed), 12 key
 -- revoked, 13 key expired, 14 plan changed, 15 the request already ended, 16 stale cycle bounds (detail:
 -- Redis now), 20 insufficient credits (reply[5]: credits held by requests in flight), 21 limit reached
 -- (detail: limit id, used, cap, ms until it frees, scope, metric, window ms), 22 the key's budget cannot
@@ -27,7 +27,7 @@ if prior then
   local left = tonumber(a[3] or '0') + tonumber(a[4] or '0') - tonumber(a[5] or '0')
   return {prior.lowered, prior.amount, left, a[1], prior.tokens, prior.usd}
 end
-if a[2] ~= 'active' then return {11, 0, 0, a[1]} end
+if a[2] ~= 'active' then return {(a[2] == 'closed') and 17 or 11, 0, 0, a[1]} end
 local k = redis.call('HMGET', KEYS[2], 'status', 'expires_ms', 'budget_cycle', 'budget_life', 'budget_id')
 if k[1] ~= 'active' then return {12, 0, 0, a[1]} end
 local expires = tonumber(k[2] or '0')

@@ -45,18 +45,19 @@ async def test_account_lifecycle_through_the_admin_api(harness: Harness) -> None
     resp = await harness.client.post("/admin/accounts", json={"name": "Acme", "plan": "starter"}, headers=ADMIN)
     assert resp.status == 201
     account = await resp.json()
-    assert account["id"].startswith("acct_") and account["credits_remaining"] == 5  # the starter allowance
+    assert account["id"].startswith("acct_") and account["credits_remaining"] == "5"
+    assert account["credits_remaining_micro"] == 5_000_000  # the starter allowance, exact
     account_id = account["id"]
     resp = await harness.client.post(f"/admin/accounts/{account_id}/credits", json={"credits": "2.5"}, headers=ADMIN)
-    assert resp.status == 200 and (await resp.json())["credits_remaining"] == 7.5
+    assert resp.status == 200 and (await resp.json())["credits_remaining"] == "7.5"
     resp = await harness.client.put(f"/admin/accounts/{account_id}/plan", json={"plan": "pro", "effective": "now"},
                                     headers=ADMIN)
     changed = await resp.json()
     # pro's allowance is 0: a downgrade at once leaves no more allowance than it (the purchased credits stay)
-    assert resp.status == 200 and changed["plan"] == "pro" and changed["change"]["allowance_removed"] == 5
+    assert resp.status == 200 and changed["plan"] == "pro" and changed["change"]["allowance_removed"] == "5"
     resp = await harness.client.get(f"/admin/accounts/{account_id}", headers=ADMIN)
     view = await resp.json()
-    assert (view["plan"], view["credits_remaining"], view["purchased_remaining"]) == ("pro", 2.5, 2.5)
+    assert (view["plan"], view["credits_remaining"], view["purchased_remaining"]) == ("pro", "2.5", "2.5")
     ledger = harness.ledger(account_id)
     assert [e["type"] for e in ledger] == ["account_created", "grant", "plan_change"]
     assert ledger[1]["amount"] == "2500000"
@@ -173,9 +174,9 @@ async def test_credits_endpoint_for_the_key_holder(harness: Harness) -> None:
     resp = await harness.client.get("/gateway/credits", headers={"Authorization": f"Bearer {key}"})
     view = await resp.json()
     state = harness.state(account)
-    assert view["plan"] == "starter" and view["credits_limit"] == 5
-    assert view["credits_remaining"] == (5_000_000 - state["charged"]) / 1_000_000
-    assert view["credits_used_this_cycle"] == state["charged"] / 1_000_000
+    assert view["plan"] == "starter" and view["credits_limit"] == "5"
+    assert view["credits_remaining_micro"] == 5_000_000 - state["charged"]
+    assert view["credits_used_this_cycle_micro"] == state["charged"]
     assert 99 < view["percent_remaining"] <= 100
     assert view["days_until_reset"] in range(27, 32)
     assert view["reset_date"] and view["warnings"] == []
@@ -204,7 +205,7 @@ def test_cli_commands_print_json(redis_url: str, config_dir: Path) -> None:
     listed = _cli("keys", "list", "--account", account["id"], env=env)
     assert [k["id"] for k in listed] == [key["id"]]  # type: ignore[index]
     granted = _cli("credits", "grant", "--account", account["id"], "--credits", "3", env=env)
-    assert granted["credits_remaining"] == 8  # type: ignore[call-overload]
+    assert granted["credits_remaining"] == "8"  # type: ignore[call-overload]
     revoked = _cli("keys", "revoke", key["id"], env=env)
     assert revoked["status"] == "revoked"  # type: ignore[call-overload]
     config = _cli("check-config", env=env)

@@ -115,7 +115,7 @@ async def test_key_holder_dashboard_shows_the_api_figures(harness: Harness, tmp_
     assert page.values["credits-limit"] == credits["credits_limit"]
     assert page.values["allowance-remaining"] == credits["allowance_remaining"]
     assert page.values["purchased-remaining"] == credits["purchased_remaining"]
-    share = 100 * credits["allowance_remaining"] / credits["credits_limit"]
+    share = 100 * credits["allowance_remaining_micro"] / credits["credits_limit_micro"]
     assert page.values["allowance-percent"] == pytest.approx(share, abs=0.05) and share < 20
     assert page.values["reset-date"] == credits["reset_date"] and credits["reset_date"]
     assert page.values["used-cycle"] == credits["credits_used_this_cycle"]
@@ -135,7 +135,7 @@ async def test_operator_dashboard_shows_accounts_plans_and_spend(harness: Harnes
     page = await _render(harness, ADMIN_KEY, tmp_path, "dashboard-operator")
     assert page.ready == "operator"
     assert page.stats == {k: stats[k] for k in page.stats} and len(page.stats) == 6
-    assert stats["requests_this_cycle"] == 3 and stats["credits_used_this_cycle"] > 0
+    assert stats["requests_this_cycle"] == 3 and stats["credits_used_this_cycle_micro"] > 0
     assert page.marked["data-plan"] == ["free", "pro"]
     assert sorted(page.marked["data-account"]) == sorted(account for account, _ in accounts)
 

@@ -46,7 +46,7 @@ async def test_a_retried_grant_with_the_same_idempotency_key_credits_once(harnes
     account, _ = await harness.account()
     path = f"/admin/accounts/{account}/credits"
     first = await _post(harness, path, {"credits": "2.5", "note": "refund"}, "order-42")
-    assert first[0] == 200 and first[1]["credits_remaining"] == 3.5 and first[2] is None
+    assert first[0] == 200 and first[1]["credits_remaining"] == "3.5" and first[2] is None
     await _post(harness, path, {"credits": 1}, None)  # another grant in between, without a key
     again = await _post(harness, path, {"credits": "2.5", "note": "refund"}, "order-42")
     assert again[:2] == first[:2] and again[2] == "true"  # the first answer, as it was then
@@ -88,7 +88,8 @@ async def test_concurrent_duplicates_credit_exactly_once(harness: Harness) -> No
         assert [replayed for _, _, replayed in answers].count(None) == 1
     state = await harness.assert_conserved(account)
     assert state["extra"] == 57_000_000 and len(_grants(harness, account)) == 2
-    assert packs[0][1] == {"account_id": account, "pack": "large", "credits_remaining": 58}
+    assert packs[0][1] == {"account_id": account, "pack": "large", "credits_remaining": "58",
+                            "credits_remaining_micro": 58_000_000}
 
 
 async def test_the_cli_takes_an_idempotency_key(harness: Harness, config_dir: Path, redis_url: str) -> None:
@@ -106,9 +107,9 @@ async def test_the_cli_takes_an_idempotency_key(harness: Harness, config_dir: Pa
     grant = ("credits", "grant", "--credits", "4", "--idempotency-key", "cli-1")
     first, again = await cli(*grant), await cli(*grant)
     assert (first["replayed"], again["replayed"]) == (False, True)
-    assert first["credits_remaining"] == again["credits_remaining"] == 5
+    assert first["credits_remaining"] == again["credits_remaining"] == "5"
     pack = ("packs", "buy", "--pack", "small", "--idempotency-key", "cli-2")
     first, again = await cli(*pack), await cli(*pack)
-    assert (first["replayed"], again["replayed"]) == (False, True) and again["credits_remaining"] == 10
+    assert (first["replayed"], again["replayed"]) == (False, True) and again["credits_remaining"] == "10"
     assert harness.state(account)["extra"] == 9_000_000
     assert [g.get("idempotency_key") for g in _grants(harness, account)] == ["cli-1", "cli-2"]

@@ -14,6 +14,7 @@ from conftest import ADMIN, ROOT, Harness
 
 from gateway.keys import KeySchema
 from gateway.ledger import parse_entry, render, trim, usage_view
+from gateway.money import credits_to_micro
 
 
 def _body(text: str, stream: bool = False, model: str = "demo-mini") -> dict[str, Any]:
@@ -105,10 +106,10 @@ async def test_usage_api_filters_pages_and_summarises(harness: Harness) -> None:
     assert status == 200 and none["data"] == []
     status, summary = await _get(harness, "/gateway/usage/summary", me)
     state = harness.state(account)
-    assert summary["credits_used"] == state["charged"] / 1_000_000
+    assert summary["credits_used_micro"] == state["charged"]
     assert sum(m["requests"] for m in summary["by_model"]) == len(served)
     assert {m["model"] for m in summary["by_model"]} == {"demo-mini", "demo-large"}
-    assert summary["projected_credits_at_cycle_end"] >= summary["credits_used"]
+    assert summary["projected_credits_at_cycle_end_micro"] >= summary["credits_used_micro"]
     assert summary["lifetime"]["requests"] == len(served)
     status, as_admin = await _get(harness, f"/admin/accounts/{account}/usage?provider=demo&limit=1000", ADMIN)
     assert status == 200 and sorted(e["id"] for e in as_admin["data"]) == sorted(served)
@@ -138,7 +139,7 @@ async def test_exports_round_trip_are_idempotent_and_resume_without_duplicates(h
     again = [json.loads(line) for line in (await _export(config_dir, redis_url)).splitlines()]
     assert again == jsonl  # the same events, the same ids
     rows = list(csv.DictReader(io.StringIO(await _export(config_dir, redis_url, "--format", "csv"))))
-    assert {r["id"] for r in rows} == first and sum(float(r["credits"]) for r in rows) > 0
+    assert {r["id"] for r in rows} == first and sum(int(r["credits_micro"]) for r in rows) > 0
     events = [json.loads(line) for line in (await _export(config_dir, redis_url, "--format", "cloudevents"))
               .splitlines()]
     assert {e["id"] for e in events} == first
@@ -210,8 +211,10 @@ async def _priced_workload(harness: Harness, key: str) -> dict[str, dict[str, An
     return reported
 
 
-def _micro(credits: float) -> int:
-    return round(credits * 1_000_000)
+def _micro(credits: str) -> int:
+    """An exported decimal string of credits as micro-credits, exactly (a float would not be)."""
+    assert isinstance(credits, str) and "e" not in credits.lower(), credits
+    return credits_to_micro(credits)
 
 
 def _recomputed(harness: Harness, plan: str, event: dict[str, Any]) -> int:
@@ -249,8 +252,9 @@ async def test_exports_carry_every_priced_quantity_and_reproduce_each_charge(har
         for field in ("input_tokens", "cached_input_tokens", "cache_write_tokens", "cache_write_1h_tokens",
                       "output_tokens", "reasoning_tokens"):
             assert int(row[field]) == view[field], field
-        assert (float(row["credits"]), float(row["credits_held"]), row["route"]) == (
-            view["credits"], view["credits_held"], view["route"])
+        assert (row["credits"], int(row["credits_micro"]), row["credits_held"], row["route"]) == (
+            view["credits"], view["credits_micro"], view["credits_held"], view["route"])
+        assert row["estimated"] in ("true", "false") and row["stream"] in ("true", "false")
     api = (await _get(harness, "/gateway/usage?limit=1000", {"Authorization": f"Bearer {key}"}))[1]["data"]
     assert sorted(api, key=lambda e: e["id"]) == sorted(jsonl, key=lambda e: e["id"])
 
@@ -288,6 +292,6 @@ def test_fields_an_event_carries_beyond_the_named_ones_are_exported_under_other(
                                                      "cache_write_1h": 4, "out": 2, "web_search_calls": 1})}
     view = usage_view("acct_1", parse_entry("1767225600000-0", entry))
     assert (view["input_tokens"], view["cache_write_tokens"], view["cache_write_1h_tokens"]) == (10, 0, 4)
-    assert view["other"] == {"web_search_calls": 1} and view["credits"] == 0.0015
+    assert view["other"] == {"web_search_calls": 1} and view["credits"] == "0.0015"
     [row] = csv.DictReader(io.StringIO(render([view], "csv")))
     assert json.loads(row["other"]) == {"web_search_calls": 1} and row["cache_write_1h_tokens"] == "4"

@@ -10,7 +10,6 @@ from gateway.config import Rates
 from gateway.metering import affordable_output, cost_of, quote, token_cost
 from gateway.money import (
     MAX_SAFE,
-    credits_number,
     credits_to_micro,
     format_credits,
     usd_rate_to_micro_per_mtok,
@@ -33,7 +32,6 @@ def test_credit_formatting_never_goes_through_float_rounding() -> None:
     assert format_credits(1_999_991) == "1.999991"
     assert format_credits(5_000_000) == "5"
     assert format_credits(-1) == "-0.000001"
-    assert credits_number(2_500_000) == 2.5 and credits_number(3_000_000) == 3
 
 
 def test_usd_prices_convert_once_to_integer_rates_rounded_up() -> None:

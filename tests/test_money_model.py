@@ -40,12 +40,20 @@ from hypothesis.stateful import (
 
 from gateway.app import connect_redis
 from gateway.config import Config, load_config
-from gateway.errors import InsufficientCredits, KeyBudgetExhausted, StoreUnavailable, Unauthorized
+from gateway.errors import (
+    Conflict,
+    InsufficientCredits,
+    KeyBudgetExhausted,
+    StoreUnavailable,
+    Unauthorized,
+    Unprocessable,
+)
 from gateway.keys import AccountKeys, KeySchema
 from gateway.limits import Limit, cycle_bounds, encode, rate_limits
 from gateway.metering import LimitReached, Meter, PlanChanged, Reservation, ReserveSpec, quote
 from gateway.scripts import ScriptRunner, load_scripts
 from gateway.store import Store
+from gateway.store_billing import adjust
 
 PLANS = """
 default_plan: free
@@ -152,6 +160,8 @@ class AccountModel:
     grants: list[int] = field(default_factory=list)  # grant events, in order
     key_budgets: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)  # per cycle, lifetime
     lifetime_counters: dict[str, int] = field(default_factory=dict)  # l:a:key_lifetime:<key> -> spent
+    adjusted: int = 0  # refunds minus deductions (the account's `adjusted` counter)
+    adjustment_keys: dict[str, tuple[int, int]] = field(default_factory=dict)  # key -> (amount, available after)
 
     def __repr__(self) -> str:
         return self.name
@@ -687,6 +697,45 @@ class MoneyMachine(RuleBasedStateMachine):
         for acct, (_raw, _holds, _expiry, lim, _events) in zip(self.accounts, self._read(), strict=True):
             lifetime = {k: int(v) for k, v in lim.items() if k.startswith("l:") and int(v) != 0}
             assert lifetime == {k: v for k, v in acct.lifetime_counters.items() if v != 0}
+
+    # ------------------------------------------------------------ adjustments (issue 15)
+
+    @rule(data=st.data(), amount=st.integers(-6000, 6000).filter(bool), replay=st.booleans())
+    def adjust(self, data: st.DataObject, amount: int, replay: bool) -> None:
+        """A refund (to purchased credits) or a deduction (from what no hold claims, purchased first,
+        refused past it), once per idempotency key: a replay changes nothing and answers the first
+        result; the same key with another amount is refused."""
+        acct = data.draw(st.sampled_from(self.accounts), label="account")
+        if replay and acct.adjustment_keys:
+            key = data.draw(st.sampled_from(sorted(acct.adjustment_keys)), label="key")
+            first, available = acct.adjustment_keys[key]
+            got = self.call(adjust(self.store, acct.id, first, "model", key))
+            assert (got.replayed, got.available) == (True, available)
+            if amount != first:
+                with pytest.raises(Unprocessable):
+                    self.call(adjust(self.store, acct.id, amount, "model", key))
+            return
+        key = f"adj-{uuid.uuid4().hex[:8]}"
+        free_extra = max(acct.extra - max(acct.held - acct.held_allow, 0), 0)
+        free_allow = max(acct.allow - acct.held_allow, 0)
+        most = max(min(acct.available, free_extra + free_allow), 0)
+        if -amount > most:
+            with pytest.raises(Conflict):
+                self.call(adjust(self.store, acct.id, amount, "model", key))
+            return
+        if amount > 0:
+            acct.extra += amount
+        else:
+            from_extra = min(-amount, free_extra)
+            acct.extra -= from_extra
+            acct.allow -= -amount - from_extra
+        acct.granted += amount
+        acct.adjusted += amount
+        got = self.call(adjust(self.store, acct.id, amount, "model", key))
+        assert (got.replayed, got.available) == (False, acct.available)
+        acct.adjustment_keys[key] = (amount, acct.available)
+        adjusted = run_in(self.loop, self.redis.hget(acct.keys.account, "adjusted"))
+        assert int(adjusted or 0) == acct.adjusted
 
     # ------------------------------------------------------------ invariants
 

@@ -311,7 +311,7 @@ async def test_gemini_routes_get_resource_exhausted(harness: Harness) -> None:
 async def test_packs_are_spent_after_the_allowance_and_survive_the_reset(harness: Harness) -> None:
     account, key = await harness.account(plan="free")  # 1 credit allowance
     async with harness.client.post(f"/admin/accounts/{account}/packs", json={"pack": "small"}, headers=ADMIN) as r:
-        assert r.status == 200 and (await r.json())["credits_remaining"] == 6
+        assert r.status == 200 and (await r.json())["credits_remaining"] == "6"
     await _post(harness, key)
     state = harness.state(account)
     assert state["extra"] == 5_000_000 and state["allow"] < 1_000_000  # the allowance went first
@@ -329,7 +329,7 @@ async def test_upgrade_credits_the_difference_at_once_and_downgrade_waits_for_th
     spent = harness.state(account)["cycle_used"]
     async with harness.client.put(f"/admin/accounts/{account}/plan", json={"plan": "premium"}, headers=ADMIN) as r:
         view = await r.json()
-    assert view["plan"] == "premium" and view["change"]["credited"] == 20
+    assert view["plan"] == "premium" and view["change"]["credited"] == "20"
     assert harness.state(account)["allow"] == 30_000_000 - spent
     assert (await _post(harness, key))[0] == 200  # the next request runs on the new plan
     async with harness.client.put(f"/admin/accounts/{account}/plan", json={"plan": "basic"}, headers=ADMIN) as r:
@@ -379,5 +379,5 @@ async def test_the_cli_changes_plans_and_sells_packs(harness: Harness, config_di
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await proc.communicate()
     assert proc.returncode == 0, err
-    assert json.loads(out)["credited"] == 20
+    assert json.loads(out)["credited"] == "20"
     assert harness.state(account)["allow"] == 30_000_000 and harness.state(account)["extra"] == 5_000_000

@@ -156,17 +156,17 @@ async def test_toggling_plans_at_once_never_farms_allowance(harness: Harness) ->
 async def test_an_upgrade_credits_only_what_exceeds_the_largest_allowance_of_the_cycle(harness: Harness) -> None:
     account, key = await harness.account(plan="free")
     view = await _change(harness, account, "pro")  # an upgrade applies at once by default
-    assert view["change"]["credited"] == 19
+    assert view["change"]["credited"] == "19"
     assert await _chat(harness, key) == 200
     used = harness.state(account)["cycle_used"]
     assert used > 0
     view = await _change(harness, account, "team")
-    assert view["change"]["credited"] == 30 and harness.state(account)["allow"] == 50_000_000 - used
+    assert view["change"]["credited"] == "30" and harness.state(account)["allow"] == 50_000_000 - used
     view = await _change(harness, account, "pro", effective="now")  # what pro leaves after this cycle's use
-    assert view["change"]["allowance_removed"] == 30
+    assert view["change"]["allowance_removed"] == "30"
     assert harness.state(account)["allow"] == 20_000_000 - used
     view = await _change(harness, account, "team")  # team was credited this cycle already
-    assert view["change"]["credited"] == 0 and harness.state(account)["allow"] == 20_000_000 - used
+    assert view["change"]["credited"] == "0" and harness.state(account)["allow"] == 20_000_000 - used
     await harness.assert_conserved(account)
     _shift(harness, 32 * DAY)  # a new cycle: the plan's whole allowance again
     assert await _chat(harness, key) == 200
@@ -198,8 +198,8 @@ async def test_the_largest_allowance_is_counted_per_cycle(harness: Harness) -> N
     assert await _chat(harness, key) == 200  # the new cycle starts on free
     assert _record(harness, account)["plan"] == "free"
     view = await _change(harness, account, "pro")  # team's allowance was last cycle's: pro's difference is due
-    assert view["change"]["credited"] == 19
+    assert view["change"]["credited"] == "19"
     await _change(harness, account, "free", effective="now")
     view = await _change(harness, account, "pro")
-    assert view["change"]["credited"] == 0
+    assert view["change"]["credited"] == "0"
     await harness.assert_conserved(account)

@@ -4,6 +4,22 @@
 -- Only the unheld part of the allowance expires: what requests in flight hold of it (held_allow)
 -- is carried into the new allowance generation and ends with them (lib/hold.lua end_hold).
 -- Returns: status (0 go on, 14 plan changed, 16 stale bounds), the plan, the allowance, its generation.
+-- close_cycle: the snapshot a statement reads (gateway.statements), written as the old cycle ends, its
+-- unheld allowance expired: field `close:<its start>` = "end rolled_at balance granted charged expired
+-- grants packs adjusted plan" (balance = allowance + purchased, holds included; the rest cumulative).
+local function close_cycle(acct, a, expiring, carried, now)
+  local p = redis.call('HMGET', acct, 'cycle_start_ms', 'granted', 'charged', 'expired', 'credited_grants',
+                       'credited_packs', 'adjusted')
+  if not p[1] then return end
+  local n = {tonumber(a[6] or '0'), now, carried + tonumber(a[4] or '0'), tonumber(p[2] or '0'),
+             tonumber(p[3] or '0'), tonumber(p[4] or '0') + expiring, tonumber(p[5] or '0'),
+             tonumber(p[6] or '0'), tonumber(p[7] or '0')}
+  local parts = {}
+  for i, v in ipairs(n) do parts[i] = string.format('%.0f', v) end
+  parts[#parts + 1] = a[1]
+  redis.call('HSET', acct, 'close:' .. p[1], table.concat(parts, ' '))
+end
+
 local function roll_cycle(acct, lim, a, now, argv)
   local plan, allow, gen = a[1], tonumber(a[3] or '0'), tonumber(a[11] or '0')
   local carried = tonumber(a[10] or '0')
@@ -25,6 +41,7 @@ local function roll_cycle(acct, lim, a, now, argv)
       new_plan, new_allow = plan, tonumber(argv[15])
     end
     status = 0
+    close_cycle(acct, a, allow - carried, carried, now)
     redis.call('HSET', acct, 'cycle_start_ms', cs, 'cycle_end_ms', ce, 'cycle_used', 0, 'cycle_requests', 0,
                'cycle_tokens', 0)
     for _, f in ipairs(redis.call('HKEYS', lim)) do
