@@ -13,6 +13,7 @@ from gateway.alerts import webhook_label
 from gateway.auth import check_scopes
 from gateway.config import key_limits
 from gateway.errors import BadRequest, Unauthorized
+from gateway.limits import METRIC_WORDS
 from gateway.money import credits_number, credits_to_micro
 from gateway.state import GATEWAY, Gateway
 from gateway.store import (
@@ -230,11 +231,13 @@ async def update_key(request: web.Request) -> web.Response:
 async def list_plans(request: web.Request) -> web.Response:
     """GET /admin/plans: the plans configured now (as plans.yaml says, after the last reload)."""
     gw, _store = check_admin(request)
+    # caps in plans.yaml's units: credits and USD (never micro), tokens and requests as counts
     data = [{"name": p.name, "monthly_credits": credits_number(p.monthly_credits), "credit_usd": float(p.credit_usd),
-             "models": list(p.models), "max_keys": p.max_keys, "timezone": p.timezone,
+             "markup": float(p.markup), "models": list(p.models), "max_keys": p.max_keys, "timezone": p.timezone,
              "default": p.name == gw.config.default_plan,
-             "limits": [{"id": lim.id, "cap": credits_number(lim.cap) if lim.metric == "c" else lim.cap,
-                         "metric": lim.metric, "provider": lim.provider} for lim in p.limits]}
+             "limits": [{"id": lim.id, "cap": credits_number(lim.cap) if lim.metric in ("c", "u") else lim.cap,
+                         "metric": lim.metric, "unit": METRIC_WORDS[lim.metric], "window_ms": lim.window_ms,
+                         "provider": lim.provider} for lim in p.limits]}
             for p in gw.config.plans.values()]
     packs = [{"name": k.name, "credits": credits_number(k.credits), "price_usd": float(k.price_usd)}
              for k in gw.config.packs.values()]
