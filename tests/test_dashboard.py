@@ -290,9 +290,10 @@ async def test_the_projection_waits_for_enough_of_the_cycle_and_is_bounded(harne
         assert (await project(100, 5, 900, ten_days))["ready"] is False  # too few requests to say
         formatted = await page.js("""import('/dashboard/format.js').then((m) => [m.credits('1234567.5'),
             m.credits(0.000018), m.credits('0.0123'), m.credits(0), m.credits('-1.25'), m.usd('0.0012'),
-            m.usd(1234.5), m.day('2026-11-30T23:30:00Z', 'Pacific/Auckland'), m.credits('12.5')])""")
+            m.usd(1234.5), m.day('2026-11-30T23:30:00Z', 'Pacific/Auckland'), m.credits('12.5'),
+            m.credits('52.341889'), m.credits('0.00282'), m.usd('100')])""")
         assert formatted == ["1,234,567.50", "0.000018", "0.0123", "0.00", "-1.25", "$0.0012", "$1,234.50",
-                             "2026-12-01", "12.50"]
+                             "2026-12-01", "12.50", "52.3419", "0.00282", "$100.00"]
 
 
 async def test_a_bad_key_shows_an_error_and_nothing_else(harness: Harness, tmp_path: Path) -> None:

@@ -137,7 +137,7 @@ export function wireAccount() {
       const amount = $("grant-credits").value.trim();
       const r = await api(`${base()}/credits`, { method: "POST", headers: { "Idempotency-Key": key },
                                                  json: { credits: amount, note: $("grant-note").value } });
-      return `Granted ${credits(amount)} credits; available now ${credits(r.credits_remaining)}.`;
+      return `Granted ${r.granted ?? amount} credits; available now ${credits(r.credits_remaining)}.`;
     });
   });
   $("adjust-form").addEventListener("submit", (event) => {
@@ -146,7 +146,7 @@ export function wireAccount() {
       const amount = $("adjust-credits").value.trim();
       const r = await api(`${base()}/adjustments`, { method: "POST", headers: { "Idempotency-Key": key },
                                                      json: { credits: amount, reason: $("adjust-reason").value } });
-      return `Adjusted by ${credits(r.credits)} credits; available now ${credits(r.credits_remaining)}.`;
+      return `Adjusted by ${r.credits ?? amount} credits; available now ${credits(r.credits_remaining)}.`;
     });
   });
   $("plan-form").addEventListener("submit", (event) => {

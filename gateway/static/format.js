@@ -78,29 +78,30 @@ export function num(value) {
   return Number.isFinite(n) ? n : 0;
 }
 
-/** Digits after the point: 2, and up to 3 significant ones for small amounts (0.000018, 0.0123). */
+/** Digits after the point at most: 4 (a balance of 52.3419), and 3 significant ones for small amounts
+ *  (0.000018, 0.00282), never more than the 6 a micro-credit has. */
 function decimals(n) {
   const a = Math.abs(n);
-  if (a === 0 || a >= 1) return 2;
-  return Math.min(6, Math.max(2, 2 - Math.floor(Math.log10(a))));
+  if (a === 0 || a >= 1) return 4;
+  return Math.min(6, Math.max(4, 2 - Math.floor(Math.log10(a))));
 }
 
 function grouped(n, digits, minDigits) {
   return n.toLocaleString("en-US", { minimumFractionDigits: minDigits, maximumFractionDigits: digits });
 }
 
-/** Credits for people: thousands separators, 2 decimals, more (up to 6) only for small amounts. */
+/** Credits for people: thousands separators, 2 to 4 decimals, more (up to 6) only for small amounts. */
 export function credits(value) {
   if (value === null || value === undefined || value === "") return "—";
   const n = num(value);
   return grouped(n, decimals(n), 2);
 }
 
-/** USD: "$1,234.56", small amounts with their significant digits ("$0.0012"). */
+/** USD: "$1,234.56" (cents), small amounts with their significant digits ("$0.0012"). */
 export function usd(value) {
   if (value === null || value === undefined || value === "") return "—";
   const n = num(value);
-  return (n < 0 ? "−$" : "$") + grouped(Math.abs(n), decimals(n), 2);
+  return (n < 0 ? "−$" : "$") + grouped(Math.abs(n), Math.abs(n) >= 1 ? 2 : decimals(n), 2);
 }
 
 export function count(value) {
