@@ -26,7 +26,7 @@ from gateway.admin import check_admin
 from gateway.errors import BadRequest
 from gateway.ledger import TOKEN_FIELDS, parse_entry, usage_view
 from gateway.money import format_credits
-from gateway.state import GATEWAY, Gateway
+from gateway.state import Gateway
 from gateway.store import redis_guard
 from gateway.usage_routes import key_holder
 
@@ -198,7 +198,7 @@ async def account_events(request: web.Request) -> web.Response:
         raise BadRequest(f"'limit' must be a whole number from 1 to {EVENTS_MAX}.", param="limit")
     account_id = request.match_info["account_id"]
     await store.account_raw(account_id)
-    return web.json_response({"data": await recent_events(request.app[GATEWAY], account_id, int(text))})
+    return web.json_response({"data": await recent_events(gw, account_id, int(text))})
 
 
 def add_routes(app: web.Application) -> None:

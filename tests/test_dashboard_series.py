@@ -4,6 +4,7 @@ events list: days in the plan's timezone, figures that add up to the cycle's cha
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -53,7 +54,7 @@ async def _get(harness: Harness, path: str, headers: dict[str, str], status: int
 
 async def test_daily_series_sums_to_the_cycle_charge_day_by_day(harness: Harness) -> None:
     account, key = await harness.account(credits=10)
-    other, other_key = await harness.account(credits=10)
+    _other, other_key = await harness.account(credits=10)
     await _chat(harness, other_key, "demo-mini", 50)  # another account's usage never shows
     plan_of_day = [("demo-mini", 40), ("demo-large", 30), ("demo-mini", 120)]
     for day, (model, out) in enumerate(plan_of_day):
@@ -76,7 +77,8 @@ async def test_daily_series_sums_to_the_cycle_charge_day_by_day(harness: Harness
     assert sum(r["output_tokens"] for r in rows) == sum(int(e["out"]) for e in ledger)
     for r in rows:  # decimal strings, exact, beside their micro twins
         assert isinstance(r["credits"], str) and "e" not in r["credits"]
-        assert int(round(float(r["credits"]) * 1_000_000)) == r["credits_micro"]
+        assert Decimal(r["credits"]) * 1_000_000 == r["credits_micro"]
+        assert Decimal(r["usd"]) * 1_000_000 == r["usd_micro"]
     # each event on its own local day, in the plan's timezone
     zone = ZoneInfo(ZONE)
     expected: dict[tuple[str, str], int] = {}
