@@ -15,6 +15,7 @@ day it summed whole (the partly read day before it is left out rather than shown
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -35,6 +36,7 @@ DEFAULT_DAYS = 30
 SERIES_SCAN_MAX = 50_000  # ledger entries one series reads at most (then `truncated`)
 PAGE = 1000
 EVENTS_MAX = 200
+_WHOLE = re.compile(r"^[0-9]{1,4}$")  # ASCII digits only: str.isdigit() accepts "²", which int() refuses
 #: Ledger fields of admin events that hold micro-credits: shown as credits (decimal string) and micro.
 _MICRO_FIELDS = {"amount": "credits", "cost": "credits"}
 _HIDDEN = {"data", "idempotency_key", "fingerprint", "_id", "ts", "type"}
@@ -67,7 +69,7 @@ def window(days: int, timezone: str, now_ms: int) -> tuple[date, date, int]:
 
 def _parse_days(text: str | None) -> int:
     text = text or str(DEFAULT_DAYS)
-    if not text.isdigit() or not 1 <= int(text) <= MAX_DAYS:
+    if not _WHOLE.match(text) or not 1 <= int(text) <= MAX_DAYS:
         raise BadRequest(f"'days' must be a whole number from 1 to {MAX_DAYS}.", param="days")
     return int(text)
 
@@ -194,7 +196,7 @@ async def account_events(request: web.Request) -> web.Response:
     """GET /admin/accounts/{id}/events?limit=N (1-200, 50 by default): the newest ledger entries."""
     gw, store = check_admin(request)
     text = request.query.get("limit", "50")
-    if not text.isdigit() or not 1 <= int(text) <= EVENTS_MAX:
+    if not _WHOLE.match(text) or not 1 <= int(text) <= EVENTS_MAX:
         raise BadRequest(f"'limit' must be a whole number from 1 to {EVENTS_MAX}.", param="limit")
     account_id = request.match_info["account_id"]
     await store.account_raw(account_id)

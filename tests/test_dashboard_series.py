@@ -117,7 +117,7 @@ async def test_a_series_past_its_read_budget_drops_the_partial_day_and_says_so(h
 async def test_daily_series_refuses_bad_windows_and_strangers(harness: Harness) -> None:
     account, key = await harness.account(credits=1)
     me = {"Authorization": f"Bearer {key}"}
-    for days in ("0", "91", "abc", "-1", "1e2"):
+    for days in ("0", "91", "abc", "-1", "1e2", "\u00b2", "%C2%B2", "9" * 40):
         body = await _get(harness, f"/gateway/usage/daily?days={days}", me, status=400)
         assert "days" in body["error"]["message"]
         await _get(harness, f"/admin/accounts/{account}/usage/daily?days={days}", ADMIN, status=400)
@@ -141,4 +141,5 @@ async def test_recent_events_lists_every_kind_newest_first(harness: Harness) -> 
     assert [e["time"] for e in events] == sorted((e["time"] for e in events), reverse=True)
     assert key not in str(events)
     assert len((await _get(harness, f"/admin/accounts/{account}/events?limit=1", ADMIN))["data"]) == 1
-    await _get(harness, f"/admin/accounts/{account}/events?limit=500", ADMIN, status=400)
+    for limit in ("500", "0", "\u00b2", "x"):
+        await _get(harness, f"/admin/accounts/{account}/events?limit={limit}", ADMIN, status=400)
