@@ -14,6 +14,7 @@ from gateway.auth import check_scopes
 from gateway.budgets import budget_changes
 from gateway.config import key_limits
 from gateway.errors import BadRequest, Unauthorized
+from gateway.limits import METRIC_WORDS
 from gateway.money import amount, credits_to_micro
 from gateway.state import GATEWAY, Gateway
 from gateway.store import (
@@ -276,11 +277,13 @@ async def update_key(request: web.Request) -> web.Response:
 async def list_plans(request: web.Request) -> web.Response:
     """GET /admin/plans: the plans configured now (as plans.yaml says, after the last reload)."""
     gw, _store = check_admin(request)
+    # caps in plans.yaml's units: credits and USD as exact decimal strings (never micro), tokens and requests as counts
     data = [{"name": p.name, **amount("monthly_credits", p.monthly_credits), "credit_usd": str(p.credit_usd),
-             "models": list(p.models), "max_keys": p.max_keys, "timezone": p.timezone,
+             "markup": str(p.markup), "models": list(p.models), "max_keys": p.max_keys, "timezone": p.timezone,
              "default": p.name == gw.config.default_plan,
              "limits": [{"id": lim.id, **(amount("cap", lim.cap) if lim.metric in ("c", "u") else {"cap": lim.cap}),
-                         "metric": lim.metric, "provider": lim.provider} for lim in p.limits]}
+                         "metric": lim.metric, "unit": METRIC_WORDS[lim.metric], "window_ms": lim.window_ms,
+                         "provider": lim.provider} for lim in p.limits]}
             for p in gw.config.plans.values()]
     packs = [{"name": k.name, **amount("credits", k.credits), "price_usd": str(k.price_usd)}
              for k in gw.config.packs.values()]

@@ -1,10 +1,12 @@
-"""The billing dashboard at `/dashboard`: one static page, a stylesheet and a small script, no build step.
+"""The billing dashboard at `/dashboard`: one static page, a stylesheet and a few ES modules, no build step.
 
 The page asks for a key (or takes it from the URL fragment, which browsers never send to a server, and
 then clears it), keeps it in the tab's sessionStorage only, and renders what the JSON APIs return: a key
-holder (a `gwk_` key) sees credits, the reset date, usage by model, alerts and the account's keys; an
-operator (the admin key) sees platform stats, plans and accounts. Strict headers: no inline script, no
-caching, no referrer.
+holder (a `gwk_` key) sees the balance, the current statement, usage per day and model, a projection,
+keys with their budgets and alerts; an operator (the admin key) sees platform stats, plans, a sortable
+and filterable account list and a page per account (`#account=ID`) with its statements, keys, recent
+events and actions. Every value reaches the page through `textContent`, never as markup. Strict
+headers: no inline script or style, no third-party origin, no caching, no referrer.
 """
 
 from __future__ import annotations
@@ -13,8 +15,14 @@ from pathlib import Path
 
 from aiohttp import web
 
+from gateway import usage_series
+
 STATIC = Path(__file__).parent / "static"
-_FILES = {"dashboard.html": "text/html", "dashboard.js": "text/javascript", "dashboard.css": "text/css"}
+_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+#: The files the page is made of (no directory walk: a name outside this set is a 404).
+_FILES = {name: _TYPES[Path(name).suffix] for name in (
+    "dashboard.html", "dashboard.css", "dashboard.js", "format.js", "chart.js", "holder.js", "operator.js",
+    "account.js")}
 _HEADERS = {
     "Cache-Control": "no-store",
     "Referrer-Policy": "no-referrer",
@@ -42,5 +50,6 @@ async def asset(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    usage_series.add_routes(app)
     app.router.add_get("/dashboard", page)
     app.router.add_get("/dashboard/{name}", asset)
