@@ -99,7 +99,7 @@ def register(sub: Any, common: Any) -> None:
     --config-dir, --redis-url and --json options)."""
     run = _cli()._run
     state = common(sub.add_parser("statement", help="a billing cycle's statement: balances, usage by model and key"))
-    state.add_argument("--account", required=True)
+    state.add_argument("--account", required=True, help="the account's id (acct_...)")
     state.add_argument("--cycle", default="current", help="YYYY-MM (the month the cycle starts in) or current")
     state.set_defaults(func=run(_statement))
     accounts = _subcommands(sub.choices["accounts"])
@@ -107,17 +107,17 @@ def register(sub: Any, common: Any) -> None:
                          ("reactivate", "let a suspended account's requests through again"),
                          ("close", "close the account for good: its keys can no longer be used")):
         p = common(accounts.add_parser(action, help=text))
-        p.add_argument("--account", required=True)
-        p.add_argument("--reason", default=None)
+        p.add_argument("--account", required=True, help="the account's id (acct_...)")
+        p.add_argument("--reason", default=None, help="why, kept with the account and in the ledger")
         p.set_defaults(func=run(_lifecycle), action=action)
     adj = common(accounts.add_parser("adjust", help="refund (positive) or deduct (negative) credits, with a reason"))
-    adj.add_argument("--account", required=True)
+    adj.add_argument("--account", required=True, help="the account's id (acct_...)")
     adj.add_argument("--credits", required=True, help="e.g. 10 or -2.5")
-    adj.add_argument("--reason", required=True)
+    adj.add_argument("--reason", required=True, help="why (shown in the ledger and the statement)")
     adj.add_argument("--idempotency-key", required=True, help="a retry with the same key applies nothing again")
     adj.set_defaults(func=run(_adjust))
     upd = common(accounts.add_parser("update", help="change an account's name or external (billing) id"))
-    upd.add_argument("--account", required=True)
-    upd.add_argument("--name", default=None)
+    upd.add_argument("--account", required=True, help="the account's id (acct_...)")
+    upd.add_argument("--name", default=None, help="a new display name")
     upd.add_argument("--external-id", default=None, help="the customer's id at Stripe / Lago ('' clears it)")
     upd.set_defaults(func=run(_update))

@@ -65,7 +65,7 @@ async def test_operator_overview_sorts_and_filters_accounts_and_shows_plans_in_t
     accounts = (await get(harness, "/admin/accounts?limit=500", ADMIN))["data"]
     pro = next(p for p in plans if p["name"] == "pro")
     usd_cap = next(lim for lim in pro["limits"] if lim["id"] == "max_cost_usd_per_cycle")
-    assert usd_cap["cap"] == 100 and usd_cap["unit"] == "USD" and pro["markup"] == 1.2  # as plans.yaml says
+    assert (usd_cap["cap"], usd_cap["cap_micro"], usd_cap["unit"], pro["markup"]) == ("100", 100_000_000, "USD", "1.2")  # as plans.yaml says
 
     async with browser(tmp_path / "profile") as page:
         await page.size(*DESKTOP)
@@ -192,12 +192,13 @@ async def test_account_page_shows_the_apis_figures_and_its_actions_work(harness:
 async def test_account_page_adjusts_suspends_and_reactivates(harness: Harness, tmp_path: Path) -> None:
     """Adjustments and the account lifecycle (contracts.md: the bill-ledger branch's API)."""
     account, _key = await _account(harness, "Acme Corp", "free", "40")
+    before = (await get(harness, f"/admin/accounts/{account}", ADMIN))["credits_remaining_micro"]
     async with browser(tmp_path / "profile") as page:
         await page.size(*DESKTOP)
         await _open_account(page, harness, account)
         said = await _submit(page, "adjust-form", {"adjust-credits": "-2.5", "adjust-reason": "duplicate charge"})
         view: dict[str, Any] = await get(harness, f"/admin/accounts/{account}", ADMIN)
-        assert float(view["credits_remaining"]) == 37.5 and "-2.5 credits" in said
+        assert view["credits_remaining_micro"] == before - 2_500_000 and "-2.5 credits" in said
         adjustment = [e for e in harness.ledger(account) if e["type"] == "adjustment"]
         assert len(adjustment) == 1 and "duplicate charge" in json.dumps(adjustment[0])
         assert await page.js("document.querySelector('#acct-events tbody tr').dataset.type") == "adjustment"
