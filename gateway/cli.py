@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = common(usage.add_parser("export", help="usage events as JSONL, CSV, CloudEvents 1.0, or Stripe meter "
                                                     "events, Lago events, OpenMeter CloudEvents"))
     export.add_argument("--format", choices=("jsonl", "csv", "cloudevents", *PROVIDER_FORMATS), default="jsonl",
-                        help="jsonl (default), csv, cloudevents, or a billing provider's shape (README: Billing hand-off)")
+                        help="jsonl (default), csv, cloudevents, or a billing provider's shape (README)")
     export.add_argument("--output", default=None, help="file to write (default: standard output)")
     export.add_argument("--append", action="store_true", help="append to --output instead of replacing it")
     export.add_argument("--resume", default=None, metavar="NAME",

@@ -65,7 +65,8 @@ async def test_operator_overview_sorts_and_filters_accounts_and_shows_plans_in_t
     accounts = (await get(harness, "/admin/accounts?limit=500", ADMIN))["data"]
     pro = next(p for p in plans if p["name"] == "pro")
     usd_cap = next(lim for lim in pro["limits"] if lim["id"] == "max_cost_usd_per_cycle")
-    assert (usd_cap["cap"], usd_cap["cap_micro"], usd_cap["unit"], pro["markup"]) == ("100", 100_000_000, "USD", "1.2")  # as plans.yaml says
+    assert (usd_cap["cap"], usd_cap["cap_micro"], usd_cap["unit"], pro["markup"]) == (
+        "100", 100_000_000, "USD", "1.2")  # as plans.yaml says
 
     async with browser(tmp_path / "profile") as page:
         await page.size(*DESKTOP)

@@ -483,9 +483,13 @@ ADMIN_ROUTES = [("POST", "/admin/accounts"), ("GET", "/admin/accounts/{acct}"), 
                 ("POST", "/admin/accounts/{acct}/renew"), ("GET", "/admin/accounts"), ("GET", "/admin/stats"),
                 ("GET", "/admin/plans"), ("PATCH", "/admin/keys/{key}"), ("POST", "/admin/keys/{key}/rotate"),
                 ("GET", "/admin/accounts/{acct}/usage"), ("GET", "/admin/accounts/{acct}/usage/summary"),
-                ("GET", "/admin/accounts/{acct}/alerts"), ("PUT", "/admin/accounts/{acct}/webhook")]
+                ("GET", "/admin/accounts/{acct}/alerts"), ("PUT", "/admin/accounts/{acct}/webhook"),
+                ("POST", "/admin/accounts/{acct}/adjustments"), ("PATCH", "/admin/accounts/{acct}"),
+                ("GET", "/admin/accounts/{acct}/statements"), ("GET", "/admin/accounts/{acct}/statements/{acct}"),
+                ("GET", "/admin/accounts/{acct}/usage/daily"), ("GET", "/admin/accounts/{acct}/events")]
 ADMIN_FIELDS = ["name", "plan", "timezone", "label", "scopes", "expires_at", "limits", "credits", "note", "pack",
-                "effective", "months", "grace_seconds", "url", "secret"]
+                "effective", "months", "grace_seconds", "url", "secret", "reason", "external_id",
+                "budget_credits_per_cycle", "budget_credits_lifetime"]
 ID_VALUES = st.sampled_from(["{acct}", "acct_nope", "..", "%2e%2e", "a" * 300, "%00", "{acct}%2f..", "0", "-1"])
 
 
@@ -493,7 +497,8 @@ ID_VALUES = st.sampled_from(["{acct}", "acct_nope", "..", "%2e%2e", "a" * 300, "
 @given(route=st.sampled_from(ADMIN_ROUTES), ident=ID_VALUES,
        body=st.one_of(st.dictionaries(st.sampled_from(ADMIN_FIELDS), JSON, max_size=4), JSON),
        query=st.sampled_from(["", "?limit=0", "?limit=501", "?limit=abc", "?after=%ff", "?plan=free&name=%00",
-                              "?from=2020-13-45", "?to=-5", "?cursor=1-1", "?model=" + "m" * 500]),
+                              "?from=2020-13-45", "?to=-5", "?cursor=1-1", "?model=" + "m" * 500, "?days=0",
+                              "?days=91", "?days=\u00b2"]),
        auth=st.sampled_from(["bearer", "x-admin-key", "wrong", "none", "client"]),
        idem=st.sampled_from([None, "k1", "\u00e9", "x" * 300]))
 def test_fuzz_admin_routes(fuzz: Fuzz, route: tuple[str, str], ident: str, body: Any, query: str, auth: str,
@@ -517,8 +522,9 @@ KEY_HOLDER_ROUTES = [("GET", "/gateway/credits"), ("GET", "/gateway/usage"), ("G
                      ("GET", "/gateway/alerts"), ("POST", "/gateway/alerts/{id}/read"), ("GET", "/gateway/keys"),
                      ("GET", "/v1/models"), ("GET", "/v1/models/{id}"), ("GET", "/v1beta/models"),
                      ("GET", "/v1beta/models/{id}"), ("GET", "/dashboard"), ("GET", "/dashboard/{id}"),
-                     ("GET", "/ready"), ("GET", "/metrics")]
-USAGE_PARAMS = st.dictionaries(st.sampled_from(["from", "to", "model", "provider", "limit", "cursor"]),
+                     ("GET", "/ready"), ("GET", "/metrics"), ("GET", "/gateway/statements"),
+                     ("GET", "/gateway/statements/{id}"), ("GET", "/gateway/usage/daily")]
+USAGE_PARAMS = st.dictionaries(st.sampled_from(["from", "to", "model", "provider", "limit", "cursor", "days"]),
                                st.sampled_from(["", "0", "-1", "1001", "abc", "2026-01-01T00:00:00Z", "2026-13-01",
                                                 "9" * 40, "1-1", "0-0", "%ff", "%00", "demo-mini", "1e3",
                                                 "1700000000000"]), max_size=4)
@@ -526,7 +532,8 @@ USAGE_PARAMS = st.dictionaries(st.sampled_from(["from", "to", "model", "provider
 
 @SETTINGS
 @given(route=st.sampled_from(KEY_HOLDER_ROUTES),
-       ident=st.sampled_from(["x", "demo-mini", "..", "%2e%2e%2fadmin", "dashboard.js", "a" * 300, "%00"]),
+       ident=st.sampled_from(["x", "demo-mini", "..", "%2e%2e%2fadmin", "dashboard.js", "a" * 300, "%00", "current",
+                              "2026-13", "1999-01"]),
        params=USAGE_PARAMS, who=st.sampled_from(["rich", "broke", "unknown", "none"]), where=st.integers(0, 3))
 def test_fuzz_key_holder_routes(fuzz: Fuzz, route: tuple[str, str], ident: str, params: dict[str, str], who: str,
                                 where: int) -> None:
