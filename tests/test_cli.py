@@ -166,7 +166,7 @@ def test_a_bad_environment_value_is_one_clear_error(variable: str, command: list
 
 def test_serve_log_format_sets_the_variable_before_anything_starts(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("GATEWAY_LOG_FORMAT", raising=False)
+    monkeypatch.setenv("GATEWAY_LOG_FORMAT", "text")  # recorded, so the json serve sets is undone after the test
     (tmp_path / "plans.yaml").write_text("plans: {}\n")  # refused: serve stops before any worker starts
     assert main(["serve", "--log-format", "json", "--config-dir", str(tmp_path)]) == 2
     assert os.environ["GATEWAY_LOG_FORMAT"] == "json"
