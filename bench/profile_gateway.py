@@ -75,6 +75,11 @@ async def main(args: argparse.Namespace) -> None:
         await probe.aclose()
         calls = {name.removeprefix("cmdstat_"): after[name]["calls"] - before.get(name, {"calls": 0})["calls"]
                  for name in after}
+        usec = {name.removeprefix("cmdstat_"): after[name]["usec"] - before.get(name, {"usec": 0})["usec"]
+                for name in after}
+        # a script's usec includes the commands it runs (which are counted again under their own names)
+        print(f"redis-server time in EVALSHA: {usec.get('evalsha', 0) / n:.1f} us/req "
+              f"({usec.get('evalsha', 0) / max(calls.get('evalsha', 0), 1):.1f} us/call)")
         print("Redis commands per request:", ", ".join(f"{name} {count / n:.2f}" for name, count in
                                                        sorted(calls.items(), key=lambda kv: -kv[1]) if count))
         print(f"{n / elapsed:.0f} req/s, p50 {p50:.2f} ms, gateway process CPU {cpu * 1000 / n:.3f} ms/req "
