@@ -129,7 +129,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 #: Built once: `json.loads` with a hook builds a decoder per call (a third of a small body's parse).
-_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+_UNIQUE_KEYS_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
 
 
 def json_object(raw: bytes) -> dict[str, Any]:
@@ -140,7 +140,7 @@ def json_object(raw: bytes) -> dict[str, Any]:
         raise BadRequest("The request body is empty; send a JSON object.")
     try:
         # what json.loads does with bytes: UTF-8/16/32 detected, lone surrogates kept
-        body = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+        body = _UNIQUE_KEYS_DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except _DuplicateKey as dup:
         raise BadRequest(f"The JSON body repeats the key {dup.key!r} in one object; send each key once.",
                          param=dup.key) from None
