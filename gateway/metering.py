@@ -17,6 +17,9 @@ from gateway.money import MAX_SAFE, MICRO, ceil_div
 from gateway.scripts import ScriptRunner
 from gateway.usage import Usage
 
+#: The ledger event's encoder, built once (`json.dumps` with options builds one per call); same bytes.
+_EVENT_JSON = json.JSONEncoder(separators=(",", ":"))
+
 
 @dataclass(frozen=True, slots=True)
 class Quote:
@@ -242,7 +245,7 @@ class Meter:
         descriptive fields (`event`, None values dropped) travel as one JSON field.
         Settling twice has no effect (`settled` False the second time).
         """
-        data = json.dumps({k: v for k, v in event.items() if v is not None}, separators=(",", ":"))
+        data = _EVENT_JSON.encode({k: v for k, v in event.items() if v is not None})
         reply = await self.runner.run(
             "settle",
             [keys.account, keys.holds, keys.hold_expiry, keys.ledger, keys.limits],

@@ -36,6 +36,7 @@ from gateway.upstream import (
     refuse_operator_problems,
     relayed_error,
     response_headers,
+    upstream_timeout,
 )
 
 Handler = Callable[[web.Request], Coroutine[Any, Any, web.StreamResponse]]
@@ -135,8 +136,7 @@ async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamRe
     except GatewayError as refused:
         await end_call(call, None, outcome="refused", http_status=refused.status)
         raise
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout_seconds,
-                                    sock_read=upstream.timeout_seconds)
+    timeout = upstream_timeout(upstream.connect_timeout_seconds, upstream.timeout_seconds)
     sent = time.perf_counter()
     try:
         upstream_cm = gw.session.request(request.method, url, data=body if body is not None else raw,

@@ -159,13 +159,17 @@ class _Connection(asyncio.Protocol):
     commands written, in order. When it fails, it fails all of them and is never used again (a
     connection's late callbacks touch only its own state, never its successor's)."""
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.loop = loop
+        self.timeout = timeout
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader(encoding="utf-8", errors="surrogateescape")
-        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        # each command's future and the loop time by which its reply is due
+        self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self.batch: list[bytes] = []
         self.flush_scheduled = False
         self.lost = False
+        self.watchdog: asyncio.TimerHandle | None = None
 
     @property
     def usable(self) -> bool:
@@ -184,7 +188,7 @@ class _Connection(asyncio.Protocol):
             if not waiting:  # a reply nobody waits for: the stream is out of step
                 self.fail(redis_errors.ConnectionError("unexpected reply from Redis"))
                 return
-            future = waiting.popleft()
+            future = waiting.popleft()[0]
             if future.done():  # its caller was cancelled or timed out
                 continue
             if isinstance(reply, hiredis.ReplyError):
@@ -196,12 +200,31 @@ class _Connection(asyncio.Protocol):
         self.fail(redis_errors.ConnectionError("Connection to Redis lost"))
 
     def send(self, packed: bytes, future: asyncio.Future[Any]) -> None:
-        """Queue a packed command for this tick's write."""
+        """Queue a packed command for this tick's write; its reply is due within `timeout`."""
+        due = self.loop.time() + self.timeout
         self.batch.append(packed)
-        self.waiting.append(future)
+        self.waiting.append((future, due))
         if not self.flush_scheduled:
             self.flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            self.loop.call_soon(self.flush)
+        if self.watchdog is None:
+            self.watchdog = self.loop.call_at(due, self._check)
+
+    def _check(self) -> None:
+        """The connection's one timer (not one per command: replies come in order, so only the
+        oldest unanswered command's deadline matters): a command whose caller still waits past its
+        deadline fails the connection, as a per-command timer would."""
+        self.watchdog = None
+        if self.lost:
+            return
+        now = self.loop.time()
+        for future, due in self.waiting:
+            if due > now:
+                self.watchdog = self.loop.call_at(due, self._check)
+                return
+            if not future.done():
+                self.fail(redis_errors.TimeoutError("Timeout reading from Redis"))
+                return
 
     def flush(self) -> None:
         self.flush_scheduled = False
@@ -214,9 +237,12 @@ class _Connection(asyncio.Protocol):
         """Fail every command in flight and drop the connection (its replies would be out of step)."""
         self.lost = True
         waiting, self.waiting, self.batch = self.waiting, collections.deque(), []
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
         if self.transport is not None:
             self.transport.abort()
-        for future in waiting:
+        for future, _due in waiting:
             if not future.done():
                 future.set_exception(error)
 
@@ -258,18 +284,9 @@ class AutoPipeline:
         conn = self._conn
         if conn is None or not conn.usable:
             conn = await self._connect()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        future: asyncio.Future[Any] = conn.loop.create_future()
         conn.send(hiredis.pack_command(args), future)  # type: ignore[arg-type]
-        timer = loop.call_later(self.timeout, self._timed_out, conn, future)
-        try:
-            return await future
-        finally:
-            timer.cancel()
-
-    def _timed_out(self, conn: _Connection, future: asyncio.Future[Any]) -> None:
-        if not future.done():
-            conn.fail(redis_errors.TimeoutError("Timeout reading from Redis"))
+        return await future
 
     async def _connect(self) -> _Connection:
         if self._closed:
@@ -286,7 +303,7 @@ class AutoPipeline:
 
     async def _open(self) -> _Connection:
         loop = asyncio.get_running_loop()
-        conn = _Connection()
+        conn = _Connection(loop, self.timeout)
         try:
             async with asyncio.timeout(self.timeout):
                 if self.path:

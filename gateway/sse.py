@@ -7,14 +7,24 @@ back the input exactly, so a filtered stream forwards untouched bytes for every 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
-
-@dataclass(frozen=True, slots=True)
 class SSEEvent:
-    raw: bytes  # the event's bytes as received, including the blank line that ended it
-    event: str | None  # the `event:` field, if any
-    data: str  # the `data:` lines joined with "\n"
+    """One event. A plain slotted class, not a frozen dataclass: one is built per event of every
+    stream, and a frozen dataclass's `__init__` costs several times more (treat it as read-only)."""
+
+    __slots__ = ("data", "event", "raw")
+
+    def __init__(self, raw: bytes, event: str | None, data: str) -> None:
+        self.raw = raw  # the event's bytes as received, including the blank line that ended it
+        self.event = event  # the `event:` field, if any
+        self.data = data  # the `data:` lines joined with "\n"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SSEEvent) and (self.raw, self.event, self.data) == (other.raw, other.event,
+                                                                                      other.data)
+
+    def __repr__(self) -> str:
+        return f"SSEEvent(raw={self.raw!r}, event={self.event!r}, data={self.data!r})"
 
 
 class SSEDecoder:
@@ -31,6 +41,8 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         buf = self._buf + chunk if self._buf else chunk
+        if b"\r" not in buf:
+            return self._feed_lf(buf)
         events: list[SSEEvent] = []
         pos = self._scan
         start = self._raw_start
@@ -57,6 +69,40 @@ class SSEDecoder:
                 continue
             self._field(line)
         # keep only the unfinished event in the buffer
+        self._buf = buf[start:]
+        self._scan = pos - start
+        self._raw_start = 0
+        return events
+
+    def _feed_lf(self, buf: bytes) -> list[SSEEvent]:
+        """`feed` for a buffer with LF line ends only (what providers send): whole events are found
+        by their blank line and split at once, instead of a scan per line. The state it leaves is
+        the general path's: `_scan` at the start of the first line not yet read."""
+        events: list[SSEEvent] = []
+        pos = self._scan
+        start = self._raw_start
+        n = len(buf)
+        while pos < n:
+            if buf[pos] == 10:  # a blank line: the end of an event (or of comments only)
+                end = pos + 1
+            else:
+                blank = buf.find(b"\n\n", pos)
+                if blank < 0:
+                    break
+                end = blank + 2
+                if (buf.startswith(b"data: ", pos) and not self._data and buf.find(b"\n", pos, blank) < 0):
+                    # the usual event, one `data: ` line: no per-line work
+                    events.append(SSEEvent(buf[start:end], self._event, buf[pos + 6:blank].decode("utf-8", "replace")))
+                    start = pos = end
+                    self._event = None
+                    continue
+                for line in buf[pos:blank].split(b"\n"):
+                    self._field(line)
+            pos = end
+            if self._data or self._event is not None:
+                events.append(SSEEvent(buf[start:end], self._event, "\n".join(self._data)))
+                start = end
+            self._event, self._data = None, []
         self._buf = buf[start:]
         self._scan = pos - start
         self._raw_start = 0

@@ -159,3 +159,16 @@ def test_client_key_from_bearer_only() -> None:
     assert D.client_key({"Authorization": "bearer  abc "}, {}) == "abc"
     assert D.client_key({}, {}) is None
     assert D.client_key({"Authorization": "Basic abc"}, {}) == ""
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model": "m", "max_tokens": 1000, "max_tokens": 20}',
+    b'{"model": "m", "messages": [{"role": "user", "content": "a", "content": "b"}]}',
+    '{"model": "m", "n": 1, "n": 2}'.encode("utf-16"),
+])
+def test_a_key_given_twice_at_any_depth_is_refused_by_the_body_parser(raw: bytes) -> None:
+    """The parser built once for every request keeps the duplicate-key check (and reads UTF-16 bodies
+    as json.loads does)."""
+    with pytest.raises(BadRequest) as refused:
+        OpenAIDialect().parse_request("chat", raw, 4)
+    assert "repeats the key" in refused.value.message

@@ -30,7 +30,7 @@ _TEMPLATE_TOKENS = 16
 _MIN_THINKING_BUDGET = 1024
 _MEDIA = re.compile(rb'"type"\s*:\s*"(?:image|document)"')
 _MEDIA_NAMES = frozenset({"image", "document"})
-_DELTA_TEXT = re.compile(r'"(?:text|thinking|partial_json)"\s*:\s*"((?:[^"\\]|\\.)+)"')
+_DELTA_TEXT = re.compile(r'"(?:text|thinking|partial_json)"\s*+:\s*+"((?:[^"\\]++|\\.)++)"')
 
 _ERROR_TYPES = {
     "invalid_request": "invalid_request_error",

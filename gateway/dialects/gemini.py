@@ -31,7 +31,7 @@ _MEDIA_NAMES = frozenset({"inlineData", "inline_data", "fileData", "file_data"})
 #: Each generation-config spelling, with the names of the other one it must not be mixed with.
 _SPELLINGS = (("generationConfig", "maxOutputTokens", "candidateCount", ("max_output_tokens", "candidate_count")),
               ("generation_config", "max_output_tokens", "candidate_count", ("maxOutputTokens", "candidateCount")))
-_TEXT = re.compile(r'"text"\s*:\s*"((?:[^"\\]|\\.)+)"')
+_TEXT = re.compile(r'"text"\s*+:\s*+"((?:[^"\\]++|\\.)++)"')
 GENERATE = ("generateContent", "streamGenerateContent")
 EMBED = ("embedContent", "batchEmbedContents")
 METHODS = (*GENERATE, *EMBED, "countTokens")

@@ -262,8 +262,9 @@ class ResponsesStreamMeter:
 _RESPONSES_DELTA = re.compile(r'"delta"\s*:\s*"((?:[^"\\]|\\.)+)"')
 #: A chunk that carries usage (`"usage":null` in the other chunks does not match).
 _USAGE_OBJECT = re.compile(r'"usage"\s*:\s*\{')
-#: The generated text of a streamed delta: content, reasoning, refusal and tool-call arguments.
-_DELTA_TEXT = re.compile(r'"(?:content|reasoning_content|refusal|arguments|text)"\s*:\s*"((?:[^"\\]|\\.)+)"')
+#: The generated text of a streamed delta: content, reasoning, refusal and tool-call arguments
+#: (possessive: no backtracking over a long or unterminated string).
+_DELTA_TEXT = re.compile(r'"(?:content|reasoning_content|refusal|arguments|text)"\s*+:\s*+"((?:[^"\\]++|\\.)++)"')
 
 
 class OpenAIDialect:
