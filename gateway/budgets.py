@@ -62,15 +62,20 @@ def _money(name: str, micro: int | None) -> dict[str, Any]:
 
 def budget_view(rec: dict[str, str], counters: list[str | None], cycle_over: bool) -> dict[str, Any]:
     """A key's budget fields (contracts.md): the budgets, spent this cycle and for ever, and what is
-    left of the tighter one after what requests in flight hold (null without a budget). `cycle_over`:
+    left of the tighter one after what requests in flight hold (all null without a budget: a key's
+    spend is counted only while it has one; the statement's by_key has every key's usage). `cycle_over`:
     the account's cycle has ended and no request has started the next yet (its counters are stale)."""
     per_cycle = int(rec["budget_cycle"]) if rec.get("budget_cycle") else None
     lifetime = int(rec["budget_life"]) if rec.get("budget_life") else None
+    spent_cycle: int | None
+    spent_life: int | None
     spent_cycle, spent_life, held_cycle, held_life = (int(v or 0) for v in counters)
     if cycle_over:
         spent_cycle = 0
     rooms = [cap - spent - held for cap, spent, held in ((per_cycle, spent_cycle, held_cycle),
                                                          (lifetime, spent_life, held_life)) if cap is not None]
+    if per_cycle is None and lifetime is None:  # a key's spend is counted only while it has a budget
+        spent_cycle = spent_life = None
     return {**_money("budget_credits_per_cycle", per_cycle), **_money("budget_credits_lifetime", lifetime),
             **_money("spent_this_cycle", spent_cycle), **_money("spent_lifetime", spent_life),
             **_money("budget_remaining", max(min(rooms), 0) if rooms else None)}

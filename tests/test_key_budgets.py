@@ -148,7 +148,10 @@ async def test_a_budget_change_by_patch_takes_effect_at_once(harness: Harness) -
     assert (await _chat(harness, key["key"]))[0] == 200
     status, listing = await harness.admin("GET", f"/admin/accounts/{account}/keys")
     admin_view = next(k for k in listing["data"] if k["id"] == key["id"])
-    assert admin_view["spent_lifetime_micro"] > 0 and admin_view["budget_credits_lifetime"] is None
+    assert admin_view["budget_credits_lifetime"] is None  # no budget: the key's spend is not counted,
+    assert admin_view["spent_lifetime_micro"] is None and admin_view["spent_this_cycle_micro"] is None  # nor shown
+    status, view = await harness.admin("PATCH", f"/admin/keys/{key['id']}", {"budget_credits_lifetime": "100"})
+    assert status == 200 and view["spent_lifetime_micro"] > 0  # what it spent under its earlier budgets still counts
 
 
 async def test_released_and_reaped_holds_give_the_budget_back_and_a_late_settle_still_counts(

@@ -69,7 +69,7 @@ export function keysTable(table, keys, spentBy, spentLabel, timezone) {
     const name = cell(null, "Key");
     name.append(el("code", k.prefix + "…"), el("span", k.label || "", { class: "sub" }));
     const budget = k.budget_credits_per_cycle ?? k.budget_credits_lifetime;
-    const used = k.spent_this_cycle ?? spentBy.get(k.id);
+    const used = k.spent_this_cycle ?? spentBy.get(k.id);  // null without a budget: the statement says
     const remaining = cell(k.budget_remaining === null || k.budget_remaining === undefined ? "—"
                            : credits(k.budget_remaining), "Budget left", { class: "num" });
     remaining.dataset.value = JSON.stringify(k.budget_remaining ?? null);
