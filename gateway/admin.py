@@ -17,16 +17,9 @@ from gateway.errors import BadRequest, Unauthorized
 from gateway.limits import METRIC_WORDS
 from gateway.money import amount, credits_to_micro
 from gateway.state import GATEWAY, Gateway
-from gateway.store import (
-    Credited,
-    Store,
-    account_view,
-    check_idempotency_key,
-    key_view,
-    parse_expiry,
-    redis_guard,
-)
+from gateway.store import Credited, Store, check_idempotency_key, parse_expiry, redis_guard
 from gateway.store_billing import adjust, check_external_id, check_reason, set_status, update_account
+from gateway.views import account_view, key_view
 
 log = logging.getLogger("gateway.admin")
 

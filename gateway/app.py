@@ -50,10 +50,11 @@ from gateway.settings import Settings
 from gateway.settlement import Retries
 from gateway.shipper import shipper_ctx
 from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway, in_background, stopping
-from gateway.store import Store, account_view
+from gateway.store import Store
 from gateway.supervision import EmbeddedStatus, RestartBudget, keep_running
 from gateway.token_count import make_token_count_handler
 from gateway.usage_routes import key_holder
+from gateway.views import account_view
 
 log = logging.getLogger("gateway")
 __all__ = ["AccessLogger", "create_app"]  # AccessLogger (gateway.logs): the access log `gateway serve` runs with

@@ -34,7 +34,8 @@ from gateway.index import account_ids
 from gateway.ledger import account_events, export_cursor, render
 from gateway.money import amount, credits_to_micro, format_credits
 from gateway.settings import SettingsError
-from gateway.store import Store, account_view, check_idempotency_key, parse_expiry
+from gateway.store import Store, check_idempotency_key, parse_expiry
+from gateway.views import account_view
 
 ACCOUNT_STATUSES = ("active", "suspended", "closed")
 

@@ -10,8 +10,9 @@ from typing import Any
 from gateway.errors import GatewayError
 from gateway.money import credits_to_micro, format_credits
 from gateway.statements import statement
-from gateway.store import account_view, check_idempotency_key
+from gateway.store import check_idempotency_key
 from gateway.store_billing import adjust, check_external_id, check_reason, set_status, update_account
+from gateway.views import account_view
 
 
 def _cli() -> Any:

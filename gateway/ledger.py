@@ -13,7 +13,6 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from gateway.exports import EVENT_SOURCE, PROVIDER_FORMATS
@@ -21,6 +20,7 @@ from gateway.index import bucket_page
 from gateway.jobs import buckets_where, run_leased
 from gateway.keys import AccountKeys, KeySchema
 from gateway.money import amount
+from gateway.views import iso
 
 PAGE_MAX = 1000
 SCAN_MAX = 2 * PAGE_MAX  # ledger entries one usage page reads at most, matching or not
@@ -39,10 +39,6 @@ CSV_FIELDS = ("id", "time", "account_id", "external_id", "key_id", "provider", "
               "dialect", *TOKEN_FIELDS, "credits", "credits_micro", "credits_held", "credits_held_micro",
               "credits_uncollected", "credits_uncollected_micro", "usd", "usd_micro", "latency_ms", "status",
               "outcome", "cap_lowered", "output_cap", "estimated", "stream", "other")
-
-
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _int(value: Any) -> int:
@@ -68,7 +64,7 @@ def usage_view(account_id: str, event: dict[str, Any], external_id: str | None =
     route's other priced quantities: tool calls, service tier...). Money: decimal strings + `_micro`."""
     lowered = event.get("lowered_cap")
     return {
-        "id": event.get("rid"), "time": _iso(_int(event.get("ts"))), "account_id": account_id,
+        "id": event.get("rid"), "time": iso(_int(event.get("ts")), "milliseconds"), "account_id": account_id,
         "external_id": external_id or None, "key_id": event.get("key_id"), "provider": event.get("upstream"),
         "model": event.get("model"),
         "route": event.get("route"), "endpoint": event.get("endpoint"), "dialect": event.get("dialect"),
@@ -85,8 +81,8 @@ def usage_view(account_id: str, event: dict[str, Any], external_id: str | None =
 
 def admin_view(account_id: str, event: dict[str, Any]) -> dict[str, Any]:
     extra = {k: v for k, v in event.items() if k not in ("type", "ts", "_id")}
-    return {"id": f"{account_id}:{event['_id']}", "type": event.get("type"), "time": _iso(_int(event.get("ts"))),
-            "account_id": account_id, **extra}
+    return {"id": f"{account_id}:{event['_id']}", "type": event.get("type"),
+            "time": iso(_int(event.get("ts")), "milliseconds"), "account_id": account_id, **extra}
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,13 +181,13 @@ async def cycle_summary(redis: Any, account_id: str, keys: AccountKeys, account:
     by_model = [{"provider": key[0], "model": key[1], **_sums_view(g)}
                 for key, g in sorted(groups.items(), key=lambda item: -item[1]["micro"])]
     return {
-        "account_id": account_id, "cycle_start": _iso(start) if start else None,
-        "cycle_end": _iso(end) if end else None,
+        "account_id": account_id, "cycle_start": iso(start, "milliseconds") if start else None,
+        "cycle_end": iso(end, "milliseconds") if end else None,
         **amount("credits_used", used), **amount("projected_credits_at_cycle_end", projected),
         "totals": _sums_view(totals),
         "by_model": by_model,
         "truncated": truncated,
-        "summed_through": _iso(int(last.split("-")[0])) if truncated and last else None,
+        "summed_through": iso(int(last.split("-")[0]), "milliseconds") if truncated and last else None,
         "lifetime": {**amount("credits_used", _int(account.get("charged"))),
                      **amount("credits_granted", _int(account.get("granted"))),
                      "requests": _int(account.get("requests"))},

@@ -19,7 +19,7 @@ it is the conservation invariant (granted = balance + charged + expired) between
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -28,6 +28,7 @@ from gateway.errors import BadRequest, NotFound
 from gateway.keys import AccountKeys
 from gateway.ledger import SUMMARY_SCAN_MAX, parse_entry
 from gateway.money import amount
+from gateway.views import iso
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +86,7 @@ def _zone(account: dict[str, str], config: Config) -> ZoneInfo:
 
 
 def _iso(ms: int) -> str | None:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z") if ms else None
+    return iso(ms) if ms else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,8 +23,9 @@ from gateway.errors import BadRequest, Forbidden, NotFound, ScriptStatus, StoreU
 from gateway.index import account_ids, add_account, bucket_accounts
 from gateway.keys import INDEX_BUCKETS, KeySchema
 from gateway.limits import cycle_bounds
-from gateway.money import amount, format_credits
+from gateway.money import amount
 from gateway.scripts import REDIS_DOWN, ScriptRunner
+from gateway.views import iso, key_view, now_ms
 
 KEY_PREFIX = "gwk_"  # every raw gateway key starts with this, so it is recognisable in a leak scan
 IDEMPOTENCY_TTL_MS = 24 * 3_600_000  # how long a credit's Idempotency-Key is remembered
@@ -35,19 +36,11 @@ def hash_key(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-def now_ms() -> int:
-    return int(datetime.now(UTC).timestamp() * 1000)
-
-
 def add_month(moment: datetime) -> datetime:
     """The same day next month, clamped to the month's last day (a start on the 31st)."""
     year, month = (moment.year + 1, 1) if moment.month == 12 else (moment.year, moment.month + 1)
     day = min(moment.day, calendar.monthrange(year, month)[1])
     return moment.replace(year=year, month=month, day=day)
-
-
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
 
 
 def parse_expiry(value: Any) -> int:
@@ -277,7 +270,7 @@ class Store:
                 raise BadRequest("The subscription has no end date to extend: give it one with a plan change "
                                  "and 'expires_at'.", param="months")
             if status == ScriptStatus.SUBSCRIPTION_ENDED:
-                raise BadRequest(f"The subscription ended at {_iso(int(ended))}: start a new one with a plan change "
+                raise BadRequest(f"The subscription ended at {iso(int(ended))}: start a new one with a plan change "
                                  "and 'expires_at'.", param="months")
         raise BadRequest("The subscription's end changed while it was being renewed; try again.")
 
@@ -487,64 +480,3 @@ def _new_key_record(label: str, scopes: tuple[str, ...], limits: dict[str, int] 
     if limits:
         record["limits"] = json.dumps(limits, separators=(",", ":"))
     return raw, "key_" + secrets.token_hex(8), [str(item) for pair in record.items() for item in pair]
-
-
-def key_view(key_id: str, account_id: str, rec: dict[str, str], now: int | None = None) -> dict[str, Any]:
-    """A key record as the admin API shows it (never the hash, never the raw key), at `now` (ms)."""
-    expires_ms = int(rec.get("expires_ms") or 0)
-    now = now_ms() if now is None else now
-    return {
-        "id": key_id,
-        "account_id": account_id,
-        "prefix": rec.get("prefix", ""),
-        "label": rec.get("label", ""),
-        "status": "expired" if rec.get("status") == "active" and 0 < expires_ms <= now else
-        rec.get("status", "unknown"),
-        "scopes": [s for s in rec.get("scopes", "").split(",") if s],
-        "created_at": _iso(int(rec.get("created_ms") or 0)),
-        "expires_at": _iso(expires_ms) if expires_ms else None,
-        "last_used_at": _iso(int(rec["last_used_ms"])) if rec.get("last_used_ms") else None,
-        "rotated_to": rec.get("rotated_to"),
-    }
-
-
-def account_view(account_id: str, rec: dict[str, str], config: Config) -> dict[str, Any]:
-    """An account's balances and cycle as external interfaces show them (decimal credits)."""
-    allow, extra, held = (int(rec.get(f) or 0) for f in ("allow", "extra", "held"))
-    available = allow + extra - held
-    plan = config.plans.get(rec.get("plan", ""))
-    limit = plan.monthly_credits if plan else 0
-    end_ms = int(rec.get("cycle_end_ms") or 0)
-    days = max(0, -(-(end_ms - now_ms()) // 86_400_000))
-    percent = 100.0 if limit == 0 else round(min(100.0, 100.0 * max(available, 0) / limit), 2)
-    warnings = []
-    if limit and plan and available < limit * plan.alerts.low_credit_share:
-        warnings.append(f"Low credits: {format_credits(max(available, 0))} of {format_credits(limit)} remaining.")
-    return {
-        "id": account_id,
-        "name": rec.get("name", ""),
-        "plan": rec.get("plan", ""),
-        "status": rec.get("status", ""),
-        "status_reason": rec.get("status_reason") or None,
-        "external_id": rec.get("external_id") or None,
-        **amount("credits_remaining", available),
-        **amount("credits_limit", limit),
-        "percent_remaining": percent,
-        **amount("allowance_remaining", allow),
-        **amount("purchased_remaining", extra),
-        **amount("credits_held", held),
-        **amount("credits_used_this_cycle", int(rec.get("cycle_used") or 0)),
-        **amount("lifetime_credits_used", int(rec.get("charged") or 0)),
-        **amount("lifetime_credits_granted", int(rec.get("granted") or 0)),
-        "requests": int(rec.get("requests") or 0),
-        "requests_this_cycle": int(rec.get("cycle_requests") or 0),
-        "cycle_start": _iso(int(rec.get("cycle_start_ms") or 0)) if rec.get("cycle_start_ms") else None,
-        "reset_date": _iso(end_ms) if end_ms else None,
-        "timezone": rec.get("timezone") or (plan.timezone if plan else "UTC"),
-        "next_plan": rec.get("next_plan") or None,
-        "plan_expires_at": _iso(int(rec["plan_expires_ms"])) if int(rec.get("plan_expires_ms") or 0) else None,
-        "days_until_reset": days,
-        "warnings": warnings,
-        "created_at": _iso(int(rec.get("created_ms") or 0)),
-    }
-

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import time
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -26,10 +26,11 @@ from aiohttp import web
 from gateway.admin import check_admin
 from gateway.errors import BadRequest
 from gateway.ledger import TOKEN_FIELDS, parse_entry, usage_view
-from gateway.money import format_credits
+from gateway.money import amount
 from gateway.state import Gateway
 from gateway.store import redis_guard
 from gateway.usage_routes import key_holder
+from gateway.views import iso
 
 MAX_DAYS = 90
 DEFAULT_DAYS = 30
@@ -47,15 +48,6 @@ def _int(value: Any) -> int:
         return int(value)
     except (TypeError, ValueError):
         return 0
-
-
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def money(name: str, micro: int) -> dict[str, Any]:
-    """An amount in the contract's two forms: `name` (decimal string) and `name_micro` (integer)."""
-    return {name: format_credits(micro), f"{name}_micro": micro}
 
 
 def window(days: int, timezone: str, now_ms: int) -> tuple[date, date, int]:
@@ -88,8 +80,8 @@ def _add(sums: dict[str, int], event: dict[str, Any]) -> None:
 
 def _view(sums: dict[str, int]) -> dict[str, Any]:
     return {"requests": sums["requests"], "input_tokens": sums["input_tokens"],
-            "output_tokens": sums["output_tokens"], **money("credits", sums["micro"]),
-            "usd": format_credits(sums["usd_micro"]), "usd_micro": sums["usd_micro"]}
+            "output_tokens": sums["output_tokens"], **amount("credits", sums["micro"]),
+            **amount("usd", sums["usd_micro"])}
 
 
 async def daily_series(gw: Gateway, account_id: str, timezone: str, days: int, now_ms: int | None = None,
@@ -146,21 +138,21 @@ def event_view(account_id: str, stream_id: str, fields: dict[str, str]) -> dict[
     them; admin events with their own fields, micro-credit amounts in the two money forms."""
     event = parse_entry(stream_id, fields)
     kind = str(event.get("type"))
-    time_iso = _iso(_int(event.get("ts")))
+    time_iso = iso(_int(event.get("ts")), "milliseconds")
     if kind == "usage":
         view = usage_view(account_id, event)
         cost = _int(event.get("cost"))
         return {"id": f"{account_id}:{stream_id}", "type": kind, "time": time_iso, "model": view["model"],
                 "key_id": view["key_id"], "input_tokens": view["input_tokens"],
-                "output_tokens": view["output_tokens"], **money("credits", cost),
-                "usd": format_credits(_int(event.get("usd_micro"))), "usd_micro": _int(event.get("usd_micro")),
+                "output_tokens": view["output_tokens"], **amount("credits", cost),
+                **amount("usd", _int(event.get("usd_micro"))),
                 "status": view["status"], "outcome": view["outcome"]}
     out: dict[str, Any] = {"id": f"{account_id}:{stream_id}", "type": kind, "time": time_iso}
     for name, value in sorted(event.items()):
         if name in _HIDDEN or name.endswith("_micro"):
             continue
         if name in _MICRO_FIELDS:
-            out.update(money(_MICRO_FIELDS[name], _int(value)))
+            out.update(amount(_MICRO_FIELDS[name], _int(value)))
         elif isinstance(value, str | int | float | bool) or value is None:
             out[name] = value
     return out

@@ -11,7 +11,7 @@ import pytest
 from conftest import Harness
 
 from gateway.keys import KeySchema
-from gateway.store import now_ms
+from gateway.views import now_ms
 
 HOUR = 3_600_000
 PLANS = """
