@@ -81,6 +81,7 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         http_error = GatewayError(exc.reason if exc.status != 404 else f"No route for {request.method} {request.path}.")
         http_error.status = exc.status
         http_error.kind = "not_found" if exc.status == 404 else "invalid_request"
+        http_error.code = "unknown_url" if exc.status == 404 else None  # not a model that was not found
         return _render(request, gw, http_error)
     except (RecursionError, ValueError) as exc:
         if not await _bad_request_json(request, exc):

@@ -25,7 +25,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from gateway.config import Config, Rates, key_limits
-from gateway.errors import Forbidden, InsufficientCredits, RateLimited, Unauthorized
+from gateway.errors import AccountInactive, Forbidden, InsufficientCredits, RateLimited, Unauthorized
 from gateway.keys import KeySchema
 from gateway.limits import Limit
 from gateway.money import MICRO, ceil_div, format_credits
@@ -284,8 +284,10 @@ class Authenticator:
     def forget(self, principal: Principal) -> None:
         self._cache.pop(principal.key_hash, None)
 
-    async def live_account(self, principal: Principal) -> dict[str, str]:
-        """Re-check the key record and return the account hash (one round trip)."""
+    async def live_account(self, principal: Principal, reading: bool = False) -> dict[str, str]:
+        """Re-check the key record and return the account hash (one round trip). `reading`: the key
+        holder's own read-only routes, which a suspended account may still use (to see why, and its
+        balance and statements); a closed one may not."""
         keys = self._schema.for_account(principal.account_id)
         async with redis_guard():
             pipe = self._redis.pipeline(transaction=False)
@@ -301,6 +303,7 @@ class Authenticator:
         if not account:
             self.forget(principal)
             raise Unauthorized("The account for this API key no longer exists.")
-        if account.get("status") != "active":  # the same words as the reserve's refusal (gateway.errors)
-            raise Forbidden(f"This account is {account.get('status') or 'disabled'}: its requests are refused.")
+        status = account.get("status")
+        if status != "active" and not (reading and status == "suspended"):  # as the reserve refuses it
+            raise AccountInactive(status or "suspended")
         return dict(account)

@@ -21,7 +21,7 @@ from gateway.config import Config, ConfigError, load_config
 from gateway.embedded import EmbeddedRedis, discover_url
 from gateway.errors import GatewayError
 from gateway.keys import KeySchema
-from gateway.scripts import ScriptRunner, load_scripts
+from gateway.scripts import REDIS_DOWN, ScriptRunner, load_scripts
 from gateway.settings import Settings
 from gateway.store import Store
 
@@ -140,6 +140,14 @@ def run(coro: Callable[[argparse.Namespace], Coroutine[Any, Any, None]]) -> Call
         except GatewayError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_ERROR
+        except REDIS_DOWN as exc:  # unreachable, refused, timed out: one line, never the URL (its password)
+            print(f"error: Redis did not answer ({type(exc).__name__}: {redact_url(str(exc))})", file=sys.stderr)
+            return EXIT_ERROR
+        except ValueError as exc:  # a Redis URL that cannot be one (parse_redis_url)
+            if "Redis URL" not in str(exc):
+                raise
+            print(f"configuration error: REDIS_URL: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         return 0
 
     return runner

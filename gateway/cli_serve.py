@@ -11,6 +11,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from gateway.cli_common import SERVED_CONFIG, output, redact_url
 from gateway.config import ConfigError, load_config
 from gateway.embedded import EmbeddedRedis
 from gateway.master import Master, cleanup_metrics_dir, make_metrics_dir
+from gateway.redis_client import parse_redis_url
 from gateway.settings import Settings, env_int
 
 DEMO_CONFIG_DIR = Path("config/demo")  # `--with-emulator` without --config-dir / GATEWAY_CONFIG_DIR
@@ -98,6 +100,32 @@ def _demo_environment(args: argparse.Namespace, host: str) -> int:
     return int(port or DEFAULT_EMULATOR_PORT)
 
 
+def _startup_problem(settings: Settings, host: str, port: int, emulator_port: int) -> str | None:
+    """What would otherwise fail later with a traceback (or half-start): a log format, a Redis URL
+    that cannot be one, and addresses another process already listens on (the emulator's too: the
+    demo must not start and send its upstream calls to whatever holds that port)."""
+    if os.environ.get(logs.LOG_FORMAT_ENV, "text").strip().lower() not in ("text", "json", ""):
+        return f"{logs.LOG_FORMAT_ENV} must be text or json, got {os.environ[logs.LOG_FORMAT_ENV]!r}"
+    if settings.redis_url is not None:
+        try:
+            parse_redis_url(settings.redis_url)
+        except ValueError as exc:
+            return f"REDIS_URL: {exc}"
+    wanted = [(host, port, "--port")]
+    if settings.admin_port is not None:
+        wanted.append((settings.admin_host, settings.admin_port, "--admin-port"))
+    if emulator_port:
+        wanted.append((host, emulator_port, "--emulator-port"))
+    for where, number, option in wanted:
+        if number:
+            try:
+                with socket.create_server((where, number)):
+                    pass
+            except OSError as exc:
+                return f"cannot listen on {where}:{number} ({option}): {exc.strerror or exc}"
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     host, port, workers = _listen(args)
     emulator_port = _demo_environment(args, host) if args.with_emulator else 0
@@ -110,6 +138,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         load_config(settings.config_dir)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    problem = _startup_problem(settings, host, port, emulator_port)
+    if problem is not None:
+        print(f"gateway: {problem}", file=sys.stderr)
         return 2
     logs.setup()  # GATEWAY_LOG_FORMAT: text or JSON, the master and every worker alike
     # until the serving loop (or the master) takes the signals over, SIGTERM unwinds like Ctrl-C: the

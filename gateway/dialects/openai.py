@@ -390,7 +390,7 @@ class OpenAIDialect:
 
     def error_response(self, error: GatewayError) -> tuple[int, bytes]:
         etype, code = _ERROR_TYPES.get(error.kind, ("server_error", None))
-        payload = {"error": {"message": error.message, "type": etype, "param": error.param, "code": code,
+        payload = {"error": {"message": error.message, "type": etype, "param": error.param, "code": error.code or code,
                              **error.details()}}
         return error.status, json.dumps(payload).encode()
 
