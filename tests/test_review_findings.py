@@ -42,7 +42,8 @@ async def test_a_budget_lowered_on_a_rotated_key_also_binds_the_old_key_in_its_g
     assert status == 201, key
     status, rotated = await harness.admin("POST", f"/admin/keys/{key['id']}/rotate", {"grace_seconds": 3600})
     assert status == 201, rotated
-    status, view = await harness.admin("PATCH", f"/admin/keys/{rotated['id']}", {"budget_credits_per_cycle": "0.000001"})
+    status, view = await harness.admin("PATCH", f"/admin/keys/{rotated['id']}",
+                                       {"budget_credits_per_cycle": "0.000001"})
     assert status == 200 and view["budget_credits_per_cycle_micro"] == 1, view
     assert (await _chat(harness, rotated["key"]))[0] == 402  # the new key is held to the new cap
     status, body = await _chat(harness, key["key"])  # the old key, in its grace period
@@ -68,3 +69,15 @@ async def test_a_refund_that_would_take_the_balance_past_2_53_micro_is_refused_n
     exact = s["allow"] + s["extra"] + s["charged"] + s.get("expired", 0) == s["granted"]
     assert status >= 400 or exact, (status, body, s)  # refused, or (at least) not rounded
     assert exact and s["extra"] <= MAX_SAFE, s
+
+
+async def test_a_grant_that_would_take_the_balance_past_2_53_micro_is_refused_and_a_reserve_stays_exact(
+        harness: Harness) -> None:
+    """grant-3.lua adds with HINCRBY (exact in Redis), but every later script reads the balance as a
+    double: past 2^53 a settle writes back a rounded `extra`. The grant must be refused (409) instead."""
+    account, key = await harness.account(credits="9007199254.740991")  # 2^53 - 1 micro
+    status, body = await harness.admin("POST", f"/admin/accounts/{account}/credits", {"credits": "0.000001"})
+    assert status == 409 and body["error"]["param"] == "credits", body
+    assert (await _chat(harness, key))[0] == 200
+    s = await harness.assert_conserved(account)  # exact to the micro-credit after a charge
+    assert s["extra"] + s["charged"] == MAX_SAFE, s
