@@ -19,7 +19,16 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.budgets import BUDGET_FIELDS, budget_pairs, owner_of, with_budgets
 from gateway.config import Config
-from gateway.errors import BadRequest, Forbidden, NotFound, ScriptStatus, StoreUnavailable, Unprocessable
+from gateway.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    ScriptStatus,
+    StoreUnavailable,
+    Unprocessable,
+    balance_too_large,
+)
 from gateway.index import account_ids, add_account, bucket_accounts
 from gateway.keys import INDEX_BUCKETS, KeySchema
 from gateway.limits import cycle_bounds
@@ -178,6 +187,8 @@ class Store:
         if status == ScriptStatus.IDEMPOTENCY_MISMATCH:
             raise Unprocessable(f"The Idempotency-Key {idempotency_key!r} was already used with a different request "
                                 "for this account; use a new key for a new request.", param="idempotency_key")
+        if status == ScriptStatus.BALANCE_TOO_LARGE:
+            raise Conflict(balance_too_large(micro, int(available)), param="credits")
         return Credited(int(available), replayed=status == ScriptStatus.IDEMPOTENT_REPLAY)
 
     async def create_key(self, account_id: str, label: str = "", expires_ms: int = 0,
