@@ -81,3 +81,49 @@ async def test_a_grant_that_would_take_the_balance_past_2_53_micro_is_refused_an
     assert (await _chat(harness, key))[0] == 200
     s = await harness.assert_conserved(account)  # exact to the micro-credit after a charge
     assert s["extra"] + s["charged"] == MAX_SAFE, s
+
+
+def _bare_micro(view: dict[str, Any], micro: int) -> list[str]:
+    """Fields of `view` that show `micro` micro-credits as a bare number (not in a `_micro` field)."""
+    return [name for name, value in view.items()
+            if not name.endswith("_micro") and str(value) == str(micro) and micro >= 1_000_000]
+
+
+async def test_admin_events_show_every_micro_credit_amount_in_credits(harness: Harness) -> None:
+    """DESIGN: credits appear in every external interface as decimal credits, never micro-units. The
+    events API converts `amount` and `cost`, but a released or reaped event's `hold`, a plan change's
+    `expired` and a key update's budgets are shown as raw micro-credits (usage_series._MICRO_FIELDS)."""
+    account, key = await harness.account(credits=100)
+    status, k = await harness.admin("POST", f"/admin/accounts/{account}/keys", {"label": "b"})
+    assert status == 201
+    status, _ = await harness.admin("PATCH", f"/admin/keys/{k['id']}", {"budget_credits_per_cycle": "7"})
+    assert status == 200
+    body = {"model": "demo-mini", "max_tokens": 2000, "messages": [{"role": "user", "content": "hi [[emu fail=500]]"}]}
+    async with harness.client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+        assert r.status == 500
+    await harness.gw.quiesce()
+    (released,) = [e for e in harness.ledger(account) if e["type"] == "released"]
+    hold = int(released["hold"])
+    assert hold >= 1_000_000  # large enough to tell micro-credits from credits
+    status, listing = await harness.admin("GET", f"/admin/accounts/{account}/events?limit=50")
+    assert status == 200
+    views = {e["type"]: e for e in listing["data"]}
+    assert _bare_micro(views["released"], hold) == [], views["released"]
+    assert _bare_micro(views["key_updated"], 7_000_000) == [], views["key_updated"]
+
+
+async def test_shipped_cloudevents_of_admin_events_carry_credits_not_bare_micro_credits(harness: Harness) -> None:
+    """The ledger shipper's CloudEvents (gateway.shipper.to_cloudevent -> ledger.admin_view) copy every
+    field of a grant or adjustment as stored: `data.amount` is "2000000" for 2 credits, with nothing to
+    say it is micro-credits. It must carry the exact decimal credits and the `_micro` twin, as the
+    events API does (`credits`, `credits_micro`)."""
+    from gateway.keys import KeySchema
+    from gateway.shipper import to_cloudevent
+
+    account, _ = await harness.account(credits=2)
+    entries = harness.redis.xrange(KeySchema().for_account(account).ledger)
+    (grant,) = [(i.decode(), {k.decode(): v.decode() for k, v in f.items()}) for i, f in entries
+                if f[b"type"] == b"grant"]
+    data = to_cloudevent(account, *grant)["data"]
+    assert _bare_micro(data, 2_000_000) == [], data
+    assert data.get("credits") == "2" and data.get("credits_micro") == 2_000_000, data
