@@ -127,3 +127,18 @@ async def test_shipped_cloudevents_of_admin_events_carry_credits_not_bare_micro_
     data = to_cloudevent(account, *grant)["data"]
     assert _bare_micro(data, 2_000_000) == [], data
     assert data.get("credits") == "2" and data.get("credits_micro") == 2_000_000, data
+
+
+async def test_a_closed_account_takes_no_more_credits_and_no_new_keys(harness: Harness) -> None:
+    """Closed is final (lua/lifecycle-2.lua): nothing can spend from a closed account ever again, yet
+    grant-3 credits it (a pack sold to it would be money taken for credits that can never be used)
+    and addkey-5 issues it a new key, shown once, that every request then refuses. Both must be
+    refused (409, as a lifecycle change of a closed account is) and leave nothing behind."""
+    account, _ = await harness.account(credits=5)
+    assert (await harness.admin("POST", f"/admin/accounts/{account}/close", {"reason": "churned"}))[0] == 200
+    before = harness.state(account)
+    status, body = await harness.admin("POST", f"/admin/accounts/{account}/credits", {"credits": 3})
+    assert status == 409, body
+    status, body = await harness.admin("POST", f"/admin/accounts/{account}/keys", {"label": "after close"})
+    assert status == 409, body
+    assert harness.state(account) == before
