@@ -170,7 +170,7 @@ class ScriptStatus(IntEnum):
     KEY_ALREADY_ROTATED = 34
     IDEMPOTENCY_MISMATCH = 35  # grant: the idempotency key was first used with another request
     IDEMPOTENT_REPLAY = 36  # grant: the idempotency key was seen: the first answer, nothing credited
-    ACCOUNT_IS_CLOSED = 37  # lifecycle: a closed account cannot change status
+    ACCOUNT_IS_CLOSED = 37  # lifecycle, grant, addkey: a closed account changes no more
     DEDUCTION_TOO_LARGE = 38  # adjust: more than the unheld balance
     BALANCE_TOO_LARGE = 39  # grant/adjust: the balance would pass 2^53 - 1 micro-credits (inexact in Lua)
 

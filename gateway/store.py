@@ -189,6 +189,8 @@ class Store:
                                 "for this account; use a new key for a new request.", param="idempotency_key")
         if status == ScriptStatus.BALANCE_TOO_LARGE:
             raise Conflict(balance_too_large(micro, int(available)), param="credits")
+        if status == ScriptStatus.ACCOUNT_IS_CLOSED:
+            raise Conflict(f"The account {account_id!r} is closed, which is final: it takes no more credits.")
         return Credited(int(available), replayed=status == ScriptStatus.IDEMPOTENT_REPLAY)
 
     async def create_key(self, account_id: str, label: str = "", expires_ms: int = 0,
@@ -205,6 +207,8 @@ class Store:
              "expires_ms", expires_ms])
         if status == ScriptStatus.NO_ACCOUNT:
             raise NotFound(f"No account {account_id!r}.")
+        if status == ScriptStatus.ACCOUNT_IS_CLOSED:
+            raise Conflict(f"The account {account_id!r} is closed, which is final: it gets no new keys.")
         if status == ScriptStatus.TOO_MANY_KEYS:
             raise Forbidden(f"The account already has {usable} active keys, the most its plan allows; "
                             "revoke one first (a rotated key counts until its grace period ends).")

@@ -7,7 +7,8 @@
 -- ARGV[7] the account's counter of this kind of credit ('credited_grants' or 'credited_packs': statements)
 -- Returns {status, available_after}; status 0 granted, 10 no account, 35 the idempotency key was
 -- used with another request, 36 a replay (available_after: the first answer's), 39 the balance would
--- pass 2^53 - 1 micro-credits (Lua's doubles would round it; available_after: the most creditable).
+-- pass 2^53 - 1 micro-credits (Lua's doubles would round it; available_after: the most creditable), 37 the
+-- account is closed (final: nothing could ever spend the credits; a replay still gets its first answer).
 if redis.call('EXISTS', KEYS[1]) == 0 then return {10, 0} end
 if ARGV[4] ~= '' then
   local seen = redis.call('HMGET', KEYS[3], 'fingerprint', 'available')
@@ -15,7 +16,8 @@ if ARGV[4] ~= '' then
   if seen[1] then return {36, tonumber(seen[2])} end
 end
 local amount = tonumber(ARGV[1])
-local before = redis.call('HMGET', KEYS[1], 'allow', 'extra')
+local before = redis.call('HMGET', KEYS[1], 'allow', 'extra', 'status')
+if before[3] == 'closed' then return {37, 0} end
 local room = 9007199254740991 - tonumber(before[1] or '0') - tonumber(before[2] or '0')
 if amount > room then return {39, math.max(room, 0)} end
 redis.call('HINCRBY', KEYS[1], 'extra', amount)
