@@ -141,4 +141,7 @@ async def test_a_closed_account_takes_no_more_credits_and_no_new_keys(harness: H
     assert status == 409, body
     status, body = await harness.admin("POST", f"/admin/accounts/{account}/keys", {"label": "after close"})
     assert status == 409, body
+    (key,) = (await harness.admin("GET", f"/admin/accounts/{account}/keys"))[1]["data"]
+    status, body = await harness.admin("POST", f"/admin/keys/{key['id']}/rotate", {"grace_seconds": 60})
+    assert status == 409, body
     assert harness.state(account) == before
