@@ -379,6 +379,8 @@ class Store:
             [key_id, new_id, max_keys or 0, self.clock_offset_ms, grace_ms, label, *pairs])
         if status == ScriptStatus.NO_ACCOUNT:
             raise NotFound(f"No key {key_id!r}.")
+        if status == ScriptStatus.ACCOUNT_IS_CLOSED:
+            raise Conflict(f"The account {account_id!r} is closed, which is final: it gets no new keys.")
         if status == ScriptStatus.KEY_NOT_ACTIVE:
             raise BadRequest(f"The key {key_id!r} is {detail}: only an active key can be rotated.")
         if status == ScriptStatus.KEY_ALREADY_ROTATED:
