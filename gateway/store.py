@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from gateway.budgets import BUDGET_FIELDS, budget_pairs, owner_of, with_budgets
+from gateway.budgets import BUDGET_FIELDS, budget_pairs, owner_of, sharing_keys, with_budgets
 from gateway.config import Config
 from gateway.errors import (
     BadRequest,
@@ -403,20 +403,24 @@ class Store:
         budgets = budgets or {}
         if label is None and expires_ms is None and not budgets:
             raise BadRequest("Nothing to change: give 'label', 'expires_at' or a budget.")
-        account_id, _ = await self.key_record(key_id)
+        account_id, rec = await self.key_record(key_id)
         await self._index_keys(account_id)
         keys = self.schema.for_account(account_id)
+        caps = [str(budgets[f] or "none") if f in budgets else "" for f in BUDGET_FIELDS.values()]
         status, usable = await self.runner.run(
             "updatekey", [keys.api_key(key_id), keys.usable_keys, keys.ledger],
             [key_id, max_keys or 0, self.clock_offset_ms, "0" if label is None else "1", label or "",
-             "" if expires_ms is None else expires_ms,
-             *(str(budgets[f] or "none") if f in budgets else "" for f in BUDGET_FIELDS.values())])
+             "" if expires_ms is None else expires_ms, *caps])
         if status == ScriptStatus.NO_ACCOUNT:
             raise NotFound(f"No key {key_id!r}.")
         if status == ScriptStatus.TOO_MANY_KEYS:
             raise Forbidden(f"The account's other {usable} active keys already fill its plan's key limit: "
                             "a later expiry would let one more key authenticate. Revoke a key first.",
                             param="expires_at")
+        async with redis_guard():
+            for other in await sharing_keys(self.redis, keys, key_id, rec) if budgets else []:
+                await self.runner.run("updatekey", [keys.api_key(other), keys.usable_keys, keys.ledger],
+                                      [other, 0, self.clock_offset_ms, "0", "", "", *caps])
         return await self.key_view_of(key_id)
 
     async def key_view_of(self, key_id: str) -> dict[str, Any]:
