@@ -50,6 +50,19 @@ def owner_of(key_id: str, rec: dict[str, str]) -> str:
     return rec.get("budget_id") or key_id
 
 
+async def sharing_keys(redis: Any, keys: AccountKeys, key_id: str, rec: dict[str, str]) -> list[str]:
+    """The account's other keys that spend from the same counters as `key_id` (a rotation's old and new
+    keys): a budget set on one is set on all, or an old key in its grace period would go on spending
+    up to the cap its replacement no longer has."""
+    owner = owner_of(key_id, rec)
+    others = sorted(k for k in await redis.smembers(keys.key_ids) if k != key_id)
+    pipe = redis.pipeline(transaction=False)
+    for other in others:
+        pipe.hget(keys.api_key(other), "budget_id")
+    return [other for other, budget_id in zip(others, await pipe.execute(), strict=True)
+            if (budget_id or other) == owner]
+
+
 def counter_fields(owner: str) -> list[str]:
     """The limits-hash fields of one budget owner: spent this cycle, for ever, held by each budget."""
     return [f"c:a:key_budget:{owner}", f"l:a:key_lifetime:{owner}", f"h:a:key_budget:{owner}",

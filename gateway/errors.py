@@ -9,7 +9,7 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import Any
 
-from gateway.money import format_credits
+from gateway.money import MAX_SAFE, format_credits
 
 
 class GatewayError(Exception):
@@ -183,8 +183,16 @@ class ScriptStatus(IntEnum):
     KEY_ALREADY_ROTATED = 34
     IDEMPOTENCY_MISMATCH = 35  # grant: the idempotency key was first used with another request
     IDEMPOTENT_REPLAY = 36  # grant: the idempotency key was seen: the first answer, nothing credited
-    ACCOUNT_IS_CLOSED = 37  # lifecycle: a closed account cannot change status
+    ACCOUNT_IS_CLOSED = 37  # lifecycle, grant, addkey: a closed account changes no more
     DEDUCTION_TOO_LARGE = 38  # adjust: more than the unheld balance
+    BALANCE_TOO_LARGE = 39  # grant/adjust: the balance would pass 2^53 - 1 micro-credits (inexact in Lua)
+
+
+def balance_too_large(micro: int, room: int) -> str:
+    """The refusal of a credit that would take a balance past 2^53 - 1 micro-credits (status 39): the
+    scripts' numbers are doubles, which would round it (money.MAX_SAFE)."""
+    return (f"Cannot credit {format_credits(micro)} credits: the balance would exceed the largest amount kept "
+            f"exactly ({format_credits(MAX_SAFE)} credits); at most {format_credits(room)} can be credited now.")
 
 
 def error_for_status(status: int, *, available_micro: int = 0) -> GatewayError | None:

@@ -79,8 +79,29 @@ def usage_view(account_id: str, event: dict[str, Any], external_id: str | None =
     }
 
 
+#: Fields of admin events (grant, adjustment, released, reaped, plan_change, key_updated) that hold
+#: micro-credits, and the name each is shown under, in the two money forms (`amount`).
+MICRO_FIELDS = {"amount": "credits", "cost": "credits", "hold": "credits_held", "expired": "credits_expired",
+                "budget_cycle": "budget_credits_per_cycle", "budget_life": "budget_credits_lifetime"}
+
+
+def admin_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """An admin event's fields as every interface shows them: micro-credit amounts as exact decimal
+    credits and their `_micro` twin (a budget removed, stored as 'none': null), the rest as stored."""
+    out: dict[str, Any] = {}
+    for name, value in sorted(fields.items()):
+        shown = MICRO_FIELDS.get(name)
+        if shown is None:
+            out[name] = value
+        elif value == "none":
+            out.update({shown: None, f"{shown}_micro": None})
+        else:
+            out.update(amount(shown, _int(value)))
+    return out
+
+
 def admin_view(account_id: str, event: dict[str, Any]) -> dict[str, Any]:
-    extra = {k: v for k, v in event.items() if k not in ("type", "ts", "_id")}
+    extra = admin_fields({k: v for k, v in event.items() if k not in ("type", "ts", "_id")})
     return {"id": f"{account_id}:{event['_id']}", "type": event.get("type"),
             "time": iso(_int(event.get("ts")), "milliseconds"), "account_id": account_id, **extra}
 

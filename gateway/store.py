@@ -17,9 +17,18 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from gateway.budgets import BUDGET_FIELDS, budget_pairs, owner_of, with_budgets
+from gateway.budgets import BUDGET_FIELDS, budget_pairs, owner_of, sharing_keys, with_budgets
 from gateway.config import Config
-from gateway.errors import BadRequest, Forbidden, NotFound, ScriptStatus, StoreUnavailable, Unprocessable
+from gateway.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    ScriptStatus,
+    StoreUnavailable,
+    Unprocessable,
+    balance_too_large,
+)
 from gateway.index import account_ids, add_account, bucket_accounts
 from gateway.keys import INDEX_BUCKETS, KeySchema
 from gateway.limits import cycle_bounds
@@ -171,6 +180,10 @@ class Store:
         if status == ScriptStatus.IDEMPOTENCY_MISMATCH:
             raise Unprocessable(f"The Idempotency-Key {idempotency_key!r} was already used with a different request "
                                 "for this account; use a new key for a new request.", param="idempotency_key")
+        if status == ScriptStatus.BALANCE_TOO_LARGE:
+            raise Conflict(balance_too_large(micro, int(available)), param="credits")
+        if status == ScriptStatus.ACCOUNT_IS_CLOSED:
+            raise Conflict(f"The account {account_id!r} is closed, which is final: it takes no more credits.")
         return Credited(int(available), replayed=status == ScriptStatus.IDEMPOTENT_REPLAY)
 
     async def create_key(self, account_id: str, label: str = "", expires_ms: int = 0,
@@ -187,6 +200,8 @@ class Store:
              "expires_ms", expires_ms])
         if status == ScriptStatus.NO_ACCOUNT:
             raise NotFound(f"No account {account_id!r}.")
+        if status == ScriptStatus.ACCOUNT_IS_CLOSED:
+            raise Conflict(f"The account {account_id!r} is closed, which is final: it gets no new keys.")
         if status == ScriptStatus.TOO_MANY_KEYS:
             raise Forbidden(f"The account already has {usable} active keys, the most its plan allows; "
                             "revoke one first (a rotated key counts until its grace period ends).")
@@ -357,6 +372,8 @@ class Store:
             [key_id, new_id, max_keys or 0, self.clock_offset_ms, grace_ms, label, *pairs])
         if status == ScriptStatus.NO_ACCOUNT:
             raise NotFound(f"No key {key_id!r}.")
+        if status == ScriptStatus.ACCOUNT_IS_CLOSED:
+            raise Conflict(f"The account {account_id!r} is closed, which is final: it gets no new keys.")
         if status == ScriptStatus.KEY_NOT_ACTIVE:
             raise BadRequest(f"The key {key_id!r} is {detail}: only an active key can be rotated.")
         if status == ScriptStatus.KEY_ALREADY_ROTATED:
@@ -379,20 +396,24 @@ class Store:
         budgets = budgets or {}
         if label is None and expires_ms is None and not budgets:
             raise BadRequest("Nothing to change: give 'label', 'expires_at' or a budget.")
-        account_id, _ = await self.key_record(key_id)
+        account_id, rec = await self.key_record(key_id)
         await self._index_keys(account_id)
         keys = self.schema.for_account(account_id)
+        caps = [str(budgets[f] or "none") if f in budgets else "" for f in BUDGET_FIELDS.values()]
         status, usable = await self.runner.run(
             "updatekey", [keys.api_key(key_id), keys.usable_keys, keys.ledger],
             [key_id, max_keys or 0, self.clock_offset_ms, "0" if label is None else "1", label or "",
-             "" if expires_ms is None else expires_ms,
-             *(str(budgets[f] or "none") if f in budgets else "" for f in BUDGET_FIELDS.values())])
+             "" if expires_ms is None else expires_ms, *caps])
         if status == ScriptStatus.NO_ACCOUNT:
             raise NotFound(f"No key {key_id!r}.")
         if status == ScriptStatus.TOO_MANY_KEYS:
             raise Forbidden(f"The account's other {usable} active keys already fill its plan's key limit: "
                             "a later expiry would let one more key authenticate. Revoke a key first.",
                             param="expires_at")
+        async with redis_guard():
+            for other in await sharing_keys(self.redis, keys, key_id, rec) if budgets else []:
+                await self.runner.run("updatekey", [keys.api_key(other), keys.usable_keys, keys.ledger],
+                                      [other, 0, self.clock_offset_ms, "0", "", "", *caps])
         return await self.key_view_of(key_id)
 
     async def key_view_of(self, key_id: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import json
 import secrets
 from dataclasses import dataclass
 
-from gateway.errors import BadRequest, Conflict, NotFound, ScriptStatus, Unprocessable
+from gateway.errors import BadRequest, Conflict, NotFound, ScriptStatus, Unprocessable, balance_too_large
 from gateway.money import format_credits
 from gateway.store import IDEMPOTENCY_TTL_MS, Store, redis_guard
 
@@ -75,6 +75,8 @@ async def adjust(store: Store, account_id: str, micro: int, reason: str, idempot
     if status == ScriptStatus.DEDUCTION_TOO_LARGE:
         raise Conflict(f"Cannot deduct {format_credits(-micro)} credits: {format_credits(int(available))} are "
                        "available to deduct (credits held by requests in flight are not).", param="credits")
+    if status == ScriptStatus.BALANCE_TOO_LARGE:
+        raise Conflict(balance_too_large(micro, int(available)), param="credits")
     return Adjusted(str(adjustment_id), micro, int(available), replayed=status == ScriptStatus.IDEMPOTENT_REPLAY)
 
 

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from gateway.admin import check_admin
 from gateway.errors import BadRequest
-from gateway.ledger import TOKEN_FIELDS, parse_entry, usage_view
+from gateway.ledger import TOKEN_FIELDS, admin_fields, parse_entry, usage_view
 from gateway.money import amount
 from gateway.state import Gateway
 from gateway.store import redis_guard
@@ -38,8 +38,6 @@ SERIES_SCAN_MAX = 50_000  # ledger entries one series reads at most (then `trunc
 PAGE = 1000
 EVENTS_MAX = 200
 _WHOLE = re.compile(r"^[0-9]{1,4}$")  # ASCII digits only: str.isdigit() accepts "²", which int() refuses
-#: Ledger fields of admin events that hold micro-credits: shown as credits (decimal string) and micro.
-_MICRO_FIELDS = {"amount": "credits", "cost": "credits"}
 _HIDDEN = {"data", "idempotency_key", "fingerprint", "_id", "ts", "type"}
 
 
@@ -148,13 +146,8 @@ def event_view(account_id: str, stream_id: str, fields: dict[str, str]) -> dict[
                 **amount("usd", _int(event.get("usd_micro"))),
                 "status": view["status"], "outcome": view["outcome"]}
     out: dict[str, Any] = {"id": f"{account_id}:{stream_id}", "type": kind, "time": time_iso}
-    for name, value in sorted(event.items()):
-        if name in _HIDDEN or name.endswith("_micro"):
-            continue
-        if name in _MICRO_FIELDS:
-            out.update(amount(_MICRO_FIELDS[name], _int(value)))
-        elif isinstance(value, str | int | float | bool) or value is None:
-            out[name] = value
+    own = admin_fields({k: v for k, v in event.items() if k not in _HIDDEN and not k.endswith("_micro")})
+    out.update({k: v for k, v in own.items() if isinstance(v, str | int | float | bool) or v is None})
     return out
 
 

@@ -6,8 +6,10 @@
 -- ARGV[1] key id   ARGV[2] most usable keys the plan allows (0: no limit)   ARGV[3] clock offset (ms)
 -- ARGV[4] what the ledger event says of it (label)   ARGV[5] expiry (ms; 0 never)
 -- ARGV[6..] record field, value...
--- Returns {status, usable keys}; status 0 added, 10 no account, 30 the plan's key limit is reached.
+-- Returns {status, usable keys}; status 0 added, 10 no account, 30 the plan's key limit is reached, 37 the
+-- account is closed.
 if redis.call('EXISTS', KEYS[1]) == 0 then return {10, 0} end
+if redis.call('HGET', KEYS[1], 'status') == 'closed' then return {37, 0} end  -- final: a key it could never use
 local now = now_ms(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 local usable = redis.call('ZCARD', KEYS[4])

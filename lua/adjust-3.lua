@@ -7,7 +7,8 @@
 -- ARGV[7] the adjustment's id
 -- Returns {status, available_after, adjustment id}; status 0 applied, 10 no account, 35 the key was used
 -- with another request, 36 a replay (the first answer's), 38 the deduction exceeds what is unheld
--- (available_after: the most that can be deducted now).
+-- (available_after: the most that can be deducted now), 39 a refund would take the balance past 2^53 - 1
+-- micro-credits, which Lua's doubles cannot hold exactly (available_after: the most refundable now).
 if redis.call('EXISTS', KEYS[1]) == 0 then return {10, 0, ''} end
 local seen = redis.call('HMGET', KEYS[3], 'fingerprint', 'available', 'adjustment_id')
 if seen[1] and seen[1] ~= ARGV[5] then return {35, 0, ''} end
@@ -17,6 +18,8 @@ local allow, extra, held, held_allow = tonumber(a[1] or '0'), tonumber(a[2] or '
   tonumber(a[4] or '0')
 local change = tonumber(ARGV[1])
 if change > 0 then
+  local room = 9007199254740991 - allow - extra
+  if change > room then return {39, math.max(room, 0), ''} end
   extra = extra + change
 else
   -- what holds claim stays: of purchased, what they hold beyond their allowance part

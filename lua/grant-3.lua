@@ -6,7 +6,9 @@
 -- ARGV[4] idempotency key ('' none)   ARGV[5] the request's fingerprint   ARGV[6] how long the key is kept (ms)
 -- ARGV[7] the account's counter of this kind of credit ('credited_grants' or 'credited_packs': statements)
 -- Returns {status, available_after}; status 0 granted, 10 no account, 35 the idempotency key was
--- used with another request, 36 a replay (available_after: the first answer's).
+-- used with another request, 36 a replay (available_after: the first answer's), 39 the balance would
+-- pass 2^53 - 1 micro-credits (Lua's doubles would round it; available_after: the most creditable), 37 the
+-- account is closed (final: nothing could ever spend the credits; a replay still gets its first answer).
 if redis.call('EXISTS', KEYS[1]) == 0 then return {10, 0} end
 if ARGV[4] ~= '' then
   local seen = redis.call('HMGET', KEYS[3], 'fingerprint', 'available')
@@ -14,6 +16,10 @@ if ARGV[4] ~= '' then
   if seen[1] then return {36, tonumber(seen[2])} end
 end
 local amount = tonumber(ARGV[1])
+local before = redis.call('HMGET', KEYS[1], 'allow', 'extra', 'status')
+if before[3] == 'closed' then return {37, 0} end
+local room = 9007199254740991 - tonumber(before[1] or '0') - tonumber(before[2] or '0')
+if amount > room then return {39, math.max(room, 0)} end
 redis.call('HINCRBY', KEYS[1], 'extra', amount)
 redis.call('HINCRBY', KEYS[1], 'granted', amount)
 if ARGV[7] == 'credited_packs' then redis.call('HINCRBY', KEYS[1], 'credited_packs', amount)

@@ -8,8 +8,9 @@
 -- ARGV[4] clock offset (ms)   ARGV[5] grace (ms)   ARGV[6] ledger note   ARGV[7..] new record field, value...
 -- Returns {status, detail, old key's new expiry}; status 0 rotated (detail: usable keys), 10 no
 -- account or key, 30 key limit (detail: usable keys), 33 not active (detail: 'revoked' or 'expired'),
--- 34 already rotated (detail: its replacement).
+-- 34 already rotated (detail: its replacement), 37 the account is closed.
 if redis.call('EXISTS', KEYS[1]) == 0 then return {10, 0, 0} end
+if redis.call('HGET', KEYS[1], 'status') == 'closed' then return {37, 0, 0} end  -- final: no new key
 local old = redis.call('HMGET', KEYS[3], 'status', 'expires_ms', 'rotated_to')
 if not old[1] then return {10, 0, 0} end
 local now = now_ms(ARGV[4])
