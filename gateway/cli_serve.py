@@ -100,7 +100,7 @@ def _demo_environment(args: argparse.Namespace, host: str) -> int:
     return int(port or DEFAULT_EMULATOR_PORT)
 
 
-def _startup_problem(settings: Settings, host: str, port: int, emulator_port: int) -> str | None:
+def _startup_problem(settings: Settings, host: str, port: int, workers: int, emulator_port: int) -> str | None:
     """What would otherwise fail later with a traceback (or half-start): a log format, a Redis URL
     that cannot be one, and addresses another process already listens on (the emulator's too: the
     demo must not start and send its upstream calls to whatever holds that port)."""
@@ -112,7 +112,7 @@ def _startup_problem(settings: Settings, host: str, port: int, emulator_port: in
         except ValueError as exc:
             return f"REDIS_URL: {exc}"
     wanted = [(host, port, "--port")]
-    if settings.admin_port is not None:
+    if settings.admin_port is not None and workers <= 1:  # several workers: the master reports their deaths
         wanted.append((settings.admin_host, settings.admin_port, "--admin-port"))
     if emulator_port:
         wanted.append((host, emulator_port, "--emulator-port"))
@@ -139,7 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    problem = _startup_problem(settings, host, port, emulator_port)
+    problem = _startup_problem(settings, host, port, workers, emulator_port)
     if problem is not None:
         print(f"gateway: {problem}", file=sys.stderr)
         return 2

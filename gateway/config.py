@@ -105,6 +105,21 @@ def interpolate(value: Any, fail: Callable[[str, str], None], path: str = "",
     return _VAR.sub(substitute, value)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one
+    silently: a second `upstreams:` block would drop the first, a plan named twice would lose one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read(path: Path, model: type[M], problems: _Problems) -> M | None:
     """One file parsed, interpolated and validated against its model; None when it has problems."""
     try:
@@ -113,7 +128,7 @@ def _read(path: Path, model: type[M], problems: _Problems) -> M | None:
         problems.add(path, "", f"cannot read: {exc.strerror} (config directory {path.parent.resolve()})")
         return None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""

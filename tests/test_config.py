@@ -210,3 +210,14 @@ def test_the_shipped_and_demo_configs_validate_against_the_schemas(folder: Path)
         else:
             jsonschema.validate(raw, json.loads((ROOT / "schema" / f"{kind}.schema.json").read_text()))
     assert load_config(folder).plans
+
+
+def test_a_key_given_twice_in_the_yaml_is_a_problem_not_a_silent_replacement(folder: Path) -> None:
+    """A second `upstreams:` block (or a plan named twice) would silently replace the first."""
+    text = (folder / "providers.yaml").read_text()
+    (folder / "providers.yaml").write_text(text + "\nupstreams: {}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(folder)
+    [(file, where, problem)] = info.value.problems
+    assert Path(file).name == "providers.yaml" and where.startswith("line ")
+    assert "the key 'upstreams' is given twice" in problem
