@@ -125,17 +125,22 @@ async def revoke_key(request: web.Request) -> web.Response:
     return web.json_response(await store.revoke_key(request.match_info["key_id"]))
 
 
+def _credits_field(body: dict[str, Any]) -> int:
+    """The body's required `credits` (a number or decimal string) in micro-credits, or a 400."""
+    if "credits" not in body:
+        raise BadRequest("'credits' is required.", param="credits")
+    try:
+        return credits_to_micro(body["credits"])
+    except ValueError as exc:
+        raise BadRequest(f"Invalid 'credits': {exc}.", param="credits") from None
+
+
 async def grant_credits(request: web.Request) -> web.Response:
     """POST /admin/accounts/{id}/credits {credits, note?}; an `Idempotency-Key` header makes a retry safe."""
     _gw, store = check_admin(request)
     idempotency_key = check_idempotency_key(request.headers.get("Idempotency-Key"))
     body = await read_json(request)
-    if "credits" not in body:
-        raise BadRequest("'credits' is required.", param="credits")
-    try:
-        micro = credits_to_micro(body["credits"])
-    except ValueError as exc:
-        raise BadRequest(f"Invalid 'credits': {exc}.", param="credits") from None
+    micro = _credits_field(body)
     note = body.get("note", "")
     if not isinstance(note, str):
         raise BadRequest("'note' must be a string.", param="note")
@@ -171,12 +176,7 @@ async def adjustment(request: web.Request) -> web.Response:
     _gw, store = check_admin(request)
     idempotency_key = check_idempotency_key(request.headers.get("Idempotency-Key"))
     body = await read_json(request)
-    if "credits" not in body:
-        raise BadRequest("'credits' is required.", param="credits")
-    try:
-        micro = credits_to_micro(body["credits"])
-    except ValueError as exc:
-        raise BadRequest(f"Invalid 'credits': {exc}.", param="credits") from None
+    micro = _credits_field(body)
     account_id = request.match_info["account_id"]
     done = await adjust(store, account_id, micro, check_reason(body.get("reason"), required=True), idempotency_key)
     headers = {"Idempotent-Replayed": "true"} if done.replayed else None
