@@ -148,6 +148,13 @@ class Harness:
     emulator: TestServer
     sdk_clients: list[Any] = field(default_factory=list)
 
+    def shift_clock(self, ms: int) -> None:
+        """Move the scripts' clock: the test-only offset the meter and the store hand every script
+        (Redis TIME itself can't be moved), to cross cycle ends, lease expiries and key expiries."""
+        assert self.gw.meter is not None and self.gw.store is not None
+        self.gw.meter.clock_offset_ms += ms
+        self.gw.store.clock_offset_ms += ms
+
     def sdk(self, key: str, **options: Any) -> openai.AsyncOpenAI:
         """An async openai client pointed at the gateway (closed at teardown)."""
         options.setdefault("max_retries", 0)

@@ -35,13 +35,6 @@ def plans_yaml() -> str:
     return PLANS
 
 
-def _shift(harness: Harness, ms: int) -> None:
-    """Move the scripts' clock (as tests/test_subscriptions.py does) to cross a cycle's end."""
-    assert harness.gw.meter is not None and harness.gw.store is not None
-    harness.gw.meter.clock_offset_ms += ms
-    harness.gw.store.clock_offset_ms += ms
-
-
 async def _chat(harness: Harness, key: str, model: str = "demo-mini") -> tuple[int, Any]:
     body = {"model": model, "max_tokens": 20, "messages": [{"role": "user", "content": "hi [[emu out=10]]"}]}
     async with harness.client.post("/v1/chat/completions", json=body,
@@ -87,7 +80,7 @@ async def test_statements_balance_exactly_through_grants_packs_adjustments_plan_
     assert (await _admin(harness, "PUT", f"/admin/accounts/{account}/plan", {"plan": "team"}))[0] == 200
     assert (await _chat(harness, key))[0] == 200
     # cycle 2 (started by the first request after the boundary): a deduction, a downgrade at once, a grant
-    _shift(harness, 32 * DAY)
+    harness.shift_clock(32 * DAY)
     assert (await _chat(harness, key))[0] == 200
     assert (await _admin(harness, "POST", f"/admin/accounts/{account}/adjustments",
                          {"credits": -0.5, "reason": "test"}, "a3"))[0] == 200
@@ -96,7 +89,7 @@ async def test_statements_balance_exactly_through_grants_packs_adjustments_plan_
     assert (await _chat(harness, key))[0] == 200
     assert (await _admin(harness, "POST", f"/admin/accounts/{account}/credits", {"credits": 1}))[0] == 200
     # cycle 3, open
-    _shift(harness, 32 * DAY)
+    harness.shift_clock(32 * DAY)
     assert (await _chat(harness, key))[0] == 200
     await harness.gw.quiesce()
 

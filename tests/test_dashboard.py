@@ -173,9 +173,7 @@ async def chat(harness: Harness, key: str, model: str, out: int) -> None:
 async def later(harness: Harness, ms: int) -> None:
     """The scripts' clock a while later (a day of usage passing, as other tests move it)."""
     await harness.gw.quiesce()
-    assert harness.gw.meter is not None and harness.gw.store is not None
-    harness.gw.meter.clock_offset_ms += ms
-    harness.gw.store.clock_offset_ms += ms
+    harness.shift_clock(ms)
 
 
 def values(found: Any) -> Any:

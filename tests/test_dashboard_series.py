@@ -10,6 +10,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from conftest import ADMIN, Harness
+from test_dashboard import chat, later
 
 from gateway.usage_series import daily_series
 
@@ -31,21 +32,6 @@ def plans_yaml() -> str:
     return PLANS
 
 
-async def _chat(harness: Harness, key: str, model: str, out: int) -> None:
-    body = {"model": model, "max_tokens": out, "messages": [{"role": "user", "content": f"go [[emu out={out}]]"}]}
-    async with harness.client.post("/v1/chat/completions", json=body,
-                                   headers={"Authorization": f"Bearer {key}"}) as resp:
-        assert resp.status == 200, await resp.text()
-
-
-async def _later(harness: Harness, ms: int) -> None:
-    """Move the scripts' clock (and the store's) forward, as a day passing."""
-    await harness.gw.quiesce()
-    assert harness.gw.meter is not None and harness.gw.store is not None
-    harness.gw.meter.clock_offset_ms += ms
-    harness.gw.store.clock_offset_ms += ms
-
-
 async def _get(harness: Harness, path: str, headers: dict[str, str], status: int = 200) -> Any:
     async with harness.client.get(path, headers=headers) as resp:
         assert resp.status == status, await resp.text()
@@ -55,14 +41,14 @@ async def _get(harness: Harness, path: str, headers: dict[str, str], status: int
 async def test_daily_series_sums_to_the_cycle_charge_day_by_day(harness: Harness) -> None:
     account, key = await harness.account(credits=10)
     _other, other_key = await harness.account(credits=10)
-    await _chat(harness, other_key, "demo-mini", 50)  # another account's usage never shows
+    await chat(harness, other_key, "demo-mini", 50)  # another account's usage never shows
     plan_of_day = [("demo-mini", 40), ("demo-large", 30), ("demo-mini", 120)]
     for day, (model, out) in enumerate(plan_of_day):
         if day:
-            await _later(harness, DAY)
+            await later(harness, DAY)
         for _ in range(day + 1):
-            await _chat(harness, key, model, out)
-    await _chat(harness, key, "demo-large", 10)  # two models on the last day
+            await chat(harness, key, model, out)
+    await chat(harness, key, "demo-large", 10)  # two models on the last day
     await harness.gw.quiesce()
 
     me = {"Authorization": f"Bearer {key}"}
@@ -102,9 +88,9 @@ async def test_a_series_past_its_read_budget_drops_the_partial_day_and_says_so(h
     account, key = await harness.account(credits=10)
     for day in range(3):
         if day:
-            await _later(harness, DAY)
+            await later(harness, DAY)
         for _ in range(3):
-            await _chat(harness, key, "demo-mini", 20)
+            await chat(harness, key, "demo-mini", 20)
     await harness.gw.quiesce()
     full = await daily_series(harness.gw, account, ZONE, 7)
     cut = await daily_series(harness.gw, account, ZONE, 7, scan_max=4)  # the last day's 3 + one of the day before
@@ -129,7 +115,7 @@ async def test_daily_series_refuses_bad_windows_and_strangers(harness: Harness) 
 
 async def test_recent_events_lists_every_kind_newest_first(harness: Harness) -> None:
     account, key = await harness.account(credits="2.5")
-    await _chat(harness, key, "demo-mini", 30)
+    await chat(harness, key, "demo-mini", 30)
     await harness.gw.quiesce()
     events = (await _get(harness, f"/admin/accounts/{account}/events?limit=10", ADMIN))["data"]
     kinds = [e["type"] for e in events]

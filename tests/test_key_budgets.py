@@ -61,12 +61,6 @@ def _limit_fields(harness: Harness, account: str) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in raw.items() if b"key_" in k}
 
 
-def _shift(harness: Harness, ms: int) -> None:
-    assert harness.gw.meter is not None and harness.gw.store is not None
-    harness.gw.meter.clock_offset_ms += ms
-    harness.gw.store.clock_offset_ms += ms
-
-
 async def test_a_burst_on_one_key_never_spends_more_than_its_budget_while_the_account_has_plenty(
         harness: Harness) -> None:
     account, _ = await harness.account(credits=100)
@@ -118,7 +112,7 @@ async def test_the_budget_per_cycle_renews_with_the_accounts_cycle_and_the_lifet
     assert body["error"]["limited_by"] == "key_budget_lifetime" and "lifetime" in body["error"]["message"]
     await harness.gw.quiesce()
     spent_before = (await _view(harness, per_cycle["key"]))["spent_lifetime_micro"]
-    _shift(harness, 32 * DAY)  # past the account's cycle end: no request has started the next cycle yet
+    harness.shift_clock(32 * DAY)  # past the account's cycle end: no request has started the next cycle yet
     assert (await _view(harness, per_cycle["key"]))["spent_this_cycle_micro"] == 0
     assert (await _chat(harness, per_cycle["key"], max_tokens=5, out=5))[0] == 200  # renewed with the cycle
     assert (await _chat(harness, lifetime["key"], max_tokens=5, out=5))[0] == 402  # for ever
@@ -168,7 +162,7 @@ async def test_released_and_reaped_holds_give_the_budget_back_and_a_late_settle_
     held = await meter.reserve(keys, key["id"], "req_budget_reaped", "free", q, no_limits(q))
     assert (await _view(harness, key["key"]))["budget_remaining_micro"] == 1_000_000 - held.hold
     assert _limit_fields(harness, account)[f"h:a:key_budget:{key['id']}"] == held.hold
-    _shift(harness, meter.lease_ms + 1000)
+    harness.shift_clock(meter.lease_ms + 1000)
     assert await meter.reap(keys) == (1, held.hold)
     assert await meter.reap(keys) == (0, 0)  # once
     fields = _limit_fields(harness, account)

@@ -43,13 +43,6 @@ async def _chat(harness: Harness, key: str) -> int:
         return resp.status
 
 
-def _shift(harness: Harness, ms: int) -> None:
-    """Move the scripts' clock (test-only offset): keys expire for the reserve and the key scripts alike."""
-    assert harness.gw.meter is not None and harness.gw.store is not None
-    harness.gw.meter.clock_offset_ms += ms
-    harness.gw.store.clock_offset_ms += ms
-
-
 async def _only_key(harness: Harness, account: str) -> str:
     status, listing = await harness.admin("GET", f"/admin/accounts/{account}/keys")
     assert status == 200 and len(listing["data"]) == 1
@@ -76,7 +69,7 @@ async def test_an_expired_key_frees_its_slot(harness: Harness) -> None:
     assert status == 201
     status, error = await _create(harness, account)
     assert status == 403 and "2 active keys" in error["error"]["message"]
-    _shift(harness, HOUR + 1000)
+    harness.shift_clock(HOUR + 1000)
     assert await _chat(harness, short["key"]) == 401  # expired: it can no longer authenticate ...
     assert (await _create(harness, account))[0] == 201  # ... so it no longer counts
     assert (await _create(harness, account))[0] == 403
@@ -97,12 +90,12 @@ async def test_a_rotation_at_the_limit_is_allowed_and_the_old_key_counts_until_i
     assert status == 403 and "grace period" in error["error"]["message"]
     status, error = await _rotate(harness, first)
     assert status == 400 and rotated["id"] in error["error"]["message"]  # rotate the replacement instead
-    _shift(harness, 601_000)
+    harness.shift_clock(601_000)
     assert await _chat(harness, first_key) == 401
     status, _ = await _rotate(harness, second["id"])
     assert status == 201
     assert (await _create(harness, account))[0] == 403  # the second key's grace period runs
-    _shift(harness, 601_000)
+    harness.shift_clock(601_000)
     assert (await _create(harness, account))[0] == 403  # two usable keys: the limit
     assert len(_usable(harness, account)) == 2
     status, listing = await harness.admin("GET", f"/admin/accounts/{account}/keys")
@@ -143,7 +136,7 @@ async def test_concurrent_creations_and_rotations_never_exceed_max_keys(harness:
                                  *(_rotate(harness, key_id, 600) for key_id in _usable(harness, account)))
     assert all(s in (201, 400, 403) for s, _ in mixed)
     assert [s for s, _ in mixed[:10]].count(201) == 0  # at the limit: no new key, only replacements
-    _shift(harness, 601_000)
+    harness.shift_clock(601_000)
     assert len(_usable(harness, account)) == 2
 
 
@@ -156,7 +149,7 @@ async def test_accounts_made_before_the_usable_key_index_count_only_usable_keys(
     harness.redis.hdel(keys.account, "key_index")
     harness.redis.delete(keys.usable_keys)
     harness.redis.hset(keys.account, "active_keys", 2)
-    _shift(harness, HOUR + 1000)
+    harness.shift_clock(HOUR + 1000)
     assert (await _create(harness, account))[0] == 201
     assert (await _create(harness, account))[0] == 403
     assert harness.redis.hget(keys.account, "active_keys") is None

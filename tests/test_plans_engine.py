@@ -61,13 +61,6 @@ def _limits_hash(harness: Harness, account: str) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in raw.items() if not k.startswith((b"r:", b"b:"))}
 
 
-def _shift(harness: Harness, ms: int) -> None:
-    """Move the scripts' clock (test-only offset; Redis TIME itself can't be moved)."""
-    assert harness.gw.meter is not None and harness.gw.store is not None
-    harness.gw.meter.clock_offset_ms += ms
-    harness.gw.store.clock_offset_ms += ms
-
-
 async def _key(harness: Harness, account: str, **body: Any) -> tuple[int, dict[str, Any]]:
     async with harness.client.post(f"/admin/accounts/{account}/keys", json=body, headers=ADMIN) as resp:
         return resp.status, await resp.json()
@@ -99,7 +92,7 @@ async def test_the_window_frees_up_when_its_requests_age_out(harness: Harness) -
     for _ in range(20):
         assert (await _post(harness, key))[0] == 200
     assert (await _post(harness, key))[0] == 429
-    _shift(harness, 61_000)
+    harness.shift_clock(61_000)
     assert (await _post(harness, key))[0] == 200
     await harness.assert_conserved(account)
 
@@ -181,7 +174,7 @@ async def test_spend_windows_refuse_the_crossing_request_and_free_up_as_they_rol
     assert "spend_5h" in result[1]["error"]["message"]
     state = await harness.assert_conserved(account)
     assert state["charged"] <= 300
-    _shift(harness, 5 * 3_600_000 + 600_000)  # the 5-hour window has rolled; the day still holds
+    harness.shift_clock(5 * 3_600_000 + 600_000)  # the 5-hour window has rolled; the day still holds
     while (result := await _post(harness, key))[0] == 200:
         pass
     assert "spend_1d" in result[1]["error"]["message"]
@@ -206,7 +199,7 @@ async def test_count_quotas_reset_with_the_cycle(harness: Harness) -> None:
     status, body, headers = await _post(harness, key)
     assert status == 429 and "requests_per_cycle (3 of 3 requests)" in body["error"]["message"]
     assert int(headers["Retry-After"]) > 86_400 and headers["x-should-retry"] == "false"  # frees at the reset
-    _shift(harness, 32 * DAY)
+    harness.shift_clock(32 * DAY)
     assert (await _post(harness, key))[0] == 200
     assert _limits_hash(harness, account)["c:a:requests_per_cycle"] == 1
     await harness.assert_conserved(account)
@@ -272,7 +265,7 @@ async def test_the_first_request_after_the_boundary_resets_the_allowance_and_cyc
     await _post(harness, key)
     before = harness.state(account)
     assert before["allow"] < 10_000_000 and before["cycle_used"] > 0
-    _shift(harness, 32 * DAY)
+    harness.shift_clock(32 * DAY)
     assert (await _post(harness, key))[0] == 200
     after = await harness.assert_conserved(account)
     assert after["expired"] == before["allow"]  # last cycle's unspent allowance, recorded as expired
@@ -315,7 +308,7 @@ async def test_packs_are_spent_after_the_allowance_and_survive_the_reset(harness
     await _post(harness, key)
     state = harness.state(account)
     assert state["extra"] == 5_000_000 and state["allow"] < 1_000_000  # the allowance went first
-    _shift(harness, 32 * DAY)
+    harness.shift_clock(32 * DAY)
     await _post(harness, key)
     state = await harness.assert_conserved(account)
     assert state["extra"] == 5_000_000 and state["allow"] < 1_000_000
@@ -335,7 +328,7 @@ async def test_upgrade_credits_the_difference_at_once_and_downgrade_waits_for_th
     async with harness.client.put(f"/admin/accounts/{account}/plan", json={"plan": "basic"}, headers=ADMIN) as r:
         view = await r.json()
     assert view["plan"] == "premium" and view["change"]["next_plan"] == "basic"
-    _shift(harness, 32 * DAY)
+    harness.shift_clock(32 * DAY)
     await _post(harness, key)
     rec = harness.redis.hgetall(KeySchema().for_account(account).account)
     assert rec[b"plan"] == b"basic" and b"next_plan" not in rec
@@ -359,7 +352,7 @@ async def test_an_expired_subscription_falls_back_to_the_default_plan_and_renewa
     rec = harness.redis.hgetall(KeySchema().for_account(account).account)
     renewed_end = add_month(ends)  # renewal extends from the subscription's end, not from now
     assert int(rec[b"plan_expires_ms"]) == int(renewed_end.timestamp() * 1000)
-    _shift(harness, int((renewed_end - now).total_seconds() * 1000) + DAY)
+    harness.shift_clock(int((renewed_end - now).total_seconds() * 1000) + DAY)
     assert (await _post(harness, key))[0] == 200
     rec = harness.redis.hgetall(KeySchema().for_account(account).account)
     assert rec[b"plan"] == b"free"
