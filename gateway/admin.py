@@ -14,10 +14,11 @@ from gateway.auth import check_scopes
 from gateway.budgets import budget_changes
 from gateway.config import key_limits
 from gateway.errors import BadRequest, Unauthorized
+from gateway.idempotency import check_idempotency_key
 from gateway.limits import METRIC_WORDS
 from gateway.money import amount, credits_to_micro
 from gateway.state import GATEWAY, Gateway
-from gateway.store import Credited, Store, check_idempotency_key, parse_expiry, redis_guard
+from gateway.store import Credited, Store, parse_expiry, redis_guard
 from gateway.store_billing import adjust, check_external_id, check_reason, set_status, update_account
 from gateway.views import account_view, key_view
 

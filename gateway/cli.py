@@ -31,11 +31,12 @@ from gateway.cli_serve import cmd_check_config, cmd_emulator, cmd_serve
 from gateway.config import key_limits
 from gateway.errors import GatewayError
 from gateway.exports import PROVIDER_FORMATS
+from gateway.idempotency import check_idempotency_key
 from gateway.index import account_ids
 from gateway.ledger import account_events, export_cursor, render
 from gateway.money import amount, credits_to_micro, format_credits
 from gateway.settings import SettingsError
-from gateway.store import Store, check_idempotency_key, parse_expiry
+from gateway.store import Store, parse_expiry
 from gateway.views import account_view
 
 ACCOUNT_STATUSES = ("active", "suspended", "closed")

@@ -8,9 +8,9 @@ import argparse
 from typing import Any
 
 from gateway.errors import GatewayError
+from gateway.idempotency import check_idempotency_key
 from gateway.money import credits_to_micro, format_credits
 from gateway.statements import statement
-from gateway.store import check_idempotency_key
 from gateway.store_billing import adjust, check_external_id, check_reason, set_status, update_account
 from gateway.views import account_view
 

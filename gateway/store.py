@@ -29,6 +29,7 @@ from gateway.errors import (
     Unprocessable,
     balance_too_large,
 )
+from gateway.idempotency import IDEMPOTENCY_TTL_MS, request_fingerprint
 from gateway.index import account_ids, add_account, bucket_accounts
 from gateway.keys import INDEX_BUCKETS, KeySchema
 from gateway.limits import cycle_bounds
@@ -37,7 +38,6 @@ from gateway.scripts import REDIS_DOWN, ScriptRunner
 from gateway.views import iso, key_view, now_ms
 
 KEY_PREFIX = "gwk_"  # every raw gateway key starts with this, so it is recognisable in a leak scan
-IDEMPOTENCY_TTL_MS = 24 * 3_600_000  # how long a credit's Idempotency-Key is remembered
 
 
 def hash_key(raw: str) -> str:
@@ -80,13 +80,16 @@ async def redis_guard() -> AsyncIterator[None]:
         raise StoreUnavailable("The credit store is unavailable; try again shortly.") from exc
 
 
-def check_idempotency_key(value: str | None) -> str:
-    """An `Idempotency-Key` as given ('' for none): 1 to 255 printable ASCII characters."""
-    if value is None:
-        return ""
-    if not 1 <= len(value) <= 255 or not all(" " <= ch <= "~" for ch in value):
-        raise BadRequest("'Idempotency-Key' must be 1 to 255 printable ASCII characters.", param="idempotency_key")
-    return value
+def check_credit_status(status: int, account_id: str, idempotency_key: str, micro: int, available: int) -> None:
+    """The refusals a grant and an adjustment share (no account, a reused Idempotency-Key, a balance
+    that would pass 2^53 micro-credits)."""
+    if status == ScriptStatus.NO_ACCOUNT:
+        raise NotFound(f"No account {account_id!r}.")
+    if status == ScriptStatus.IDEMPOTENCY_MISMATCH:
+        raise Unprocessable(f"The Idempotency-Key {idempotency_key!r} was already used with a different request "
+                            "for this account; use a new key for a new request.", param="idempotency_key")
+    if status == ScriptStatus.BALANCE_TOO_LARGE:
+        raise Conflict(balance_too_large(micro, available), param="credits")
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,19 +172,12 @@ class Store:
         if micro <= 0:
             raise BadRequest("'credits' must be a positive number.", param="credits")
         keys = self.schema.for_account(account_id)
-        asked = json.dumps(request if request is not None else {"credits": micro, "note": note}, sort_keys=True)
-        fingerprint = hashlib.sha256(asked.encode()).hexdigest()
+        fingerprint = request_fingerprint(request if request is not None else {"credits": micro, "note": note})
         status, available = await self.runner.run(
             "grant", [keys.account, keys.ledger, keys.idempotency(idempotency_key)],
             [micro, self.clock_offset_ms, note, idempotency_key, fingerprint, IDEMPOTENCY_TTL_MS,
              "credited_packs" if kind == "pack" else "credited_grants"])
-        if status == ScriptStatus.NO_ACCOUNT:
-            raise NotFound(f"No account {account_id!r}.")
-        if status == ScriptStatus.IDEMPOTENCY_MISMATCH:
-            raise Unprocessable(f"The Idempotency-Key {idempotency_key!r} was already used with a different request "
-                                "for this account; use a new key for a new request.", param="idempotency_key")
-        if status == ScriptStatus.BALANCE_TOO_LARGE:
-            raise Conflict(balance_too_large(micro, int(available)), param="credits")
+        check_credit_status(status, account_id, idempotency_key, micro, int(available))
         if status == ScriptStatus.ACCOUNT_IS_CLOSED:
             raise Conflict(f"The account {account_id!r} is closed, which is final: it takes no more credits.")
         return Credited(int(available), replayed=status == ScriptStatus.IDEMPOTENT_REPLAY)

@@ -9,14 +9,13 @@ and nothing can reopen it. The keys stay listed, as evidence, with the account's
 
 from __future__ import annotations
 
-import hashlib
-import json
 import secrets
 from dataclasses import dataclass
 
-from gateway.errors import BadRequest, Conflict, NotFound, ScriptStatus, Unprocessable, balance_too_large
+from gateway.errors import BadRequest, Conflict, NotFound, ScriptStatus
+from gateway.idempotency import IDEMPOTENCY_TTL_MS, request_fingerprint
 from gateway.money import format_credits
-from gateway.store import IDEMPOTENCY_TTL_MS, Store, redis_guard
+from gateway.store import Store, check_credit_status, redis_guard
 
 EXTERNAL_ID_MAX = 128
 REASON_MAX = 500
@@ -61,22 +60,15 @@ async def adjust(store: Store, account_id: str, micro: int, reason: str, idempot
     if micro == 0:
         raise BadRequest("'credits' must not be zero: positive refunds, negative deducts.", param="credits")
     keys = store.schema.for_account(account_id)
-    asked = json.dumps({"op": "adjustment", "credits": micro, "reason": reason}, sort_keys=True)
-    fingerprint = hashlib.sha256(asked.encode()).hexdigest()
+    fingerprint = request_fingerprint({"op": "adjustment", "credits": micro, "reason": reason})
     status, available, adjustment_id = await store.runner.run(
         "adjust", [keys.account, keys.ledger, keys.idempotency(idempotency_key)],
         [micro, store.clock_offset_ms, reason, idempotency_key, fingerprint, IDEMPOTENCY_TTL_MS,
          "adj_" + secrets.token_hex(8)])
-    if status == ScriptStatus.NO_ACCOUNT:
-        raise NotFound(f"No account {account_id!r}.")
-    if status == ScriptStatus.IDEMPOTENCY_MISMATCH:
-        raise Unprocessable(f"The Idempotency-Key {idempotency_key!r} was already used with a different request "
-                            "for this account; use a new key for a new request.", param="idempotency_key")
+    check_credit_status(status, account_id, idempotency_key, micro, int(available))
     if status == ScriptStatus.DEDUCTION_TOO_LARGE:
         raise Conflict(f"Cannot deduct {format_credits(-micro)} credits: {format_credits(int(available))} are "
                        "available to deduct (credits held by requests in flight are not).", param="credits")
-    if status == ScriptStatus.BALANCE_TOO_LARGE:
-        raise Conflict(balance_too_large(micro, int(available)), param="credits")
     return Adjusted(str(adjustment_id), micro, int(available), replayed=status == ScriptStatus.IDEMPOTENT_REPLAY)
 
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from conftest import ADMIN, ROOT, Harness
 
+from gateway.idempotency import IDEMPOTENCY_TTL_MS
 from gateway.keys import KeySchema
-from gateway.store import IDEMPOTENCY_TTL_MS
 
 PLANS = """
 default_plan: free
