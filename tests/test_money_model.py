@@ -41,6 +41,7 @@ from hypothesis.stateful import (
 from gateway.app import connect_redis
 from gateway.config import Config, load_config
 from gateway.errors import (
+    AccountInactive,
     Conflict,
     InsufficientCredits,
     KeyBudgetExhausted,
@@ -53,7 +54,7 @@ from gateway.limits import Limit, cycle_bounds, encode, rate_limits
 from gateway.metering import LimitReached, Meter, PlanChanged, Reservation, ReserveSpec, quote
 from gateway.scripts import ScriptRunner, load_scripts
 from gateway.store import Store
-from gateway.store_billing import adjust
+from gateway.store_billing import adjust, set_status
 
 PLANS = """
 default_plan: free
@@ -152,6 +153,7 @@ class AccountModel:
     tokens: int = 0
     cycle_tokens: int = 0
     revoked: set[str] = field(default_factory=set)
+    status: str = "active"  # active | suspended | closed (the lifecycle rule)
     holds: dict[str, Hold] = field(default_factory=dict)
     ended: dict[str, Ended] = field(default_factory=dict)
     cycle_counters: dict[str, int] = field(default_factory=dict)  # c:<scope>:<id> -> used this cycle
@@ -376,6 +378,11 @@ class MoneyMachine(RuleBasedStateMachine):
         spec = ReserveSpec(prompt + output, prompt + min(output, 1), usd.full_cost, usd.min_cost, encode(list(chosen)),
                            cycle, self.allowance(priced_plan), "free", self.allowance("free"))
         call = self.meter.reserve(acct.keys, key_id, rid, priced_plan, q, spec)
+        if acct.status != "active":  # checked before the key and before the cycle rolls: nothing written
+            with pytest.raises(AccountInactive) as inactive:
+                self.call(call)
+            assert inactive.value.code == f"account_{acct.status}"
+            return
         if key_id in acct.revoked:
             with pytest.raises(Unauthorized):
                 self.call(call)
@@ -627,6 +634,10 @@ class MoneyMachine(RuleBasedStateMachine):
     @rule(data=st.data(), amount=st.integers(1, 5000))
     def grant(self, data: st.DataObject, amount: int) -> None:
         acct = data.draw(st.sampled_from(self.accounts), label="account")
+        if acct.status == "closed":  # a closed account takes no more credits
+            with pytest.raises(Conflict):
+                self.call(self.store.grant(acct.id, amount))
+            return
         self.call(self.store.grant(acct.id, amount))
         acct.extra += amount
         acct.granted += amount
@@ -653,6 +664,23 @@ class MoneyMachine(RuleBasedStateMachine):
         key_id = data.draw(st.sampled_from(acct.key_ids), label="key")
         self.call(self.store.revoke_key(key_id))
         acct.revoked.add(key_id)
+
+    @rule(data=st.data(), action=st.sampled_from(["suspend", "reactivate", "reactivate", "close"]))
+    def lifecycle(self, data: st.DataObject, action: str) -> None:
+        """An operator suspends, reactivates or closes an account: its new reserves are refused while
+        it is not active (checked in `_reserve`), its requests in flight still settle, release and are
+        reaped by the other rules exactly as before, and closed is final. At most one account per
+        example is closed, so the others keep the rest of the example meaningful."""
+        acct = data.draw(st.sampled_from(self.accounts), label="account")
+        if action == "close" and acct.status != "closed" and any(a.status == "closed" for a in self.accounts):
+            action = "suspend"
+        if acct.status == "closed" and action != "close":
+            with pytest.raises(Conflict):
+                self.call(set_status(self.store, acct.id, action, "model"))
+            return
+        after = self.call(set_status(self.store, acct.id, action, "model"))
+        acct.status = {"suspend": "suspended", "reactivate": "active", "close": "closed"}[action]
+        assert after == acct.status
 
     # ------------------------------------------------------------ per-key budgets (issue 15.4)
 
@@ -777,7 +805,7 @@ class MoneyMachine(RuleBasedStateMachine):
                     "requests": acct.requests, "cycle_requests": acct.cycle_requests, "tokens": acct.tokens,
                     "cycle_tokens": acct.cycle_tokens, "cycle_end_ms": acct.cycle_end}
         assert n == expected, {f: (n[f], v) for f, v in expected.items() if n[f] != v}
-        assert (raw["plan"], raw.get("next_plan")) == (acct.plan, acct.next_plan)
+        assert (raw["plan"], raw.get("next_plan"), raw["status"]) == (acct.plan, acct.next_plan, acct.status)
         assert int(raw.get("next_allow") or 0) == (acct.next_allow if acct.next_plan else 0)
 
     def _check_holds(self, acct: AccountModel, holds: dict[str, str], expiry: list[tuple[str, float]]) -> None:
