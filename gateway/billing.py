@@ -72,21 +72,22 @@ def billable(usage: Usage | None, parsed: ParsedRequest, estimate_out: int) -> t
 async def end_call(call: Call, usage: Usage | None, *, outcome: str, http_status: int, lowered: int | None = None,
                    estimate_out: int = 0, streamed: bool = False, output_unknown: bool = False,
                    wait: bool = True) -> int:
-    """End the hold exactly once, in a task that outlives the request. Returns credits available
-    (an estimate from the reservation when the settlement had to be queued, or when `wait` is False:
-    the answer then goes out while its settlement lands). The hold's lease is renewed until its
-    settlement or release has landed. `output_unknown`: the provider may have generated up to the cap
-    and never said how much: an estimate is then the whole hold."""
+    """End the hold exactly once. Called from the request's forwarding task, which the app keeps
+    alive (`Gateway.track`) whatever the client does, so the settlement is awaited in it; with
+    `wait` False it lands in a tracked task of its own and the answer goes out meanwhile. Returns
+    credits available (an estimate from the reservation when the settlement had to be queued, or
+    when `wait` is False). The hold's lease is renewed until its settlement or release has landed.
+    `output_unknown`: the provider may have generated up to the cap and never said how much: an
+    estimate is then the whole hold."""
     call.ended = True
     call.access.outcome = outcome_of(outcome)
     if not call.served:
-        task = call.gw.track(asyncio.ensure_future(_release(call, outcome, http_status)))
-        return int(await asyncio.shield(task))
+        return await _release(call, outcome, http_status)
     charge = _priced(call, usage, outcome, http_status, lowered, estimate_out, streamed, output_unknown)
-    task = call.gw.track(asyncio.ensure_future(_settle(call, charge, http_status)))
     if not wait:
+        call.gw.track(asyncio.ensure_future(_settle(call, charge, http_status)))
         return _available_after(call, charge[0])
-    return int(await asyncio.shield(task))
+    return await _settle(call, charge, http_status)
 
 
 def _available_after(call: Call, cost: int) -> int:
