@@ -53,6 +53,7 @@ from gateway.state import GATEWAY, REQUEST_DIALECT, REQUEST_ID, Gateway, in_back
 from gateway.store import Store
 from gateway.supervision import EmbeddedStatus, RestartBudget, keep_running
 from gateway.token_count import make_token_count_handler
+from gateway.upstream_client import UpstreamClient
 from gateway.usage_routes import key_holder
 from gateway.views import account_view
 
@@ -185,12 +186,15 @@ async def drain_on_shutdown(app: web.Application) -> None:
 
 
 async def session_ctx(app: web.Application) -> AsyncIterator[None]:
-    """One upstream client session (connection pool) for the app's life."""
+    """The upstream clients for the app's life: the lean one of the metered hot path
+    and token counting (`gateway.upstream_client`), and aiohttp's session for webhook deliveries."""
     gw = app[GATEWAY]
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
     gw.session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+    gw.upstream = UpstreamClient()
     yield
     await gw.pending_settlements()  # requests still forwarding finish (and settle) before the pool closes
+    await gw.upstream.close()
     await gw.session.close()
 
 

@@ -36,8 +36,8 @@ from gateway.upstream import (
     refuse_operator_problems,
     relayed_error,
     response_headers,
-    upstream_timeout,
 )
+from gateway.upstream_client import ClientConnectorError, UpstreamResponse
 
 Handler = Callable[[web.Request], Coroutine[Any, Any, web.StreamResponse]]
 
@@ -119,7 +119,8 @@ async def _forward_and_end(request: web.Request, call: Call, raw: bytes) -> web.
 
 async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamResponse:
     gw = call.gw
-    assert gw.session is not None
+    client = gw.upstream
+    assert client is not None
     upstream = gw.config.upstreams[call.route.upstream]
     lowered = lowered_cap(call)
     if lowered is not None and lowered < 1:
@@ -136,12 +137,11 @@ async def _forward(request: web.Request, call: Call, raw: bytes) -> web.StreamRe
     except GatewayError as refused:
         await end_call(call, None, outcome="refused", http_status=refused.status)
         raise
-    timeout = upstream_timeout(upstream.connect_timeout_seconds, upstream.timeout_seconds)
     sent = time.perf_counter()
     try:
-        upstream_cm = gw.session.request(request.method, url, data=body if body is not None else raw,
-                                         headers=headers, timeout=timeout, params=forward_query(request),
-                                         allow_redirects=False)
+        upstream_cm = client.request(request.method, url, body=body if body is not None else raw, headers=headers,
+                                     params=forward_query(request), connect_timeout=upstream.connect_timeout_seconds,
+                                     read_timeout=upstream.timeout_seconds)
         async with upstream_cm as up:
             waited = time.perf_counter() - sent
             gw.metrics.upstream_seconds.labels(upstream.name).observe(waited)
@@ -188,7 +188,7 @@ def _first_bytes(call: Call) -> None:
     call.access.ttft_ms = ttft * 1000
 
 
-async def _upstream_error(call: Call, up: aiohttp.ClientResponse) -> web.StreamResponse:
+async def _upstream_error(call: Call, up: UpstreamResponse) -> web.StreamResponse:
     """The provider refused, failed or redirected before any output: no charge. Its status, error
     type and code go back in the dialect's shape without identifying text (`relay_body`), except
     credential problems and redirects, which are the operator's and are reported as a 502."""
@@ -209,7 +209,7 @@ def _upstream_failed(call: Call, error: BaseException | None, status: int | None
         cause = "redirect" if status < 400 else "status_4xx" if status < 500 else "status_5xx"
     elif isinstance(error, TimeoutError):  # aiohttp's timeouts are TimeoutErrors too
         cause = "timeout"
-    elif isinstance(error, aiohttp.ClientConnectorError):
+    elif isinstance(error, (ClientConnectorError, aiohttp.ClientConnectorError)):
         cause = "connect"
     else:
         cause = "protocol"
@@ -220,7 +220,7 @@ def _upstream_failed(call: Call, error: BaseException | None, status: int | None
         access.error = type(error).__name__
 
 
-async def _stream(request: web.Request, call: Call, up: aiohttp.ClientResponse, meter: StreamMeter,
+async def _stream(request: web.Request, call: Call, up: UpstreamResponse, meter: StreamMeter,
                   lowered: int | None) -> web.StreamResponse:
     """Relay the stream chunk by chunk. A client that goes away (or stalls longer than
     `client_stall_seconds` on one chunk) no longer gets bytes, but the upstream is read on, for up to
@@ -240,13 +240,15 @@ async def _stream(request: web.Request, call: Call, up: aiohttp.ClientResponse, 
             await response.prepare(request)
         except (ConnectionResetError, RuntimeError):
             outcome, drain_until = "client_disconnected", loop.time() + settings.drain_seconds
-        chunks = up.content.iter_any().__aiter__()
         while True:
             try:
-                async with asyncio.timeout_at(drain_until):
-                    chunk = await chunks.__anext__()
-            except StopAsyncIteration:
-                break
+                if drain_until is None:
+                    chunk = await up.next_chunk()
+                else:
+                    async with asyncio.timeout_at(drain_until):
+                        chunk = await up.next_chunk()
+                if not chunk:
+                    break
             except (TimeoutError, aiohttp.ClientError) as exc:
                 if drain_until is None:
                     outcome = "upstream_cut"

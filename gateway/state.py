@@ -21,6 +21,7 @@ from gateway.settings import Settings
 from gateway.settlement import Leases, Retries
 from gateway.store import Store
 from gateway.supervision import EmbeddedStatus
+from gateway.upstream_client import UpstreamClient
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Gateway:
     store: Store | None = None
     auth: Authenticator | None = None
     session: aiohttp.ClientSession | None = None
+    upstream: UpstreamClient | None = None  # the metered hot path's lean client
     pending: set[asyncio.Task[Any]] = field(default_factory=set)
     inflight: set[asyncio.Task[Any]] = field(default_factory=set)
     cycle_cache: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)  # (anchor, tz) -> cycle

@@ -59,17 +59,17 @@ def make_token_count_handler(dialect: Dialect, endpoint: str) -> Handler:
 
     async def forward(request: web.Request, gw: Gateway, principal: Principal, raw: bytes,
                       reservation: Reservation, answered: list[bool]) -> web.StreamResponse:
-        assert gw.session is not None
+        client = gw.upstream
+        assert client is not None
         parsed = dialect.parse_request(endpoint, raw, gw.settings.max_choices, request.match_info.get("model"),
                                        headers=request.headers)
         route, _plan = route_for(gw, dialect, principal, parsed.model)
         upstream = gw.config.upstreams[route.upstream]
-        timeout = aiohttp.ClientTimeout(total=upstream.timeout_seconds, sock_connect=upstream.connect_timeout_seconds)
         try:
-            async with gw.session.post(upstream.base_url + dialect.upstream_path(request.path), data=raw,
-                                       headers=dialect.upstream_headers(upstream, request.headers),
-                                       params=forward_query(request), timeout=timeout,
-                                       allow_redirects=False) as up:
+            async with asyncio.timeout(upstream.timeout_seconds), client.request(
+                    "POST", upstream.base_url + dialect.upstream_path(request.path), body=raw,
+                    headers=dialect.upstream_headers(upstream, request.headers), params=forward_query(request),
+                    connect_timeout=upstream.connect_timeout_seconds) as up:
                 answered.append(True)  # the provider counted it: so do the request windows
                 data = await up.read()
                 refuse_operator_problems(up.status)

@@ -3,17 +3,16 @@ upstream, and the headers and error bodies that come back."""
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from gateway.dialects.base import Dialect
 from gateway.errors import ClientDisconnected, PayloadTooLarge, UnreadableBody, UnsupportedMediaType, UpstreamError
 from gateway.money import format_credits
 from gateway.state import GATEWAY, REQUEST_DIALECT
+from gateway.upstream_client import UpstreamResponse
 from gateway.upstream_errors import relay_body
 
 #: Upstream response headers not copied to the client: hop-by-hop, recomputed, or the operator's own.
@@ -23,13 +22,6 @@ _DROP_RESPONSE = frozenset({
     "upgrade",
 })
 _DROP_RESPONSE_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-", "anthropic-organization")
-
-
-@functools.lru_cache(maxsize=256)
-def upstream_timeout(connect_seconds: float | None, read_seconds: float | None) -> aiohttp.ClientTimeout:
-    """The client timeout of an upstream, built once per distinct pair (a ClientTimeout costs
-    about as much to build as the rest of the request's set-up in this module)."""
-    return aiohttp.ClientTimeout(total=None, sock_connect=connect_seconds, sock_read=read_seconds)
 
 
 def new_request_id() -> str:
@@ -115,7 +107,7 @@ def refuse_operator_problems(status: int) -> None:
                             "does not follow.")
 
 
-def relayed_error(dialect: Dialect, up: aiohttp.ClientResponse, data: bytes, model: str, request_id: str,
+def relayed_error(dialect: Dialect, up: UpstreamResponse, data: bytes, model: str, request_id: str,
                    available: int, client_id: str | None = None) -> web.Response:
     headers = response_headers(up.headers, request_id, available, client_id)
     if dialect.name != "http":
