@@ -19,6 +19,7 @@ from gateway.ledger import parse_entry
 
 SLOW_STREAM = {"model": "demo-mini", "stream": True, "max_tokens": 100,
                "messages": [{"role": "user", "content": "go [[emu out=40 delay_ms=50]]"}]}
+CHAT = {"model": "demo-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
 
 
 async def _refused(served: Served) -> bool:
@@ -110,3 +111,26 @@ async def test_a_sigterm_while_the_workers_are_still_starting_is_not_lost(
         assert await asyncio.to_thread(served.proc.wait, 30) == 0
     finally:
         served.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_the_access_lines_still_buffered_at_sigterm_are_written_once_each(
+        tmp_path: Path, config_dir: Path, redis_url: str, emulator: TestServer, workers: int) -> None:
+    served = serve(tmp_path, config_dir, "--workers", str(workers), redis_url=redis_url)
+    request_ids = []
+    try:
+        await wait_ready(served)
+        _account, key = await account_with_key(served)
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
+            for _ in range(25):
+                async with session.post(served.url("/v1/chat/completions"), json=CHAT) as resp:
+                    assert resp.status == 200, await resp.text()
+                    request_ids.append(resp.headers["x-gateway-request-id"])
+        served.proc.send_signal(signal.SIGTERM)  # the last lines are still buffered (written within 0.5 s)
+        assert await asyncio.to_thread(served.proc.wait, 60) == 0
+    finally:
+        served.stop()
+    lines = served.log().splitlines()
+    for request_id in request_ids:
+        assert sum(request_id in line and "outcome=served" in line for line in lines) == 1, request_id
+    assert key not in served.log()
