@@ -151,13 +151,17 @@ async def _ask_cluster(redis: Any, commands: list[Command]) -> list[Any]:
     exception, for that bucket only."""
     await redis.initialize()  # a no-op once the slot map is known
     by_node: dict[str, tuple[Any, list[PipelineCommand]]] = {}
+    again: list[int] = []
     for position, args in enumerate(commands):
-        node = redis.get_node_from_key(args[1])
+        try:
+            node = redis.get_node_from_key(args[1])
+        except REDIS_DOWN:  # a slot the map has no node for (yet)
+            again.append(position)
+            continue
         by_node.setdefault(node.name, (node, []))[1].append(PipelineCommand(position, *args))
     sent = await asyncio.gather(*(node.execute_pipeline(cmds) for node, cmds in by_node.values()),
                                 return_exceptions=True)
     answers: list[Any] = [None] * len(commands)
-    again: list[int] = []
     for (_node, cmds), failure in zip(by_node.values(), sent, strict=True):
         if isinstance(failure, asyncio.CancelledError):
             raise failure
