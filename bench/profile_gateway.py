@@ -187,11 +187,10 @@ if __name__ == "__main__":
         import atexit
 
         atexit.register(lambda: print("\n".join(f"{n:>7} {k}" for k, n in seen.most_common(15))))
-    if cli.log:
-        import logging
+    if cli.log:  # the handler and formatter `gateway serve` installs (gateway.logs.setup), on a file
+        from gateway import logs
 
-        logging.basicConfig(filename=cli.log, level=logging.INFO,
-                            format="%(asctime)s %(process)d %(levelname)s %(message)s")
+        logs.setup(stream=open(cli.log, "a", encoding="utf-8"))  # noqa: SIM115 (open for the whole run)
     if cli.uvloop:
         import uvloop
 

@@ -26,8 +26,8 @@ from aiohttp import web
 
 from gateway.config import Plan
 from gateway.errors import InsufficientCredits
-from gateway.jobs import due_buckets, run_leased
-from gateway.keys import INDEX_BUCKETS, bucket_of
+from gateway.jobs import ask_buckets, due_buckets, run_leased
+from gateway.keys import bucket_of
 from gateway.metering import LimitReached, Settlement
 from gateway.migrate import copy_legacy_webhooks
 from gateway.money import format_credits
@@ -307,8 +307,7 @@ QUEUE_DEPTH_SECONDS = 10.0  # how often the deliverer counts the queue (a ZCARD 
 async def report_queue_depth(gw: Gateway) -> int:
     """Set gateway_webhook_queue_depth to the deliveries queued in every bucket (due or waiting for a
     retry); a bucket that does not answer leaves the gauge as it was."""
-    depths = await asyncio.gather(*(gw.redis.zcard(gw.schema.webhooks(bucket)) for bucket in range(INDEX_BUCKETS)),
-                                  return_exceptions=True)
+    depths = await ask_buckets(gw.redis, lambda bucket: ("ZCARD", gw.schema.webhooks(bucket)))
     total = 0
     for depth in depths:
         if isinstance(depth, BaseException):

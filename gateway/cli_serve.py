@@ -71,6 +71,7 @@ async def _serve(app: web.Application, settings: Settings, host: str, port: int,
             await stop.wait()
     finally:
         await runner.cleanup()
+        logs.flush()  # the access lines still buffered: every request's line is out before the process ends
 
 
 def _emulator_worker(host: str, port: int, latency_ms: float = 0.0, chunk_delay_ms: float = 0.0) -> None:

@@ -14,13 +14,15 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from redis import exceptions as redis_errors
+from redis.asyncio.cluster import PipelineCommand
 
 from gateway.errors import StoreUnavailable
 from gateway.keys import INDEX_BUCKETS, KeySchema
+from gateway.redis_client import is_cluster
 from gateway.scripts import REDIS_DOWN
 
 log = logging.getLogger("gateway.jobs")
@@ -122,21 +124,75 @@ async def run_leased(redis: Any, schema: KeySchema, job: str, buckets: Iterable[
     return done
 
 
-async def buckets_where(check: Callable[[int], Awaitable[Any]]) -> list[int]:
-    """The buckets for which `check(bucket)` is truthy, asked of every bucket at once (on a cluster,
-    of every node in parallel). A bucket whose node does not answer is left out, so the others go on;
-    only when no bucket answers is the error raised."""
-    answers = await asyncio.gather(*(check(b) for b in range(INDEX_BUCKETS)), return_exceptions=True)
+Command = Sequence[str | int | float]
+
+
+async def ask_buckets(redis: Any, command: Callable[[int], Command]) -> list[Any]:
+    """Every bucket's answer to the raw command `command(bucket)` (a key of that bucket's slot), or the
+    exception that stands for it when its node did not answer; in one round trip: one non-transactional
+    pipeline on a standalone Redis, one per node on a cluster (see `_ask_cluster`)."""
+    commands = [command(bucket) for bucket in range(INDEX_BUCKETS)]
+    if is_cluster(redis):
+        return await _ask_cluster(redis, commands)
+    pipe = redis.pipeline(transaction=False)
+    for args in commands:
+        pipe.execute_command(*args)
+    try:
+        return list(await pipe.execute(raise_on_error=False))
+    except (*REDIS_DOWN, StoreUnavailable) as exc:  # one server: none of the buckets answered
+        return [exc] * len(commands)
+
+
+async def _ask_cluster(redis: Any, commands: list[Command]) -> list[Any]:
+    """One pipeline per primary, written on that node's connection (redis-py's ClusterPipeline would close
+    every node's connections, the hot path's too, when one node fails). A node that fails, and a command
+    answered MOVED or ASK (a slot on the move), are asked again one command at a time through the client,
+    which follows redirections and reads the slot map again after a failover; what still fails stays an
+    exception, for that bucket only."""
+    await redis.initialize()  # a no-op once the slot map is known
+    by_node: dict[str, tuple[Any, list[PipelineCommand]]] = {}
+    again: list[int] = []
+    for position, args in enumerate(commands):
+        try:
+            node = redis.get_node_from_key(args[1])
+        except REDIS_DOWN:  # a slot the map has no node for (yet)
+            again.append(position)
+            continue
+        by_node.setdefault(node.name, (node, []))[1].append(PipelineCommand(position, *args))
+    sent = await asyncio.gather(*(node.execute_pipeline(cmds) for node, cmds in by_node.values()),
+                                return_exceptions=True)
+    answers: list[Any] = [None] * len(commands)
+    for (_node, cmds), failure in zip(by_node.values(), sent, strict=True):
+        if isinstance(failure, asyncio.CancelledError):
+            raise failure
+        for cmd in cmds:
+            if isinstance(failure, BaseException) or isinstance(cmd.result, REDIS_DOWN):
+                again.append(cmd.position)
+            else:
+                answers[cmd.position] = cmd.result
+    if again:
+        retried = await asyncio.gather(*(redis.execute_command(*commands[i]) for i in again), return_exceptions=True)
+        for i, answer in zip(again, retried, strict=True):
+            answers[i] = answer
+    return answers
+
+
+async def buckets_where(redis: Any, command: Callable[[int], Command],
+                        wanted: Callable[[Any], bool] = bool) -> list[int]:
+    """The buckets whose answer to `command(bucket)` is `wanted`, every bucket asked in one round trip
+    (`ask_buckets`). A bucket whose node does not answer is left out, so the others go on; only when no
+    bucket answers is the error raised."""
+    answers = await ask_buckets(redis, command)
     errors = [a for a in answers if isinstance(a, BaseException)]
     for error in errors:
         if not isinstance(error, (*REDIS_DOWN, StoreUnavailable)):
             raise error
     if errors and len(errors) == len(answers):
         raise errors[0]
-    return [bucket for bucket, answer in enumerate(answers) if answer and not isinstance(answer, BaseException)]
+    return [bucket for bucket, answer in enumerate(answers) if not isinstance(answer, BaseException) and wanted(answer)]
 
 
 async def due_buckets(redis: Any, keys: Callable[[int], str], now_ms: int) -> list[int]:
     """The buckets of an index with an entry scored at or before `now_ms`, so that leases are taken
     only where there is work."""
-    return await buckets_where(lambda bucket: redis.zrangebyscore(keys(bucket), "-inf", now_ms, start=0, num=1))
+    return await buckets_where(redis, lambda bucket: ("ZRANGEBYSCORE", keys(bucket), "-inf", now_ms, "LIMIT", 0, 1))

@@ -329,11 +329,7 @@ async def trim_pass(redis: Any, schema: KeySchema, retention_ms: int, protect: l
                     batch: int = TRIM_BATCH, every_ms: int = TRIM_EVERY_MS, shipped: bool = False) -> int:
     """One batch of trimming in every bucket not trimmed within `every_ms` (every bucket's marker
     looked at once), each under its lease; returns the entries removed."""
-
-    async def undone(bucket: int) -> bool:
-        return not await redis.exists(schema.job_done(bucket, "trim"))
-
-    due = await buckets_where(undone)
+    due = await buckets_where(redis, lambda bucket: ("EXISTS", schema.job_done(bucket, "trim")), lambda n: not n)
     return await run_leased(redis, schema, "trim", due, lambda bucket: trim_bucket(
         redis, schema, bucket, retention_ms, protect, now_ms, batch, every_ms, shipped))
 

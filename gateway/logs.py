@@ -9,11 +9,16 @@ credits actually charged. The client's own `X-Request-ID` and a W3C `traceparent
 recorded next to the gateway's request id; the client's id is never used as a key for anything.
 
 Cost: the text line is formatted once with an f-string; the JSON line goes through one cached encoder;
-nothing is built when the access logger's level is disabled.
+nothing is built when the access logger's level is disabled. When the only handler an access line would
+reach is the one `setup` installs (`gateway serve`), the line is formatted straight into that handler's
+buffer, without a LogRecord, and written in chunks of whole lines (see `LineHandler`); an operator's own
+handlers, filters or formatters get every record through logging as before.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -78,6 +83,10 @@ class TextFormatter(logging.Formatter):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return self._clock.local(record.created)
 
+    def info_line(self, created: float, name: str, msg: str, fields: dict[str, Any] | None) -> str:
+        """What `format` makes of an INFO record of `name` with `msg` (no exception), built directly."""
+        return f"{self._clock.local(created)} {os.getpid()} INFO {msg}"
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: ts, level, logger, msg, and the access fields of an access record."""
@@ -87,16 +96,24 @@ class JsonFormatter(logging.Formatter):
         self._clock = _Clock()
 
     def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {"ts": self._clock.iso(record.created), "level": record.levelname,
-                                "logger": record.name, "msg": record.getMessage()}
-        fields = getattr(record, "access", None)
-        if fields is not None:
-            line.update(fields)
+        line = self._fields(record.created, record.levelname, record.name, record.getMessage(),
+                            getattr(record, "access", None))
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         if record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
         return _ENCODE(line)
+
+    def info_line(self, created: float, name: str, msg: str, fields: dict[str, Any] | None) -> str:
+        """What `format` makes of an INFO record of `name` with `msg` and access `fields`, built directly."""
+        return _ENCODE(self._fields(created, "INFO", name, msg, fields))
+
+    def _fields(self, created: float, level: str, name: str, msg: str, fields: dict[str, Any] | None
+                ) -> dict[str, Any]:
+        line: dict[str, Any] = {"ts": self._clock.iso(created), "level": level, "logger": name, "msg": msg}
+        if fields is not None:
+            line.update(fields)
+        return line
 
 
 def formatter(fmt: str | None = None) -> logging.Formatter:
@@ -104,10 +121,101 @@ def formatter(fmt: str | None = None) -> logging.Formatter:
     return JsonFormatter() if (fmt or log_format()) == "json" else TextFormatter()
 
 
+#: Buffered access lines are written when they would pass this many bytes: whole lines only, and within
+#: PIPE_BUF (4096 on Linux), so that the lines of several workers sharing one pipe never interleave.
+ACCESS_CHUNK_BYTES = 4096
+#: ... and at the latest this long after the first of them was buffered (a timer of the event loop).
+ACCESS_FLUSH_SECONDS = 0.5
+
+
+class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler `setup` installs: logging's records as a StreamHandler writes them, plus access lines
+    formatted by the caller (`write_line`), which are buffered. Buffered lines are written, each once and
+    in order, before any other record, when they pass ACCESS_CHUNK_BYTES, within ACCESS_FLUSH_SECONDS, and
+    on `flush` (at shutdown, and by logging's own exit hook)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        super().__init__(stream)
+        self._lines: list[str] = []
+        self._bytes = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
+
+    def write_line(self, line: str) -> None:
+        size = (len(line) if line.isascii() else len(line.encode())) + 1
+        with self.lock:  # type: ignore[union-attr]  # set by Handler.createLock
+            if self._lines and self._bytes + size > ACCESS_CHUNK_BYTES:
+                self._write_buffered()
+            self._lines.append(line)
+            self._bytes += size
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop to flush later: now
+            self.flush()
+            return
+        if self._timer is None or self._timer_loop is not loop:
+            self._timer, self._timer_loop = loop.call_later(ACCESS_FLUSH_SECONDS, self._on_timer), loop
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.flush()
+
+    def _write_buffered(self) -> None:
+        """Write the buffered lines in one call (the caller holds the lock)."""
+        lines, self._lines, self._bytes = self._lines, [], 0
+        try:
+            self.stream.write(self.terminator.join(lines) + self.terminator)
+            self.stream.flush()
+        except Exception:
+            self.handleError(logging.makeLogRecord({"name": "aiohttp.access", "msg": f"{len(lines)} access lines"}))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._lines:  # the lines buffered before this record are written before it
+            self._write_buffered()
+        super().emit(record)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if self._lines:
+                self._write_buffered()
+            super().flush()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):  # the stream is closed already
+            self.flush()
+        super().close()
+
+
+def direct_handler(logger: logging.Logger) -> LineHandler | None:
+    """The `LineHandler` an INFO record of `logger` would reach, when it is the only handler it would
+    reach and nothing on the way filters or formats it otherwise; None when logging must do it."""
+    if logger.filters or logger.disabled:
+        return None
+    found: LineHandler | None = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            if found is not None or type(handler) is not LineHandler or handler.filters or handler.level > logging.INFO:
+                return None
+            found = handler
+        if not current.propagate:
+            break
+        current = current.parent
+    if found is None or type(found.formatter) not in (TextFormatter, JsonFormatter):
+        return None
+    return found
+
+
+def flush() -> None:
+    """Write what the root logger's handlers buffer (`gateway serve` calls it once it has stopped)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
 def setup(level: int = logging.INFO, fmt: str | None = None, stream: IO[str] | None = None) -> None:
     """Configure the root logger: one handler on stderr in the chosen format (a replacement for
     `logging.basicConfig` in `gateway serve`)."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = LineHandler(stream or sys.stderr)
     handler.setFormatter(formatter(fmt))
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -336,6 +444,13 @@ class AccessLogger(AbstractAccessLogger):
             self._emit(access.text(), None)
 
     def _emit(self, line: str, extra: dict[str, Any] | None) -> None:
-        """`logger.info(line)` without looking up the caller's frame (it is always this module)."""
+        """`logger.info(line)`: straight into the gateway's own handler's buffer when that is all logging
+        would do with it, else through logging (without looking up the caller's frame)."""
         logger = self.logger
+        handler = direct_handler(logger)
+        if handler is not None:
+            formatter: TextFormatter | JsonFormatter = handler.formatter  # type: ignore[assignment]
+            handler.write_line(formatter.info_line(time.time(), logger.name, line,
+                                                   extra["access"] if extra is not None else None))
+            return
         logger.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0, line, (), None, extra=extra))

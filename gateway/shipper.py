@@ -24,7 +24,7 @@ from aiohttp import web
 
 from gateway.exports import EVENT_SOURCE
 from gateway.index import bucket_accounts
-from gateway.jobs import Lease
+from gateway.jobs import Lease, ask_buckets
 from gateway.keys import INDEX_BUCKETS, KeySchema
 from gateway.ledger import admin_view, cloudevent, parse_entry, shipped_key, trim, usage_view
 from gateway.sinks import Sink, make_sink
@@ -156,9 +156,9 @@ class Shipper:
             await self._progress.wait_for(lambda: self.shipped >= count)
 
     async def ship_once(self) -> int:
-        """One pass over every shard this shipper can lease; returns the events it shipped."""
+        """One pass over every shard with work that this shipper can lease; returns the events it shipped."""
         total = 0
-        shards = index_shards()
+        shards = await self._shards_with_work()
         random.shuffle(shards)  # processes that start together spread over the shards
         for shard in shards:
             lease = Lease(self.redis, lease_key(self.schema, shard), self.lease_ms)
@@ -172,6 +172,39 @@ class Shipper:
                 with contextlib.suppress(Exception):
                     await lease.release()
         return total
+
+    async def _shards_with_work(self) -> list[int]:
+        """The shards worth a lease: every shard's first page of accounts is read in one round trip, their
+        cursors and newest entries in one more per `_CHECK_CHUNK` accounts (looking needs no lease), and a
+        shard with nothing new to ship is left alone unless its hourly trim is due. A shard that does not
+        answer, or has more accounts than one page, is taken as before (the leased walk finds out)."""
+        now, busy, looked = self.clock(), set(), {}
+        pages = await ask_buckets(self.redis, lambda shard: (
+            "ZRANGEBYLEX", self.schema.accounts(shard), "-", "+", "LIMIT", 0, _CHECK_CHUNK))
+        for shard, page in zip(index_shards(), pages, strict=True):
+            if (now - self._last_trim.get(shard, 0.0) >= self.trim_every or not isinstance(page, list)
+                    or len(page) >= _CHECK_CHUNK):
+                busy.add(shard)
+            else:  # an empty shard has nothing to ship
+                looked.update(dict.fromkeys(page, shard))
+        accounts = list(looked)
+        for start in range(0, len(accounts), _CHECK_CHUNK):
+            chunk = accounts[start:start + _CHECK_CHUNK]
+            busy.update(looked[a] for a, (_cursor, new) in zip(chunk, await self._cursors(chunk), strict=True) if new)
+        return sorted(busy)
+
+    async def _cursors(self, accounts: list[str]) -> list[tuple[str | None, bool]]:
+        """Each account's cursor, and whether its ledger has an entry after it; in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for account_id in accounts:
+            pipe.get(shipped_key(self.schema, account_id))
+            pipe.xrevrange(self.schema.for_account(account_id).ledger, "+", "-", count=1)
+        replies = await pipe.execute()
+        found = []
+        for i in range(len(accounts)):
+            cursor, newest = replies[2 * i], replies[2 * i + 1]
+            found.append((cursor, bool(newest) and _after(newest[0][0], cursor)))
+        return found
 
     async def _ship_shard(self, shard: int, lease: Lease) -> int:
         shipped, batch = 0, _Batch()
@@ -195,17 +228,10 @@ class Shipper:
             return 0
         if not await lease.renew():  # a long walk outlives one lease
             raise LeaseLost()
-        pipe = self.redis.pipeline(transaction=False)
-        for account_id in accounts:
-            pipe.get(shipped_key(self.schema, account_id))
-            pipe.xrevrange(self.schema.for_account(account_id).ledger, "+", "-", count=1)
-        replies = await pipe.execute()
         shipped = 0
-        for i, account_id in enumerate(accounts):
-            cursor, newest = replies[2 * i], replies[2 * i + 1]
-            if not newest or not _after(newest[0][0], cursor):
-                continue
-            shipped += await self._read_account(account_id, cursor, batch, lease)
+        for account_id, (cursor, new) in zip(accounts, await self._cursors(accounts), strict=True):
+            if new:
+                shipped += await self._read_account(account_id, cursor, batch, lease)
         if trimming:
             shipped += await self._flush(batch, lease)  # cursors first: trimming reads them
             now_ms = int(self.clock() * 1000)

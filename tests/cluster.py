@@ -38,8 +38,9 @@ def _cluster_port() -> int:
 class LocalCluster:
     """Three primaries on 127.0.0.1, no replicas, nothing persisted."""
 
-    def __init__(self, folder: Path, size: int = 3) -> None:
+    def __init__(self, folder: Path, size: int = 3, options: tuple[str, ...] = ()) -> None:
         self.folder = folder
+        self.options = options  # more redis-server arguments for every node
         self.ports = [_cluster_port() for _ in range(size)]
         self.procs: list[subprocess.Popen[bytes]] = []
 
@@ -68,7 +69,7 @@ class LocalCluster:
                 [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                  "--cluster-config-file", str(self.folder / f"nodes-{port}.conf"), "--cluster-node-timeout", "3000",
                  "--dir", str(self.folder), "--save", "", "--appendonly", "no", "--daemonize", "no",
-                 "--loglevel", "warning", "--logfile", str(self.folder / f"redis-{port}.log")],
+                 "--loglevel", "warning", "--logfile", str(self.folder / f"redis-{port}.log"), *self.options],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         deadline = time.monotonic() + timeout
         nodes = [self.node(port) for port in self.ports]

@@ -22,11 +22,12 @@ from redis import exceptions as redis_errors
 
 from gateway.app import create_app, reap_once
 from gateway.embedded import free_port, redis_server_binary
-from gateway.jobs import Lease, buckets_where
+from gateway.jobs import Lease, ask_buckets, due_buckets
 from gateway.keys import INDEX_BUCKETS, KeySchema, bucket_of
 from gateway.metering import quote
 from gateway.reaper import INDEX_HORIZON_MS
 from gateway.redis_client import connect_redis, is_cluster, parse_redis_url
+from gateway.scripts import REDIS_DOWN
 from gateway.state import GATEWAY, Gateway
 
 pytestmark = pytest.mark.cluster
@@ -112,19 +113,60 @@ def test_every_index_bucket_has_a_slot_of_its_own() -> None:
     assert bucket_of("acct_0123456789abcdef") == bucket_of("acct_0123456789abcdef") < INDEX_BUCKETS
 
 
-async def test_jobs_go_on_with_the_buckets_whose_node_answers() -> None:
-    async def check(bucket: int) -> bool:
-        if bucket % 3 == 0:
-            raise redis_errors.ConnectionError("that shard is lost")
-        return bucket % 2 == 0
+@pytest.fixture
+def partial_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    """A cluster of its own, for a test that stops a node: its nodes go on serving the slots they own."""
+    running = LocalCluster(tmp_path / "partial", options=("--cluster-require-full-coverage", "no"))
+    running.start()
+    yield running
+    running.stop()
 
-    assert await buckets_where(check) == [b for b in range(INDEX_BUCKETS) if b % 3 and b % 2 == 0]
 
-    async def all_lost(bucket: int) -> bool:
-        raise redis_errors.ConnectionError("every shard is lost")
+def _connections(cluster: LocalCluster) -> dict[int, int]:
+    found = {}
+    for port in cluster.ports:
+        with cluster.node(port) as node:
+            found[port] = int(node.info("stats")["total_connections_received"])
+    return found
 
-    with pytest.raises(redis_errors.ConnectionError):
-        await buckets_where(all_lost)
+
+async def test_a_pass_asks_every_node_once_and_goes_on_without_a_node_that_is_down(
+        partial_cluster: LocalCluster) -> None:
+    schema, now = KeySchema(), 1_000_000
+    sync = partial_cluster.client()
+    node_of = {b: int(sync.get_node_from_key(schema.webhooks(b)).port) for b in range(INDEX_BUCKETS)}
+    due = [b for b in range(INDEX_BUCKETS) if b % 2 == 0 and b % 5]
+    for b in range(INDEX_BUCKETS):
+        if b % 5:  # every fifth bucket empty, the odd ones with work due only later
+            sync.zadd(schema.webhooks(b), {f"delivery-{b}": now - 1 if b % 2 == 0 else now + 60_000})
+    sync.close()
+    redis = connect_redis(partial_cluster.url, 0.5)
+    try:
+        await redis.initialize()
+        before = _connections(partial_cluster)
+        assert await due_buckets(redis, schema.webhooks, now) == due
+        # one pipeline per node on one connection each, not one pooled connection per bucket in flight
+        opened = {port: after - before[port] - 1 for port, after in _connections(partial_cluster).items()}
+        assert all(count <= 1 for count in opened.values()), opened  # (-1: the INFO call's own)
+        depths = await ask_buckets(redis, lambda b: ("ZCARD", schema.webhooks(b)))
+        assert depths == [1 if b % 5 else 0 for b in range(INDEX_BUCKETS)]
+
+        lost = partial_cluster.ports[2]
+        partial_cluster.procs[2].kill()
+        partial_cluster.procs[2].wait()
+        assert await due_buckets(redis, schema.webhooks, now) == [b for b in due if node_of[b] != lost]
+        answers = await ask_buckets(redis, lambda b: ("ZCARD", schema.webhooks(b)))
+        for b, answer in enumerate(answers):
+            assert isinstance(answer, REDIS_DOWN) if node_of[b] == lost else answer == (1 if b % 5 else 0)
+
+        for proc in partial_cluster.procs[:2]:
+            proc.kill()
+            proc.wait()
+        with pytest.raises(Exception) as nothing_answers:  # whatever redis-py makes of it, checked below
+            await due_buckets(redis, schema.webhooks, now)
+        assert isinstance(nothing_answers.value, (*REDIS_DOWN, redis_errors.RedisClusterException))
+    finally:
+        await redis.aclose()
 
 
 def test_redis_urls_name_a_server_a_cluster_or_a_sentinel_service() -> None:

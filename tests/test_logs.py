@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 import redis as sync_redis
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from conftest import ADMIN_KEY, PROVIDER_KEY, TEST_PLANS, Harness, emulator_state, make_settings
 from multidict import CIMultiDict
 from served import account_with_key, serve, wait_ready, wait_until
@@ -356,3 +358,120 @@ async def test_gateway_serve_with_json_logs_writes_json_lines(tmp_path: Path, co
     printed = ("gateway listening on", "embedded redis-server at")  # the CLI's own banner, not log records
     assert all(json.loads(line)["level"] for line in lines if not line.startswith(printed))
     _no_secrets(served.log(), key)
+
+
+# ---------------------------------------------------------------- the access lines' own path (gateway serve's handler)
+
+
+@pytest.fixture
+def root_only() -> Iterator[logging.Logger]:
+    """The root logger, given back with its handlers and level as they were."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    yield root
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in saved[0]:
+        root.addHandler(handler)
+    root.setLevel(saved[1])
+
+
+class _Writes(io.StringIO):
+    """A stream that remembers each write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def _served_request(request_id: str) -> tuple[web.Request, web.Response, logs.Access]:
+    """A proxied request's access record as the proxy fills it in, with its request and response."""
+    request = make_mocked_request("POST", "/v1/chat/completions")
+    access = logs.Access(request_id, "client-1", TRACE, "openai")
+    access.account_id, access.key_id, access.model, access.route, access.upstream = (
+        "acct_1", "key_1", "demo-mini", "demo-*", "demo")
+    access.input_tokens, access.output_tokens, access.credits_micro, access.upstream_ms = 12, 34, 1_234, 5.0
+    access.settled = False
+    request[logs.ACCESS] = access
+    return request, web.Response(status=200, headers={"x-gateway-request-id": request_id}), access
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+async def test_access_lines_skip_logging_but_read_exactly_as_its_records(
+        fmt: str, root_only: logging.Logger, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(logs.LOG_FORMAT_ENV, fmt)
+    monkeypatch.setattr(time, "time", lambda: 1_764_000_000.25)  # LogRecord.created and the direct line alike
+    written: dict[str, str] = {}
+    for path in ("direct", "logging"):
+        stream = io.StringIO()
+        logs.setup(stream=stream)
+        access_logger = logging.getLogger("aiohttp.access")
+        if path == "logging":  # an operator's filter: every record goes through logging
+            access_logger.addFilter(lambda record: True)
+        try:
+            assert (logs.direct_handler(access_logger) is not None) == (path == "direct")
+            request, response, access = _served_request("req_1")
+            AccessLogger(access_logger, "").log(request, response, 0.0123)
+            access.call_ended(200)
+            AccessLogger(access_logger, "").log(make_mocked_request("GET", "/health?key=sk-secret"),
+                                                web.Response(headers={"x-gateway-request-id": "req_2"}), 0.001)
+            logs.flush()
+        finally:
+            access_logger.filters.clear()
+        written[path] = stream.getvalue()
+    assert written["direct"] == written["logging"]
+    lines = written["direct"].splitlines()
+    assert len(lines) == 2 and "sk-secret" not in written["direct"]
+    if fmt == "json":
+        assert json.loads(lines[0])["settlement"] == "queued" and json.loads(lines[1])["path"] == "/health"
+    else:
+        assert lines[0].endswith(f"INFO POST /v1/chat/completions 200 12.3ms req_1 outcome=served "
+                                 f"client_request_id=client-1 trace_id={TRACE} account_id=acct_1 key_id=key_1 "
+                                 "model=demo-mini route=demo-* upstream=demo input_tokens=12 output_tokens=34 "
+                                 "credits=0.001234 settlement=queued upstream_ms=5.0")
+
+
+async def test_buffered_access_lines_are_written_once_in_order_in_whole_line_chunks(
+        root_only: logging.Logger, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(logs.LOG_FORMAT_ENV, "text")
+    stream = _Writes()
+    logs.setup(stream=stream)
+    access_logger = logging.getLogger("aiohttp.access")
+    for n in range(40):
+        request, response, access = _served_request(f"req_{n:03d}")
+        AccessLogger(access_logger, "").log(request, response, 0.001)
+        access.call_ended(200)
+    logging.getLogger("gateway.test").warning("after forty requests")  # writes the lines buffered before it
+    request, response, access = _served_request("req_last")
+    AccessLogger(access_logger, "").log(request, response, 0.001)
+    access.call_ended(200)
+    for _ in range(500):  # the loop's timer writes the last line (ACCESS_FLUSH_SECONDS), no flush called
+        if "req_last" in stream.getvalue():
+            break
+        await asyncio.sleep(0.01)
+    lines = stream.getvalue().splitlines()
+    assert [line.split()[8] for line in lines if "outcome=" in line] == [f"req_{n:03d}" for n in range(40)] + [
+        "req_last"]
+    assert "after forty requests" in lines[40]
+    assert len(stream.writes) > 3  # several chunks, each of whole lines that one write to a pipe keeps together
+    assert all(chunk.endswith("\n") and len(chunk.encode()) <= logs.ACCESS_CHUNK_BYTES for chunk in stream.writes)
+
+
+def test_an_operators_own_handler_gets_every_access_record(root_only: logging.Logger) -> None:
+    stream = io.StringIO()
+    logs.setup(fmt="text", stream=stream)
+    records: list[logging.LogRecord] = []
+    extra = logging.Handler()
+    extra.emit = records.append  # type: ignore[method-assign]
+    root_only.addHandler(extra)
+    access_logger = logging.getLogger("aiohttp.access")
+    assert logs.direct_handler(access_logger) is None
+    request, response, access = _served_request("req_seen")
+    AccessLogger(access_logger, "").log(request, response, 0.001)
+    access.call_ended(200)
+    assert [r.getMessage().split()[4] for r in records] == ["req_seen"]
+    assert "req_seen" in stream.getvalue()  # logging's path writes at once

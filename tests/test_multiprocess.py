@@ -64,8 +64,12 @@ async def test_every_scrape_of_any_worker_counts_every_workers_requests(
             async with aiohttp.ClientSession() as session, session.post(
                     served.url("/v1/chat/completions"), json=BODY, headers={"Authorization": f"Bearer {key}"}) as r:
                 assert r.status == 200, await r.text()
-        served_by = {int(m) for m in re.findall(r"^\S+ \S+ (\d+) INFO POST /v1/chat/completions 200",
-                                                 served.log(), re.M)}
+
+        async def access_lines() -> list[str]:  # written within half a second (the access log is buffered)
+            found = re.findall(r"^\S+ \S+ (\d+) INFO POST /v1/chat/completions 200", served.log(), re.M)
+            return found if len(found) == requests else []
+
+        served_by = {int(m) for m in await wait_until(access_lines, "every request's access line", timeout=10)}
         assert served_by == workers  # both workers counted some of them
         scraped: set[int] = set()
         for _ in range(40):

@@ -19,8 +19,10 @@ from aiohttp.test_utils import TestServer
 from conftest import Harness, make_settings
 
 from gateway.app import create_app
+from gateway.index import add_account
 from gateway.keys import KeySchema, bucket_of
 from gateway.ledger import parse_entry, render, shipped_id, trim_pass, usage_view
+from gateway.redis_client import connect_redis
 from gateway.settings import Settings, SettingsError
 from gateway.shipper import SHIPPER, Shipper, lease_key, to_cloudevent, trim_shipped
 from gateway.sinks import BATCH_CONTENT_TYPE, FileSink, HttpSink, make_sink
@@ -341,3 +343,38 @@ async def test_every_gateway_process_ships_in_the_background_when_a_sink_is_set(
         assert _file_ids(tmp_path / "ledger") == expected
     finally:
         await harness.close()
+
+
+async def test_a_pass_looks_first_and_leases_only_the_shards_with_something_new(redis_url: str,
+                                                                               tmp_path: Path) -> None:
+    schema, probe = KeySchema("shiplook:"), sync_redis.Redis.from_url(redis_url)
+    redis = connect_redis(redis_url, 0.5)
+    accounts = [f"acct_look{n:04d}" for n in range(40)]
+    for account in accounts:
+        await add_account(redis, schema, account)
+        await redis.xadd(schema.for_account(account).ledger, {"type": "grant", "ts": "1764000000000"})
+
+    def writes() -> dict[str, int]:  # lease acquisitions and cursor moves are SETs, renewals and releases WATCH
+        stats = probe.info("commandstats")
+        return {name: int(stats.get(f"cmdstat_{name}", {"calls": 0})["calls"]) for name in ("set", "watch")}
+
+    shipper = Shipper(redis, schema, FileSink(tmp_path / "ledger"), batch=100)
+    try:
+        assert await shipper.ship_once() == len(accounts)  # the first pass: every shard (their trims are due)
+        before = writes()
+        assert await shipper.ship_once() == 0
+        assert writes() == before  # nothing new, no trim due: not one lease taken
+        await redis.xadd(schema.for_account(accounts[3]).ledger, {"type": "grant", "ts": "1764000000001"})
+        assert await shipper.ship_once() == 1
+        after = writes()
+        assert after["set"] - before["set"] == 2  # the one shard's lease, and its account's cursor
+        assert len(_file_ids(tmp_path / "ledger")) == len(accounts) + 1
+        assert await shipped_id(redis, schema, accounts[3]) == _last_id(probe, schema, accounts[3])
+    finally:
+        await redis.aclose()
+        probe.close()
+
+
+def _last_id(probe: sync_redis.Redis, schema: KeySchema, account: str) -> str:
+    entries: Any = probe.xrevrange(schema.for_account(account).ledger, count=1)
+    return str(entries[0][0].decode())

@@ -4,7 +4,10 @@ and are settled, then the process exits 0."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
+import os
 import signal
 from pathlib import Path
 
@@ -12,13 +15,19 @@ import aiohttp
 import pytest
 import redis as sync_redis
 from aiohttp.test_utils import TestServer
-from served import Served, account_with_key, serve, wait_ready, wait_until
+from conftest import make_settings
+from served import Served, account_with_key, get_json, serve, wait_ready, wait_until
 
+from gateway import logs
+from gateway.app import create_app
+from gateway.cli_serve import _serve
+from gateway.embedded import free_port
 from gateway.keys import KeySchema
 from gateway.ledger import parse_entry
 
 SLOW_STREAM = {"model": "demo-mini", "stream": True, "max_tokens": 100,
                "messages": [{"role": "user", "content": "go [[emu out=40 delay_ms=50]]"}]}
+CHAT = {"model": "demo-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
 
 
 async def _refused(served: Served) -> bool:
@@ -110,3 +119,65 @@ async def test_a_sigterm_while_the_workers_are_still_starting_is_not_lost(
         assert await asyncio.to_thread(served.proc.wait, 30) == 0
     finally:
         served.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_the_access_lines_still_buffered_at_sigterm_are_written_once_each(
+        tmp_path: Path, config_dir: Path, redis_url: str, emulator: TestServer, workers: int) -> None:
+    served = serve(tmp_path, config_dir, "--workers", str(workers), redis_url=redis_url)
+    request_ids = []
+    try:
+        await wait_ready(served)
+        _account, key = await account_with_key(served)
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
+            for _ in range(25):
+                async with session.post(served.url("/v1/chat/completions"), json=CHAT) as resp:
+                    assert resp.status == 200, await resp.text()
+                    request_ids.append(resp.headers["x-gateway-request-id"])
+        served.proc.send_signal(signal.SIGTERM)  # the last lines are still buffered (written within 0.5 s)
+        assert await asyncio.to_thread(served.proc.wait, 60) == 0
+    finally:
+        served.stop()
+    lines = served.log().splitlines()
+    for request_id in request_ids:
+        assert sum(request_id in line and "outcome=served" in line for line in lines) == 1, request_id
+    assert key not in served.log()
+
+
+async def test_serve_writes_the_access_lines_still_buffered_when_it_stops(
+        config_dir: Path, redis_url: str, emulator: TestServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gateway serve`'s serving loop, in this process, with the buffer's timer out of the way: only the
+    stop can write the lines."""
+    monkeypatch.setattr(logs, "ACCESS_FLUSH_SECONDS", 3600.0)
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    stream = io.StringIO()
+    logs.setup(fmt="text", stream=stream)
+    try:
+        settings = make_settings(config_dir, redis_url)
+        port = free_port()
+        serving = asyncio.create_task(_serve(create_app(settings), settings, "127.0.0.1", port, False))
+        served = Served(None, port, config_dir, config_dir)  # type: ignore[arg-type]  # for its URLs only
+
+        async def ready() -> bool:
+            assert not serving.done()
+            return (await get_json(served.url("/ready")))[0] == 200
+
+        await wait_until(ready, "the gateway to be ready")
+        _account, key = await account_with_key(served)
+        request_ids = []
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
+            for _ in range(5):
+                async with session.post(served.url("/v1/chat/completions"), json=CHAT) as resp:
+                    assert resp.status == 200
+                    request_ids.append(resp.headers["x-gateway-request-id"])
+        os.kill(os.getpid(), signal.SIGTERM)  # _serve's handler: stop serving, clean up, write what is buffered
+        await asyncio.wait_for(serving, 60)
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+    written = stream.getvalue()
+    assert all(written.count(f" {rid} outcome=served") == 1 for rid in request_ids), written
