@@ -30,9 +30,12 @@ async def chat(request: web.Request) -> web.Response:
     elif said == "no output count":
         usage = {"prompt_tokens": 9, "total_tokens": 9}
     text = "word " * 400
-    return web.json_response({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": body["model"],
-                              "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                           "finish_reason": "stop"}], "usage": usage})
+    answer = web.json_response({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": body["model"],
+                                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                             "finish_reason": "stop"}], "usage": usage})
+    if said == "gzip":  # compressed although the gateway asked for identity
+        answer.enable_compression(web.ContentCoding.gzip)
+    return answer
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
@@ -107,3 +110,17 @@ async def test_a_stream_still_silent_when_the_drain_time_ends_is_charged_its_who
     event = _usage_event(harness, account)
     assert event["outcome"] == "client_disconnected_estimated"
     assert int(event["cost"]) == int(event["hold"])  # unknown output: the provider may have made it all
+
+
+async def test_an_answer_compressed_against_the_gateways_wish_is_decoded_billed_and_relayed_plain(
+        harness: Harness) -> None:
+    account, key = await harness.account(credits=10)
+    body = {"model": "demo-mini", "messages": [{"role": "user", "content": "gzip"}]}
+    resp = await harness.client.post("/v1/chat/completions", json=body, headers={AUTH: f"Bearer {key}"},
+                                     auto_decompress=False)
+    assert resp.status == 200 and "Content-Encoding" not in resp.headers
+    answer = json.loads(await resp.read())  # plain JSON on the wire, as the gateway relays it
+    assert answer["usage"]["completion_tokens"] == 5
+    event = _usage_event(harness, account)
+    assert (event["in"], event["out"], event["estimated"]) == ("9", "5", "0")
+    await harness.assert_conserved(account)
