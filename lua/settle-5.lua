@@ -1,6 +1,6 @@
 -- settle-5.lua: charge a request's actual cost, count it in every limit, end its holds and record one
 -- event; a hold under a key budget counts its charge there (lib/budget.lua). Uses lib/budget.lua,
--- lib/clock.lua, lib/hold.lua and lib/settle.lua.
+-- lib/balance.lua, lib/clock.lua, lib/hold.lua and lib/settle.lua. The account hash is read once.
 -- KEYS[1] account hash   KEYS[2] holds hash   KEYS[3] hold expiry zset   KEYS[4] ledger stream
 -- KEYS[5] limits hash (see lib/limits.lua)
 -- ARGV[1] request id     ARGV[2] actual cost (micro-credits)   ARGV[3] clock offset (ms)
@@ -19,15 +19,22 @@ local reaped = 0
 if not h or h.ended then
   h, reaped = {amount = 0, allow = 0, gen = -1, budget = h and h.budget}, 1
 end
-local a = redis.call('HMGET', KEYS[1], 'allow', 'extra', 'held')
-local free = math.max(tonumber(a[1] or '0') + tonumber(a[2] or '0') - tonumber(a[3] or '0'), 0)
-local actual = tonumber(ARGV[2])
-local charge = math.min(actual, h.amount + free)
-local available = end_hold(KEYS[1], h, charge)
-for field, n in pairs({charged = charge, cycle_used = charge, requests = 1, cycle_requests = 1,
-                       tokens = tonumber(ARGV[7]), cycle_tokens = tonumber(ARGV[7]), uncollected = actual - charge}) do
-  if n ~= 0 then redis.call('HINCRBY', KEYS[1], field, n) end
+local a = redis.call('HMGET', KEYS[1], 'allow', 'extra', 'held', 'held_allow', 'agen', 'cycle_start_ms')
+local b, actual = hold_fields(a), tonumber(ARGV[2])
+local charge = math.min(actual, h.amount + math.max(b.allow + b.extra - b.held, 0))
+local available = end_hold(KEYS[1], b, h, charge)
+put_hold_fields(KEYS[1], b)
+-- counters by HINCRBY, given the caller's own text where it can (no number formatting)
+local c = (charge == actual) and ARGV[2] or string.format('%.0f', charge)
+redis.call('HINCRBY', KEYS[1], 'charged', c)
+local cycle_used = redis.call('HINCRBY', KEYS[1], 'cycle_used', c)
+redis.call('HINCRBY', KEYS[1], 'requests', '1')
+redis.call('HINCRBY', KEYS[1], 'cycle_requests', '1')
+if tonumber(ARGV[7]) ~= 0 then
+  redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[7])
+  redis.call('HINCRBY', KEYS[1], 'cycle_tokens', ARGV[7])
 end
+if actual > charge then redis.call('HINCRBY', KEYS[1], 'uncollected', string.format('%.0f', actual - charge)) end
 entomb(KEYS[2], KEYS[3], ARGV[1], 's', now, ARGV[9])
 give_back(KEYS[5], ARGV[1])
 if h.budget then budget_spent(KEYS[5], h.budget, charge) end
@@ -38,8 +45,6 @@ if ARGV[6] ~= '' then
 end
 redis.call('XADD', KEYS[4], '*', 'type', 'usage', 'ts', now, 'rid', ARGV[1], 'key_id', ARGV[4],
            'cost', charge, 'hold', h.amount, 'uncollected', actual - charge, 'reaped', reaped, 'data', ARGV[5])
-local c = redis.call('HMGET', KEYS[1], 'cycle_used', 'cycle_start_ms', 'allow', 'extra')
-local reply = {0, charge, available, tonumber(c[1] or '0'), tonumber(c[2] or '0'),
-               tonumber(c[3] or '0') + tonumber(c[4] or '0')}
+local reply = {0, charge, available, cycle_used, tonumber(a[6] or '0'), b.allow + b.extra}
 for _, v in ipairs(counted) do reply[#reply + 1] = v end
 return reply
