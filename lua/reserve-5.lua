@@ -26,7 +26,7 @@ local prior = hold_record(KEYS[3], ARGV[1])
 if prior and prior.ended then return {15, 0, 0, a[1]} end
 if prior then
   local left = tonumber(a[3] or '0') + tonumber(a[4] or '0') - tonumber(a[5] or '0')
-  return {prior.lowered, prior.amount, left, a[1], prior.tokens, prior.usd}
+  return {tonumber(prior.lowered), prior.amount, left, a[1], tonumber(prior.tokens), tonumber(prior.usd)}
 end
 if a[2] ~= 'active' then return {(a[2] == 'closed') and 17 or 11, 0, 0, a[1]} end
 local k = redis.call('HMGET', KEYS[2], 'status', 'expires_ms', 'budget_cycle', 'budget_life', 'budget_id',

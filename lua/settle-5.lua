@@ -15,16 +15,16 @@
 local now = now_ms(ARGV[3])
 local h = hold_record(KEYS[2], ARGV[1])
 if h and h.ended and h.ended ~= 'r' then return {2, 0, 0} end
-local reaped = 0
+local reaped = '0'
 if not h or h.ended then
-  h, reaped = {amount = 0, allow = 0, gen = -1, budget = h and h.budget}, 1
+  h, reaped = {amount = 0, text = '0', allow = 0, gen = -1, budget = h and h.budget}, '1'
 end
 local a = redis.call('HMGET', KEYS[1], 'allow', 'extra', 'held', 'held_allow', 'agen', 'cycle_start_ms')
 local b, actual = hold_fields(a), tonumber(ARGV[2])
 local charge = math.min(actual, h.amount + math.max(b.allow + b.extra - b.held, 0))
 local available = end_hold(KEYS[1], b, h, charge)
 put_hold_fields(KEYS[1], b)
--- counters by HINCRBY, given the caller's own text where it can (no number formatting)
+-- counters by HINCRBY, and the event, given the caller's own text where it can (no number formatting)
 local c = (charge == actual) and ARGV[2] or string.format('%.0f', charge)
 redis.call('HINCRBY', KEYS[1], 'charged', c)
 local cycle_used = redis.call('HINCRBY', KEYS[1], 'cycle_used', c)
@@ -34,7 +34,8 @@ if tonumber(ARGV[7]) ~= 0 then
   redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[7])
   redis.call('HINCRBY', KEYS[1], 'cycle_tokens', ARGV[7])
 end
-if actual > charge then redis.call('HINCRBY', KEYS[1], 'uncollected', string.format('%.0f', actual - charge)) end
+local uncollected = (actual > charge) and string.format('%.0f', actual - charge) or '0'
+if uncollected ~= '0' then redis.call('HINCRBY', KEYS[1], 'uncollected', uncollected) end
 entomb(KEYS[2], KEYS[3], ARGV[1], 's', now, ARGV[9])
 give_back(KEYS[5], ARGV[1])
 if h.budget then budget_spent(KEYS[5], h.budget, charge) end
@@ -44,7 +45,7 @@ if ARGV[6] ~= '' then
   counted = count_usage(KEYS[5], cjson.decode(ARGV[6]), ARGV[4], used, now, false)
 end
 redis.call('XADD', KEYS[4], '*', 'type', 'usage', 'ts', now, 'rid', ARGV[1], 'key_id', ARGV[4],
-           'cost', charge, 'hold', h.amount, 'uncollected', actual - charge, 'reaped', reaped, 'data', ARGV[5])
+           'cost', c, 'hold', h.text or h.amount, 'uncollected', uncollected, 'reaped', reaped, 'data', ARGV[5])
 local reply = {0, charge, available, cycle_used, tonumber(a[6] or '0'), b.allow + b.extra}
 for _, v in ipairs(counted) do reply[#reply + 1] = v end
 return reply

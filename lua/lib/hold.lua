@@ -4,12 +4,19 @@
 -- owner is the key id whose budget counters the charge goes to, see lib/budget.lua). Ended: a
 -- tombstone `~s` settled, `~x` released or cancelled, `~r` reaped (`~r <owner>` for a hold under a key
 -- budget, so a late settle still counts in it); kept until its hold-expiry score passes.
--- Returns: hold_record: nil, {ended = state, budget} or the live fields; entomb: nothing.
+-- Returns: hold_record: nil, {ended = state, budget} or the live fields (`text`: the amount as stored;
+-- lowered, tokens and micro-USD may be text); entomb: nothing.
 local function hold_record(holds, rid)
   local v = redis.call('HGET', holds, rid)
   if not v then return nil end
   if string.sub(v, 1, 1) == '~' then
     return {ended = string.sub(v, 2, 2), budget = #v > 3 and string.sub(v, 4) or nil}
+  end
+  -- the live format in one match: only the amounts are numbers (the rest is read on a retry only)
+  local n, allow, gen, lowered, tokens, usd, owner = string.match(v, '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) ?(%S*)$')
+  if n then
+    return {amount = tonumber(n), text = n, allow = tonumber(allow), gen = tonumber(gen), lowered = lowered,
+            tokens = tokens, usd = usd, budget = owner ~= '' and owner or nil}
   end
   local f = {}
   for x in string.gmatch(v, '%S+') do f[#f + 1] = x end
