@@ -3,7 +3,7 @@
 -- queued change's fields, rarely set, are read only when a cycle ends.
 -- A queued plan change (next_plan) applies at the first cycle starting at or after next_from_ms.
 -- Only the unheld part of the allowance expires: what requests in flight hold of it (held_allow)
--- is carried into the new allowance generation and ends with them (lib/hold.lua end_hold).
+-- is carried into the new allowance generation and ends with them (lib/balance.lua end_hold).
 -- Returns: status (0 go on, 14 plan changed, 16 stale bounds), the plan, the allowance, its generation
 -- and the end of the cycle now (ms).
 -- close_cycle: the snapshot a statement reads (gateway.statements), written as the old cycle ends, its
