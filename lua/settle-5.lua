@@ -25,23 +25,24 @@ local charge = math.min(actual, h.amount + math.max(b.allow + b.extra - b.held, 
 local available = end_hold(KEYS[1], b, h, charge)
 put_hold_fields(KEYS[1], b)
 -- counters by HINCRBY, and the event, given the caller's own text where it can (no number formatting)
-local c = (charge == actual) and ARGV[2] or string.format('%.0f', charge)
+local c = (charge == actual) and int_text(ARGV[2], actual) or int_text('', charge)
 redis.call('HINCRBY', KEYS[1], 'charged', c)
 local cycle_used = redis.call('HINCRBY', KEYS[1], 'cycle_used', c)
 redis.call('HINCRBY', KEYS[1], 'requests', '1')
 redis.call('HINCRBY', KEYS[1], 'cycle_requests', '1')
-if tonumber(ARGV[7]) ~= 0 then
-  redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[7])
-  redis.call('HINCRBY', KEYS[1], 'cycle_tokens', ARGV[7])
+local tokens = tonumber(ARGV[7])
+if tokens ~= 0 then
+  redis.call('HINCRBY', KEYS[1], 'tokens', int_text(ARGV[7], tokens))
+  redis.call('HINCRBY', KEYS[1], 'cycle_tokens', int_text(ARGV[7], tokens))
 end
-local uncollected = (actual > charge) and string.format('%.0f', actual - charge) or '0'
+local uncollected = (actual > charge) and int_text('', actual - charge) or '0'
 if uncollected ~= '0' then redis.call('HINCRBY', KEYS[1], 'uncollected', uncollected) end
 entomb(KEYS[2], KEYS[3], ARGV[1], 's', now, ARGV[9])
 give_back(KEYS[5], ARGV[1])
 if h.budget then budget_spent(KEYS[5], h.budget, charge) end
 local counted = {}
 if ARGV[6] ~= '' then
-  local used = {c = charge, t = tonumber(ARGV[7]), u = tonumber(ARGV[8]), n = 1}
+  local used = {c = charge, t = tokens, u = tonumber(ARGV[8]), n = 1}
   counted = count_usage(KEYS[5], cjson.decode(ARGV[6]), ARGV[4], used, now, false)
 end
 redis.call('XADD', KEYS[4], '*', 'type', 'usage', 'ts', now, 'rid', ARGV[1], 'key_id', ARGV[4],

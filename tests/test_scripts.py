@@ -365,3 +365,17 @@ async def test_one_reap_call_returns_every_expired_hold_of_the_account(harness: 
     state = await harness.assert_conserved(account)
     assert (state["extra"], state["charged"]) == (1_000_000, 0)
     assert [e["type"] for e in harness.ledger(account)[-3:]] == ["reaped"] * 3
+
+
+async def test_a_settle_given_amounts_as_non_canonical_text_still_counts_them_exactly(harness: Harness) -> None:
+    """The settle hands the caller's own text to HINCRBY only when Redis reads it as an integer as it
+    is ('52', not '52.0' or '052'): any other spelling of a whole number is counted as its value."""
+    account, key_id, keys, meter, q = await _direct(harness)
+    await meter.reserve(keys, key_id, "req_text", "free", q, no_limits(q))
+    reply = await meter.runner.run("settle", [keys.account, keys.holds, keys.hold_expiry, keys.ledger, keys.limits],
+                                   ["req_text", "52.0", 0, key_id, "{}", "", "010", 0, 3_600_000])
+    assert reply[:2] == [0, 52]
+    raw = harness.redis.hgetall(keys.account)
+    assert (raw[b"charged"], raw[b"cycle_used"], raw[b"tokens"], raw[b"cycle_tokens"]) == (b"52", b"52", b"10", b"10")
+    assert harness.ledger(account)[-1]["cost"] == "52"
+    await harness.assert_conserved(account)

@@ -1,7 +1,8 @@
 -- lib/balance.lua: ending a hold (lib/hold.lua) against the account's balance fields, read by the
 -- caller in one HMGET and written back in one HSET (a call per field costs more than the fields).
 -- Input: the HMGET reply starting with HOLD_FIELDS; a hold record; the charge.
--- Returns: hold_fields: the fields as numbers; put_hold_fields: nothing; end_hold: the unheld balance after.
+-- Returns: hold_fields: the fields as numbers; put_hold_fields: nothing; end_hold: the unheld balance after;
+-- int_text: an integer as Redis reads one (the caller's text `s` when it is one already: no formatting).
 
 -- the fields end_hold works on: callers HMGET them first (then any fields of their own)
 local HOLD_FIELDS = {'allow', 'extra', 'held', 'held_allow', 'agen'}
@@ -12,12 +13,17 @@ local function hold_fields(a)
   return b
 end
 
--- writes what end_hold changed, as '%.0f' text (exact below 2^53; Lua's tostring is %.14g)
+local function int_text(s, n)
+  if s == '0' or string.find(s, '^[1-9]%d*$') then return s end
+  return string.format('%.0f', n + 0)  -- '%.0f': exact below 2^53 (Lua's tostring is %.14g); + 0: never '-0'
+end
+
+-- writes what end_hold changed, in one HSET
 local function put_hold_fields(acct, b)
   local args = {}
   for i, f in ipairs({'allow', 'extra', 'held', 'held_allow'}) do
     if b[f] ~= b.was[i] then
-      args[#args + 1], args[#args + 2] = f, string.format('%.0f', b[f] + 0)  -- + 0: never '-0'
+      args[#args + 1], args[#args + 2] = f, int_text('', b[f])
     end
   end
   if #args > 0 then redis.call('HSET', acct, unpack(args)) end
@@ -36,7 +42,7 @@ local function end_hold(acct, b, h, charge)
   local unused = h.allow - from_allow
   if unused > 0 and h.gen ~= b.agen then
     allow = allow - unused
-    redis.call('HINCRBY', acct, 'expired', string.format('%.0f', unused))
+    redis.call('HINCRBY', acct, 'expired', int_text('', unused))
   end
   local spare = math.min(math.max(allow - b.held_allow, 0), rest)
   b.allow, b.extra = allow - spare, extra - (rest - spare)
