@@ -1,7 +1,7 @@
 -- release-5.lua: end a hold without any charge: the request never reached the provider, the provider
 -- refused it, or the reserve's caller gave up waiting for its answer (a cancel, which may arrive
 -- before the reserve itself: the tombstone it leaves makes that late reserve refuse).
--- Uses lib/clock.lua, lib/hold.lua and lib/settle.lua.
+-- Uses lib/balance.lua, lib/clock.lua, lib/hold.lua and lib/settle.lua.
 -- KEYS[1] account hash   KEYS[2] holds hash   KEYS[3] hold expiry zset   KEYS[4] ledger stream
 -- KEYS[5] limits hash (see lib/limits.lua)
 -- ARGV[1] request id     ARGV[2] reason     ARGV[3] clock offset (ms)   ARGV[4] tombstone time (ms)
@@ -16,7 +16,9 @@ if not h then
   return {2, 0}
 end
 if h.ended then return {2, 0} end
-end_hold(KEYS[1], h, 0)
+local b = hold_fields(redis.call('HMGET', KEYS[1], unpack(HOLD_FIELDS)))
+end_hold(KEYS[1], b, h, 0)
+put_hold_fields(KEYS[1], b)
 entomb(KEYS[2], KEYS[3], ARGV[1], 'x', now, ARGV[4])
 give_back(KEYS[5], ARGV[1])
 if ARGV[7] == '1' and ARGV[5] ~= '' then

@@ -16,27 +16,28 @@
 -- Redis now), 20 insufficient credits (reply[5]: credits held by requests in flight), 21 limit reached
 -- (detail: limit id, used, cap, ms until it frees, scope, metric, window ms), 22 the key's budget cannot
 -- pay the prompt (reply[3]: what is left of it; detail: 'cycle' or 'lifetime', its use with holds, cap).
--- A retried reserve of a live hold returns that hold again, unchanged (idempotent).
+-- A retried reserve of a live hold returns that hold again, unchanged (idempotent). The key's last_used_ms
+-- (the admin API's `last_used_at`) is kept to the second: rewritten once a second old, not on every request.
 local now = now_ms(ARGV[6])
 local a = redis.call('HMGET', KEYS[1], 'plan', 'status', 'allow', 'extra', 'held', 'cycle_end_ms',
-                     'plan_expires_ms', 'next_plan', 'next_allow', 'held_allow', 'agen', 'next_from_ms')
+                     'plan_expires_ms', 'held_allow', 'agen')
 if not a[1] then return {10, 0, 0, ''} end
 local prior = hold_record(KEYS[3], ARGV[1])
 if prior and prior.ended then return {15, 0, 0, a[1]} end
 if prior then
   local left = tonumber(a[3] or '0') + tonumber(a[4] or '0') - tonumber(a[5] or '0')
-  return {prior.lowered, prior.amount, left, a[1], prior.tokens, prior.usd}
+  return {tonumber(prior.lowered), prior.amount, left, a[1], tonumber(prior.tokens), tonumber(prior.usd)}
 end
 if a[2] ~= 'active' then return {(a[2] == 'closed') and 17 or 11, 0, 0, a[1]} end
-local k = redis.call('HMGET', KEYS[2], 'status', 'expires_ms', 'budget_cycle', 'budget_life', 'budget_id')
+local k = redis.call('HMGET', KEYS[2], 'status', 'expires_ms', 'budget_cycle', 'budget_life', 'budget_id',
+                     'last_used_ms')
 if k[1] ~= 'active' then return {12, 0, 0, a[1]} end
 local expires = tonumber(k[2] or '0')
 if expires > 0 and now >= expires then return {13, 0, 0, a[1]} end
-local status, plan, allow, gen = roll_cycle(KEYS[1], KEYS[5], a, now, ARGV)
+local status, plan, allow, gen, cycle_end = roll_cycle(KEYS[1], KEYS[5], a, now, ARGV)
 if status == 16 then return {16, 0, 0, plan, 0, 0, now} end
 if status == 14 or plan ~= ARGV[2] then return {14, 0, 0, plan} end
-
-local held, held_allow = tonumber(a[5] or '0'), tonumber(a[10] or '0')
+local held, held_allow = tonumber(a[5] or '0'), tonumber(a[8] or '0')
 local available = allow + tonumber(a[4] or '0') - held
 local want = {c = tonumber(ARGV[3]), t = tonumber(ARGV[8]), u = tonumber(ARGV[10]), n = 1}
 local least = {c = tonumber(ARGV[4]), t = tonumber(ARGV[9]), u = tonumber(ARGV[11]), n = 1}
@@ -45,16 +46,14 @@ if available < want.c then want.c = available end
 local rows = ARGV[12] ~= '' and cjson.decode(ARGV[12]) or {}
 local owner, budgets = budget_rows(k, ARGV[7], rows)
 local tight = {}
-local refused = check_limits(KEYS[5], rows, ARGV[7], want, least, now,
-                             tonumber(redis.call('HGET', KEYS[1], 'cycle_end_ms')), tight)
+local refused = check_limits(KEYS[5], rows, ARGV[7], want, least, now, cycle_end, tight)
 if refused then return refusal(refused, budgets, available, plan) end
-local lowered = 0
-if want.c < tonumber(ARGV[3]) or want.t < tonumber(ARGV[8]) or want.u < tonumber(ARGV[10]) then lowered = 1 end
+local lowered = (want.c < tonumber(ARGV[3]) or want.t < tonumber(ARGV[8]) or want.u < tonumber(ARGV[10])) and 1 or 0
 hold_limits(KEYS[5], rows, ARGV[7], want, ARGV[1])
 local from_allow = math.max(math.min(want.c, allow - held_allow), 0)
 redis.call('HSET', KEYS[1], 'held', held + want.c, 'held_allow', held_allow + from_allow)
 redis.call('HSET', KEYS[3], ARGV[1], string.format('%.0f %.0f %.0f %d %.0f %.0f', want.c, from_allow, gen, lowered,
                                                    want.t, want.u) .. (owner and (' ' .. owner) or ''))
 redis.call('ZADD', KEYS[4], now + tonumber(ARGV[5]), ARGV[1])
-redis.call('HSET', KEYS[2], 'last_used_ms', now)
+if math.abs(now - tonumber(k[6] or '0')) >= 1000 then redis.call('HSET', KEYS[2], 'last_used_ms', now) end
 return tightest({lowered, want.c, available - want.c, plan, want.t, want.u}, tight, want)

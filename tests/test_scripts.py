@@ -4,6 +4,7 @@ NOSCRIPT and a restarted Redis handled, expired holds reaped exactly once (invar
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,13 @@ from gateway.config import load_config
 from gateway.embedded import EmbeddedRedis
 from gateway.errors import StoreUnavailable
 from gateway.jobs import Lease
-from gateway.keys import KeySchema, bucket_of
-from gateway.metering import Meter, quote
+from gateway.keys import AccountKeys, KeySchema, bucket_of
+from gateway.limits import Limit, encode
+from gateway.metering import LimitReached, Meter, Quote, quote
 from gateway.reaper import _forget_if_unchanged
 from gateway.scripts import ScriptRunner, load_scripts, lua_dir
 from gateway.store import Store
+from gateway.views import iso
 
 SCRIPTS = sorted(lua_dir().glob("*.lua"))
 LIBS = sorted((lua_dir() / "lib").glob("*.lua"))
@@ -242,4 +245,137 @@ async def test_a_retried_reserve_returns_the_hold_it_already_took(harness: Harne
     await meter.release(keys, "req_dup", "test")
     with pytest.raises(StoreUnavailable):  # an ended request id is never reserved again
         await meter.reserve(keys, principal.key_id, "req_dup", "free", q, no_limits(q))
+    await harness.assert_conserved(account)
+
+
+def _script_now(harness: Harness) -> int:
+    """The moment the meter's scripts see now: Redis TIME plus the meter's clock offset (ms)."""
+    seconds, micros = harness.redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000 + harness.gw.meter.clock_offset_ms  # type: ignore[union-attr]
+
+
+async def _direct(harness: Harness, micro: int = 1_000_000) -> tuple[str, str, AccountKeys, Meter, Quote]:
+    """An account granted `micro` micro-credits, its key id, its Redis keys, the app's meter and a small quote."""
+    gw = harness.gw
+    assert gw.meter is not None and gw.store is not None and gw.auth is not None
+    account = await gw.store.create_account(gw.config, "direct", "free")
+    await gw.store.grant(account, micro)
+    key = await gw.store.create_key(account)
+    q = quote(gw.config.rates("free", gw.config.route("demo-mini")), 10, 10)  # type: ignore[arg-type]
+    return account, key.id, gw.schema.for_account(account), gw.meter, q
+
+
+async def test_last_used_at_follows_requests_to_the_second(harness: Harness) -> None:
+    """The reserve rewrites a key's last_used_ms only once it is a second old (not on every request of a
+    busy key): requests further apart still move it, forwards and, after a clock moved back, backwards."""
+    account, key = await harness.account(credits=1)
+    principal = await harness.gw.auth.authenticate(key)  # type: ignore[union-attr]
+    record = harness.gw.schema.for_account(account).api_key(principal.key_id)
+    body = {"model": "demo-mini", "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"Authorization": f"Bearer {key}"}
+
+    async def request() -> int:
+        before = _script_now(harness)
+        assert (await harness.client.post("/v1/chat/completions", json=body, headers=headers)).status == 200
+        last = int(harness.redis.hget(record, "last_used_ms") or 0)
+        assert before - 1000 < last <= _script_now(harness)  # to the second
+        return last
+
+    first = await request()
+    harness.shift_clock(5_000)
+    assert await request() >= first + 5_000
+    harness.shift_clock(-65_000)  # a minute before the first request: the field follows
+    moved_back = await request()
+    assert moved_back < first
+    status, keys = await harness.admin("GET", f"/admin/accounts/{account}/keys")
+    assert status == 200 and keys["data"][0]["last_used_at"] == iso(moved_back)
+
+
+async def test_window_buckets_count_and_leave_the_window_when_their_list_is_not_rewritten(harness: Harness) -> None:
+    """A settle into a bucket that already counted something leaves the window's bucket list alone; the
+    window still counts every request in it, refuses past its cap with the time until it frees, and its
+    bucket leaves the window (and Redis) once the window has moved past it."""
+    _account, key_id, keys, meter, q = await _direct(harness)
+    row = Limit("requests_per_minute", "n", 3, "k", 60_000, 10_000)  # 10-s buckets: no call straddles one
+    spec = replace(no_limits(q), limits=encode([row]))
+    meter.clock_offset_ms = 0
+    now = _script_now(harness)
+    meter.clock_offset_ms = (now // 10_000 + 1) * 10_000 + 5_000 - now  # 5 s into a bucket
+    bucket = (now + meter.clock_offset_ms) // 10_000
+    name = f"k:{key_id}:requests_per_minute"
+    for i in range(3):
+        await meter.reserve(keys, key_id, f"req_w{i}", "free", q, spec)
+        await meter.settle(keys, f"req_w{i}", key_id, 1, {}, spec.limits)
+        assert harness.redis.hget(keys.limits, f"b:{name}") == str(bucket).encode()
+    assert harness.redis.hget(keys.limits, f"w:{name}:{bucket}") == b"3"
+    with pytest.raises(LimitReached) as refused:
+        await meter.reserve(keys, key_id, "req_w3", "free", q, spec)
+    assert (refused.value.used, refused.value.cap) == (3, 3)
+    assert 50_000 < refused.value.frees_in_ms <= 55_000  # the bucket leaves the window 55 s after now
+    meter.clock_offset_ms += 60_000  # the window has moved past the bucket
+    await meter.reserve(keys, key_id, "req_w4", "free", q, spec)
+    await meter.settle(keys, "req_w4", key_id, 1, {}, spec.limits)
+    fields = {k.decode(): v.decode() for k, v in harness.redis.hgetall(keys.limits).items()}
+    assert {k: v for k, v in fields.items() if k.startswith(("w:", "b:"))} == {
+        f"w:{name}:{bucket + 6}": "1", f"b:{name}": str(bucket + 6)}
+
+
+async def test_balances_and_counters_past_1e14_micro_credits_stay_exact(harness: Harness) -> None:
+    """Lua's own number-to-text conversion keeps 14 digits: every amount the scripts write stays exact
+    up to 2^53 micro-credits (the balance, the hold, the charge, the counters and the ledger event)."""
+    granted = 9_000_000_000_000_007
+    account, key_id, keys, meter, _q = await _direct(harness, granted)
+    worst, cost = 123_456_789_012_347, 123_456_789_012_345
+    q = Quote(10, 10, 3, worst, 3)
+    reservation = await meter.reserve(keys, key_id, "req_big", "free", q, no_limits(q))
+    assert reservation.hold == worst and reservation.available_after == granted - worst
+    assert int(harness.redis.hget(keys.account, "held")) == worst  # type: ignore[arg-type]
+    settled = await meter.settle(keys, "req_big", key_id, cost, {"outcome": "ok"}, tokens=10**15 + 1)
+    assert (settled.charged, settled.available, settled.balance, settled.cycle_used) == (
+        cost, granted - cost, granted - cost, cost)
+    raw = {k.decode(): v.decode() for k, v in harness.redis.hgetall(keys.account).items()}
+    assert (raw["extra"], raw["held"], raw["charged"], raw["cycle_used"], raw["tokens"]) == (
+        str(granted - cost), "0", str(cost), str(cost), str(10**15 + 1))
+    assert harness.ledger(account)[-1]["cost"] == str(cost)
+    await harness.assert_conserved(account)
+
+
+async def test_holds_in_the_previous_scripts_formats_still_end_exactly(harness: Harness) -> None:
+    """Holds live in Redis across a deploy: a record the previous scripts wrote (with parts, or a bare
+    amount from before holds had parts) is settled and released by these scripts as it was taken."""
+    account, key_id, keys, meter, _q = await _direct(harness, 1_000)
+    harness.redis.hincrby(keys.account, "held", 500)
+    harness.redis.hset(keys.holds, mapping={"req_parts": "300 0 0 0 20 0", "req_bare": "200"})
+    settled = await meter.settle(keys, "req_parts", key_id, 250, {"outcome": "ok"})
+    assert (settled.charged, settled.available) == (250, 1_000 - 250 - 200)
+    assert await meter.release(keys, "req_bare", "test") is True
+    state = await harness.assert_conserved(account)
+    assert (state["extra"], state["charged"]) == (750, 250)
+    assert harness.redis.hget(keys.holds, "req_parts") == b"~s" and harness.redis.hget(keys.holds, "req_bare") == b"~x"
+
+
+async def test_one_reap_call_returns_every_expired_hold_of_the_account(harness: Harness) -> None:
+    """The reaper ends all the expired holds it finds in one call against the account's balance, written
+    back once: every hold comes back, and nothing else moves."""
+    account, key_id, keys, meter, q = await _direct(harness)
+    holds = [(await meter.reserve(keys, key_id, f"req_lost{i}", "free", q, no_limits(q))).hold for i in range(3)]
+    assert harness.state(account)["held"] == sum(holds)
+    later = Meter(meter.runner, lease_ms=meter.lease_ms, clock_offset_ms=meter.lease_ms + 1_000)
+    assert await later.reap(keys) == (3, sum(holds))
+    state = await harness.assert_conserved(account)
+    assert (state["extra"], state["charged"]) == (1_000_000, 0)
+    assert [e["type"] for e in harness.ledger(account)[-3:]] == ["reaped"] * 3
+
+
+async def test_a_settle_given_amounts_as_non_canonical_text_still_counts_them_exactly(harness: Harness) -> None:
+    """The settle hands the caller's own text to HINCRBY only when Redis reads it as an integer as it
+    is ('52', not '52.0' or '052'): any other spelling of a whole number is counted as its value."""
+    account, key_id, keys, meter, q = await _direct(harness)
+    await meter.reserve(keys, key_id, "req_text", "free", q, no_limits(q))
+    reply = await meter.runner.run("settle", [keys.account, keys.holds, keys.hold_expiry, keys.ledger, keys.limits],
+                                   ["req_text", "52.0", 0, key_id, "{}", "", "010", 0, 3_600_000])
+    assert reply[:2] == [0, 52]
+    raw = harness.redis.hgetall(keys.account)
+    assert (raw[b"charged"], raw[b"cycle_used"], raw[b"tokens"], raw[b"cycle_tokens"]) == (b"52", b"52", b"10", b"10")
+    assert harness.ledger(account)[-1]["cost"] == "52"
     await harness.assert_conserved(account)

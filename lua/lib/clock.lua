@@ -3,5 +3,5 @@
 -- Returns: milliseconds since the epoch.
 local function now_ms(offset)
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(offset)
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + (offset == '0' and 0 or tonumber(offset))
 end

@@ -1,9 +1,11 @@
 -- lib/cycle.lua: the lazy start of a new billing cycle, and a lapsed subscription's fallback.
--- Input: the account hash, limits hash, account fields `a` (HMGET order of reserve-5), now, ARGV.
+-- Input: the account hash, limits hash, account fields `a` (HMGET order of reserve-5), now, ARGV. A
+-- queued change's fields, rarely set, are read only when a cycle ends.
 -- A queued plan change (next_plan) applies at the first cycle starting at or after next_from_ms.
 -- Only the unheld part of the allowance expires: what requests in flight hold of it (held_allow)
--- is carried into the new allowance generation and ends with them (lib/hold.lua end_hold).
--- Returns: status (0 go on, 14 plan changed, 16 stale bounds), the plan, the allowance, its generation.
+-- is carried into the new allowance generation and ends with them (lib/balance.lua end_hold).
+-- Returns: status (0 go on, 14 plan changed, 16 stale bounds), the plan, the allowance, its generation
+-- and the end of the cycle now (ms).
 -- close_cycle: the snapshot a statement reads (gateway.statements), written as the old cycle ends, its
 -- unheld allowance expired: field `close:<its start>` = "end rolled_at balance granted charged expired
 -- grants packs adjusted plan" (balance = allowance + purchased, holds included; the rest cumulative).
@@ -21,20 +23,21 @@ local function close_cycle(acct, a, expiring, carried, now)
 end
 
 local function roll_cycle(acct, lim, a, now, argv)
-  local plan, allow, gen = a[1], tonumber(a[3] or '0'), tonumber(a[11] or '0')
-  local carried = tonumber(a[10] or '0')
+  local plan, allow, gen = a[1], tonumber(a[3] or '0'), tonumber(a[9] or '0')
+  local carried = tonumber(a[8] or '0')
   local new_plan, new_allow, status, applied
   local plan_expires = tonumber(a[7] or '0')
   if plan_expires > 0 and now >= plan_expires then
     new_plan, new_allow, status, applied = argv[16], tonumber(argv[17]), 14, true  -- a lapse drops a queued change
     redis.call('HSET', acct, 'plan_expires_ms', 0)
   elseif now < tonumber(a[6] or '0') then
-    return 0, plan, allow, gen
+    return 0, plan, allow, gen, tonumber(a[6])
   else
     local cs, ce = tonumber(argv[13]), tonumber(argv[14])
     if not (cs <= now and now < ce) then return 16, plan, allow, gen end
-    if a[8] and cs >= tonumber(a[12] or '0') then  -- a queued change, due from this cycle on
-      new_plan, new_allow, applied = a[8], tonumber(a[9] or '0'), true
+    local q = redis.call('HMGET', acct, 'next_plan', 'next_allow', 'next_from_ms')
+    if q[1] and cs >= tonumber(q[3] or '0') then  -- a queued change, due from this cycle on
+      new_plan, new_allow, applied = q[1], tonumber(q[2] or '0'), true
     elseif plan ~= argv[2] then
       return 14, plan, allow, gen  -- priced with another plan's allowance: let the caller re-price first
     else
@@ -53,5 +56,5 @@ local function roll_cycle(acct, lim, a, now, argv)
   redis.call('HINCRBY', acct, 'granted', new_allow)
   redis.call('HINCRBY', acct, 'expired', allow - carried)
   if applied then redis.call('HDEL', acct, 'next_plan', 'next_allow', 'next_from_ms') end
-  return status, new_plan, new_allow + carried, gen + 1
+  return status, new_plan, new_allow + carried, gen + 1, tonumber(argv[14])
 end

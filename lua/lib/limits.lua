@@ -10,24 +10,24 @@ local function scope_of(scope, kid) return scope == 'k' and ('k:' .. kid .. ':')
 -- {used, ms until some of it frees} of one limit row at `now`
 local function limit_used(lim, l, prefix, now, cycle_end)
   local id, window, bucket = l[1], l[5], l[6]
-  if window == 0 then
-    return tonumber(redis.call('HGET', lim, 'c:' .. prefix .. id) or '0'), cycle_end - now
-  elseif window == -2 then
-    return tonumber(redis.call('HGET', lim, 'l:' .. prefix .. id) or '0'), 0
-  elseif window < 0 then
-    return 0, 1000
-  end
+  if window == 0 then return tonumber(redis.call('HGET', lim, 'c:' .. prefix .. id) or '0'), cycle_end - now end
+  if window == -2 then return tonumber(redis.call('HGET', lim, 'l:' .. prefix .. id) or '0'), 0 end
+  if window < 0 then return 0, 1000 end
+  -- the window's buckets that exist are the ones its list names (lib/settle.lua bump_window): only
+  -- those are read, by names made from the list's own text (no number formatting)
   local current, count = math.floor(now / bucket), math.floor(window / bucket)
-  local names = {}
-  for i = current - count + 1, current do names[#names + 1] = 'w:' .. prefix .. id .. ':' .. i end
-  local used, frees = 0, 1000
-  for i, v in ipairs(redis.call('HMGET', lim, unpack(names))) do
-    if v and tonumber(v) > 0 then
-      if used == 0 then frees = (current - count + i + count) * bucket - now end
-      used = used + tonumber(v)
-    end
+  local base, names, index = 'w:' .. prefix .. id .. ':', {}, {}
+  for i in string.gmatch(redis.call('HGET', lim, 'b:' .. prefix .. id) or '', '%S+') do
+    local n = tonumber(i)
+    if n > current - count and n <= current then names[#names + 1], index[#index + 1] = base .. i, n end
   end
-  return used, frees
+  if #names == 0 then return 0, 1000 end
+  local used, oldest = 0
+  for k, v in ipairs(redis.call('HMGET', lim, unpack(names))) do
+    local x = tonumber(v or '0')
+    if x > 0 then used, oldest = used + x, math.min(oldest or index[k], index[k]) end
+  end
+  return used, oldest and ((oldest + count) * bucket - now) or 1000
 end
 
 -- lowers want[metric] to each limit's room; returns nil, or the refusal {id, used, cap, frees, scope,

@@ -12,8 +12,11 @@ local function give_back(lim, rid)
   redis.call('HDEL', lim, 'r:' .. rid)
 end
 
+-- A bucket that had counted something before is listed already, and nothing left the window since
+-- it was listed (buckets leave it only when `current` moves on, and the first bump of a new bucket
+-- deletes them): only a new bucket rewrites the list.
 local function bump_window(lim, name, current, count, amount)
-  redis.call('HINCRBY', lim, 'w:' .. name .. ':' .. current, amount)
+  if redis.call('HINCRBY', lim, 'w:' .. name .. ':' .. current, amount) > amount then return end
   local live, stale = {}, {}
   for i in string.gmatch(redis.call('HGET', lim, 'b:' .. name) or '', '%S+') do
     if tonumber(i) <= current - count then stale[#stale + 1] = 'w:' .. name .. ':' .. i
