@@ -71,3 +71,20 @@ def test_the_password_survives_a_restart_and_a_loopback_port_wants_it_too(tmp_pa
         server.stop()
     with pytest.raises(OSError):
         _unauthenticated_ping(server)
+
+
+def test_an_account_hash_past_16_fields_is_a_real_hash_table(tmp_path: Path) -> None:
+    """The scripts read the account and holds hashes on every request; as compact lists every field
+    read is a scan (bench/RESULTS.md, round 3)."""
+    server = EmbeddedRedis(tmp_path / "r", persist=False)
+    server.start()
+    try:
+        client = sync_redis.Redis.from_url(server.url, decode_responses=True)
+        try:
+            assert client.config_get("hash-max-ziplist-entries") == {"hash-max-ziplist-entries": "16"}
+            client.hset("acct", mapping={f"field{i}": i for i in range(17)})
+            assert client.object("encoding", "acct") == "hashtable"
+        finally:
+            client.close()
+    finally:
+        server.stop()
