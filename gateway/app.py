@@ -176,13 +176,21 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def drain_on_shutdown(app: web.Application) -> None:
-    """Shutdown (SIGTERM) has begun: the listener is closed, and aiohttp now lets the requests in flight
-    finish for up to the shutdown timeout (`GATEWAY_SHUTDOWN_GRACE_SECONDS`) before it cuts them;
-    `/ready` answers 503 meanwhile. The cleanup contexts then settle everything."""
+    """Shutdown (SIGTERM) has begun: the listener is closed, and the requests in flight may finish for
+    the grace period (`GATEWAY_SHUTDOWN_GRACE_SECONDS`); then their clients are cut, and a stream is read
+    on for its usage (`Gateway.cut_clients`). `/ready` answers 503 meanwhile. The cleanup contexts then
+    settle everything."""
     gw = app[GATEWAY]
     gw.draining = True
     log.info("shutting down: no new connections; %d metered request(s) in flight may finish within %.0f s",
              len(gw.inflight), gw.settings.shutdown_grace_seconds)
+    asyncio.get_running_loop().call_later(gw.settings.shutdown_grace_seconds, _grace_over, gw)
+
+
+def _grace_over(gw: Gateway) -> None:
+    cut = gw.cut_clients()
+    if cut:
+        log.info("grace period over: %d client connection(s) cut; their requests are read on and settled", cut)
 
 
 async def session_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -63,7 +63,9 @@ async def _serve(app: web.Application, settings: Settings, host: str, port: int,
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=settings.shutdown_grace_seconds)
+    # aiohttp cancels the handlers still running after its shutdown timeout: a metered one is cut at the end
+    # of the grace period instead (`drain_on_shutdown`), then reads on and settles, within the stop deadline
+    runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=settings.stop_deadline_seconds)
     await runner.setup()
     try:
         if not stop.is_set():

@@ -188,13 +188,17 @@ class _CappedServer:
 
 def cap_connections_per_client(app: web.Application, limit: int, refused: Callable[[], object] = lambda: None
                                ) -> None:
-    """Serve `app` with at most `limit` open connections per client address on each listener.
+    """Serve `app` with at most `limit` open connections per client address on each listener, and
+    without cancelling a handler whose client goes away (aiohttp's `handler_cancellation`, which the
+    test server turns on): a metered handler forwards and settles in its own task (gateway.proxy), and a
+    request the provider served is billed whatever its client does.
 
     `web.run_app`, `AppRunner` and the test server all build a listener's protocol factory through the
-    application's `_make_handler`; wrapping it here makes the cap hold however the app is served."""
+    application's `_make_handler`; wrapping it here makes both hold however the app is served."""
     make_server = app._make_handler
 
     def make_capped_server(**kwargs: Any) -> Any:
+        kwargs["handler_cancellation"] = False
         return _CappedServer(make_server(**kwargs), ConnectionCap(limit, refused))
 
     app._make_handler = make_capped_server  # type: ignore[method-assign]

@@ -162,7 +162,7 @@ class Master:
         settlements are retried (`settle_drain_seconds`). A worker still there after all that is killed."""
         self._forward(signal.SIGTERM)
         s = self.settings
-        deadline = time.monotonic() + s.shutdown_grace_seconds + s.drain_seconds + s.settle_drain_seconds + 10
+        deadline = time.monotonic() + s.stop_deadline_seconds
         while self.workers and time.monotonic() < deadline:
             for sentinel in wait(list(self.workers), timeout=min(1.0, max(0.0, deadline - time.monotonic()))):
                 assert isinstance(sentinel, int)

@@ -2,8 +2,9 @@
 (gateway.billing).
 
 Every request that got a hold ends it exactly once: settled from reported usage, settled from an
-estimate (stream cut short), or released (the provider never produced output). Settlement runs in a
-task the app keeps alive, so a client that disconnects is still billed.
+estimate (stream cut short), or released (the provider never produced output). The handler forwards
+and settles in its own task, which nothing cancels while it runs (`Gateway.serving`), so a client that
+disconnects is still billed.
 """
 
 from __future__ import annotations
@@ -63,44 +64,45 @@ def make_handler(dialect: Dialect, endpoint: str) -> Handler:
 
     async def handler(request: web.Request) -> web.StreamResponse:
         gw = request.app[GATEWAY]
-        task = asyncio.current_task()
-        if task is not None:
-            gw.inflight.add(task)
-            task.add_done_callback(gw.inflight.discard)
-        started = time.perf_counter()
-        request_id = new_request_id()
-        request[REQUEST_ID] = request_id
-        request[REQUEST_DIALECT] = dialect
-        headers = request.headers
-        access = request[ACCESS] = Access(request_id, client_request_id(headers.get("X-Request-ID")),
-                                          trace_id(headers.get("traceparent")), dialect.name)
-        auth = gw.auth
-        assert auth is not None
-        try:
-            principal = await auth.authenticate(dialect.client_key(headers, request.query), request.remote)
-            access.account_id, access.key_id = principal.account_id, principal.key_id
-            raw = await read_body(request, dialect)
-            # a large body from an account that cannot pay even its prompt is refused before it is parsed
-            await auth.precheck(principal, dialect.name, len(raw), gw.config, gw.settings.clock_offset_ms)
-            parsed = dialect.parse_request(endpoint, raw, gw.settings.max_choices, request.match_info.get("model"),
-                                          headers=headers)
-            access.model = parsed.model
-            tracer = request.app.get(TRACER)
-            if tracer is not None:
-                access.span = tracer.start(dialect.name, endpoint, parsed.model, parsed.output_cap, headers)
-            call = await _reserve(gw, dialect, principal, parsed, request_id, started, access)
-        except BaseException as refused:  # nothing held: the call is over before it began
-            access.call_ended(getattr(refused, "status", 500))
-            raise
-        access.route, access.upstream = call.route.pattern, call.route.upstream
-        call.overhead = time.perf_counter() - started
-        gw.leases.add(call.keys, request_id)
-        # the forwarding runs in a task of its own: a client that goes away (or a handler cancelled
-        # with it) never cuts it short, so a served request is always settled (invariant 7)
-        forwarding = gw.track(asyncio.ensure_future(_forward_and_end(request, call, raw)))
-        return await asyncio.shield(forwarding)
+        with gw.serving(request):
+            return await _handle(gw, dialect, endpoint, request)
 
     return handler
+
+
+async def _handle(gw: Gateway, dialect: Dialect, endpoint: str, request: web.Request) -> web.StreamResponse:
+    started = time.perf_counter()
+    request_id = new_request_id()
+    request[REQUEST_ID] = request_id
+    request[REQUEST_DIALECT] = dialect
+    headers = request.headers
+    access = request[ACCESS] = Access(request_id, client_request_id(headers.get("X-Request-ID")),
+                                      trace_id(headers.get("traceparent")), dialect.name)
+    auth = gw.auth
+    assert auth is not None
+    try:
+        principal = await auth.authenticate(dialect.client_key(headers, request.query), request.remote)
+        access.account_id, access.key_id = principal.account_id, principal.key_id
+        raw = await read_body(request, dialect)
+        # a large body from an account that cannot pay even its prompt is refused before it is parsed
+        await auth.precheck(principal, dialect.name, len(raw), gw.config, gw.settings.clock_offset_ms)
+        parsed = dialect.parse_request(endpoint, raw, gw.settings.max_choices, request.match_info.get("model"),
+                                      headers=headers)
+        access.model = parsed.model
+        tracer = request.app.get(TRACER)
+        if tracer is not None:
+            access.span = tracer.start(dialect.name, endpoint, parsed.model, parsed.output_cap, headers)
+        call = await _reserve(gw, dialect, principal, parsed, request_id, started, access)
+    except BaseException as refused:  # nothing held: the call is over before it began
+        access.call_ended(getattr(refused, "status", 500))
+        raise
+    access.route, access.upstream = call.route.pattern, call.route.upstream
+    call.overhead = time.perf_counter() - started
+    gw.leases.add(call.keys, request_id)
+    # forwarded and settled in this handler's task: aiohttp never cancels it for a client that goes
+    # away, and a stop cuts its client instead of cancelling it (`Gateway.serving`), so a served
+    # request is always settled (invariant 7)
+    return await _forward_and_end(request, call, raw)
 
 
 async def _forward_and_end(request: web.Request, call: Call, raw: bytes) -> web.StreamResponse:

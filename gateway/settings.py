@@ -55,6 +55,12 @@ class Settings:
     max_restarts_per_minute: int = 5  # ... on each restart in the last minute; one more and the gateway gives up
     metrics_dir: Path | None = None  # set by the master of several workers: prometheus-client multiprocess files
 
+    @property
+    def stop_deadline_seconds(self) -> float:
+        """How long a stop may take at most: the grace period, then a stream cut at its end may read on
+        for its usage (`drain_seconds`) and queued settlements are retried (`settle_drain_seconds`)."""
+        return self.shutdown_grace_seconds + self.drain_seconds + self.settle_drain_seconds + 10
+
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
         """Settings from GATEWAY_* variables and REDIS_URL; explicit overrides win when not None."""

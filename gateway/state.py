@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +42,7 @@ class Gateway:
     session: aiohttp.ClientSession | None = None
     upstream: UpstreamClient | None = None  # the metered hot path's lean client
     pending: set[asyncio.Task[Any]] = field(default_factory=set)
-    inflight: set[asyncio.Task[Any]] = field(default_factory=set)
+    inflight: dict[asyncio.Task[Any], web.Request] = field(default_factory=dict)  # metered handlers running
     cycle_cache: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)  # (anchor, tz) -> cycle
     fired_alerts: set[tuple[str, str]] = field(default_factory=set)  # (account, alert field) known fired
     embedded: EmbeddedStatus | None = None  # the embedded redis-server, when this process owns it
@@ -53,6 +53,33 @@ class Gateway:
         self.pending.add(task)
         task.add_done_callback(self.pending.discard)
         return task
+
+    @contextlib.contextmanager
+    def serving(self, request: web.Request) -> Iterator[None]:
+        """A metered request's handler runs (forwarding and settling in its own task: aiohttp does not
+        cancel a handler whose client leaves, and a stop never cancels one before `stop_deadline_seconds`;
+        at the end of the grace period `cut_clients` closes its connection instead)."""
+        task = asyncio.current_task()
+        if task is None:
+            yield
+            return
+        self.inflight[task] = request
+        try:
+            yield
+        finally:
+            del self.inflight[task]
+
+    def cut_clients(self) -> int:
+        """The grace period is over: close the client connections of the metered requests still in
+        flight. Their handlers go on as for a client that left: a stream is read on for its usage (up
+        to `drain_seconds`) and every hold is settled or released. Returns how many were cut."""
+        cut = 0
+        for request in self.inflight.values():
+            transport = request.transport
+            if transport is not None and not transport.is_closing():
+                transport.abort()
+                cut += 1
+        return cut
 
     async def pending_settlements(self) -> None:
         """Wait for settlements already started (at shutdown: their requests are gone)."""

@@ -101,10 +101,11 @@ def make_token_count_handler(dialect: Dialect, endpoint: str) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         gw = request.app[GATEWAY]
         assert gw.auth is not None
-        task = asyncio.current_task()
-        if task is not None:
-            gw.inflight.add(task)
-            task.add_done_callback(gw.inflight.discard)
+        with gw.serving(request):
+            return await counted(request, gw)
+
+    async def counted(request: web.Request, gw: Gateway) -> web.StreamResponse:
+        assert gw.auth is not None
         request_id = new_request_id()
         request[REQUEST_ID] = request_id
         request[REQUEST_DIALECT] = dialect
@@ -112,11 +113,9 @@ def make_token_count_handler(dialect: Dialect, endpoint: str) -> Handler:
         raw = await read_body(request, dialect)
         principal, limits, reservation = await admit_call(gw, principal, request_id)
         gw.leases.add(gw.schema.for_account(principal.account_id), request_id)
-        # like a metered call, the rest runs in a task of its own: a client that goes away never
-        # leaves the admission's hold behind
-        forwarding = gw.track(asyncio.ensure_future(
-            forward_and_release(request, gw, principal, raw, limits, reservation)))
-        return await asyncio.shield(forwarding)
+        # like a metered call, the rest runs in this handler's task, which nothing cancels while it runs:
+        # a client that goes away never leaves the admission's hold behind
+        return await forward_and_release(request, gw, principal, raw, limits, reservation)
 
     return handler
 

@@ -269,6 +269,7 @@ async def test_client_disconnect_before_any_output_is_still_charged(harness: Har
     state = await harness.assert_conserved(account)
     ended = [e for e in harness.ledger(account) if e["type"] in ("usage", "released")]
     assert [e["type"] for e in ended] == ["usage"]  # ended exactly once, and charged: the upstream served it
+    assert (ended[0]["outcome"], ended[0]["estimated"]) == ("client_disconnected", "0")  # read on, not cut short
     assert int(ended[0]["in"]) > 0 and int(ended[0]["out"]) == 20 and state["charged"] > 0
 
 
