@@ -313,7 +313,7 @@ class Run:
 
     def event_at(self, at: int) -> tuple[int, int, SSEEvent | None]:
         """The raw span (start, end) of the event whose bytes hold offset `at` (not a line end),
-        and the event (None: `at` is in comments or blank lines after the run's last event)."""
+        and the event (None: `at` is in a block of comments only, or after the run's last event)."""
         if self._eol is None:
             self._eol = _eol_of(self.data)
             if not self._eol:
