@@ -17,10 +17,13 @@ import re
 from bisect import bisect_right
 
 from gateway.money import ceil_div
+from gateway.usage import Usage
 
 #: The most bytes kept for one unfinished event (a Responses `response.completed` carries the whole
 #: output, images included, so this is far above any real event).
 MAX_PENDING = 64 * 1024 * 1024
+#: The most bytes of runs kept for a lazy output estimate before their text is counted.
+ESTIMATE_BATCH = 256 * 1024
 _LINE_END = re.compile(rb"[\r\n]")
 
 
@@ -84,6 +87,17 @@ def _fits(chunk: bytes, eol: bytes) -> bool:
     return found == eol or (found == b"\n" and b"\n" not in chunk)
 
 
+def _ends_with_an_event(chunk: bytes, eol: bytes) -> bool:
+    """A quick yes for the usual chunk, read from a clean state: it ends with a blank line right
+    after a block whose first line is a `data` or `event` field."""
+    width = len(eol)
+    n = len(chunk) - 2 * width
+    if not chunk.endswith(eol + eol) or n <= 0 or chunk.endswith(eol, 0, n):
+        return False
+    j = chunk.rfind(eol + eol, 0, n)
+    return chunk.startswith((b"data:", b"event:"), j + 2 * width if j >= 0 else 0)
+
+
 def _last_event_end(buf: bytes | bytearray, pos: int, last: int, is_open: bool, eol: bytes) -> int:
     """With one line end `eol` throughout: walk back from the blank line ending at `last` to the
     last blank line that ends an event (0: none). `pos` is a line start; `is_open`: the lines
@@ -138,6 +152,8 @@ class SSEDecoder:
                 return b""
             eol = self._eol = _eol_of(chunk)
             if eol:
+                if _ends_with_an_event(chunk, eol):
+                    return chunk  # the usual chunk: whole events, no copy
                 end = self._scan(chunk, eol)
                 if end == len(chunk):
                     self._pos = self._searched = 0
@@ -372,11 +388,39 @@ class Run:
         return out
 
 
-def text_estimate(pattern: re.Pattern[str], run: bytes) -> int:
-    """Output tokens of the generated text `pattern` finds in a run (its group: a JSON string's
-    contents), about 4 characters a token and at least 1 when there is any: one search per run
-    instead of one per event. Only used when usage never arrives."""
-    texts = pattern.findall(run.decode("utf-8", "replace"))
-    if not texts:
-        return 0
-    return max(1, ceil_div(sum(map(len, texts)), 4))
+def unreported_output(usage: Usage | None, text: TextEstimate) -> int:
+    """A meter's `estimated_output_tokens`: the estimate from the text seen, or 0 when usage reports
+    the output count (billing then never uses the estimate: the text is not searched at all)."""
+    return 0 if usage is not None and usage.output_tokens is not None else text.tokens()
+
+
+class TextEstimate:
+    """The output tokens of the generated text in a stream's runs (`pattern`'s group: the contents
+    of a JSON string), about 4 characters a token and at least 1 for a batch with any text: the
+    estimate billed when usage never reports the output. Counted lazily, a batch of runs (at most
+    ESTIMATE_BATCH bytes kept) with one search: not at all when usage reports the output."""
+
+    __slots__ = ("_pattern", "_runs", "_size", "_tokens")
+
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        self._pattern = pattern
+        self._runs: list[bytes] = []
+        self._size = 0
+        self._tokens = 0
+
+    def add(self, run: bytes) -> None:
+        self._runs.append(run)
+        self._size += len(run)
+        if self._size >= ESTIMATE_BATCH:
+            self._count()
+
+    def tokens(self) -> int:
+        if self._runs:
+            self._count()
+        return self._tokens
+
+    def _count(self) -> None:
+        texts = self._pattern.findall(b"".join(self._runs).decode("utf-8", "replace"))
+        self._runs, self._size = [], 0
+        if texts:
+            self._tokens += max(1, ceil_div(sum(map(len, texts)), 4))

@@ -20,7 +20,7 @@ from gateway.dialects.base import (
 from gateway.dialects.drivers import NONE, CostDrivers, ToolUse, betas_of, check_betas, tool_kind
 from gateway.errors import BadRequest, GatewayError, InsufficientCredits
 from gateway.money import ceil_div
-from gateway.sse import Run, SSEDecoder, text_estimate
+from gateway.sse import Run, SSEDecoder, TextEstimate, unreported_output
 from gateway.usage import Usage
 
 DEFAULT_VERSION = "2023-06-01"
@@ -130,7 +130,7 @@ class MessagesStreamMeter:
         self._decoder = SSEDecoder()
         self._usage: Usage | None = None
         self._output_seen = False
-        self._estimate = 0
+        self._text = TextEstimate(_DELTA_TEXT)
 
     @property
     def usage(self) -> Usage | None:
@@ -140,12 +140,12 @@ class MessagesStreamMeter:
         return replace(self._usage, output_tokens=None, reasoning_tokens=None)
 
     def estimated_output_tokens(self) -> int:
-        return self._estimate
+        return unreported_output(self.usage, self._text)
 
     def feed(self, chunk: bytes) -> bytes:
         run = self._decoder.feed_run(chunk)
         if run:
-            self._estimate += text_estimate(_DELTA_TEXT, run)
+            self._text.add(run)
             marks = [m.start() for m in _USAGE_EVENT.finditer(run)]
             for _start, _end, event in Run(run).events_at(marks) if marks else ():
                 if event.event in ("message_start", "message_delta"):

@@ -21,7 +21,7 @@ from gateway.dialects.base import (
 from gateway.dialects.drivers import NONE, CostDrivers, ToolUse
 from gateway.errors import BadRequest, GatewayError
 from gateway.money import ceil_div
-from gateway.sse import Run, SSEDecoder, parse_events, text_estimate
+from gateway.sse import Run, SSEDecoder, TextEstimate, parse_events, unreported_output
 from gateway.usage import Usage
 
 MEDIA_PART_TOKENS = 2_000  # per inline or file part (image, audio, video, document)
@@ -80,20 +80,20 @@ class GenerateStreamMeter:
         self._decoder = SSEDecoder()
         self._meta: dict[str, Any] | None = None
         self._finished = False
-        self._estimate = 0
+        self._text = TextEstimate(_TEXT)
 
     @property
     def usage(self) -> Usage | None:
         return None if self._meta is None else parse_usage(self._meta, final=self._finished)
 
     def estimated_output_tokens(self) -> int:
-        return self._estimate
+        return unreported_output(self.usage, self._text)
 
     def feed(self, chunk: bytes) -> bytes:
         run = self._decoder.feed_run(chunk)
         if not run:
             return chunk
-        self._estimate += text_estimate(_TEXT, run)
+        self._text.add(run)
         if _ESCAPED_LETTER.search(run):
             for event in parse_events(run):
                 obj = _object(event.data)

@@ -23,7 +23,7 @@ from gateway.dialects.base import (
 from gateway.dialects.drivers import NONE, CostDrivers, ToolUse, tool_kind
 from gateway.errors import BadRequest, GatewayError
 from gateway.money import ceil_div
-from gateway.sse import Run, SSEDecoder, SSEEvent, text_estimate
+from gateway.sse import Run, SSEDecoder, SSEEvent, TextEstimate, unreported_output
 from gateway.usage import Usage
 
 #: Tokens reserved per image or audio part: their tokens cannot be bounded from the body's bytes.
@@ -182,20 +182,20 @@ class ChatStreamMeter:
         self._decoder = SSEDecoder()
         self._hide = hide_usage
         self._usage: Usage | None = None
-        self._estimate = 0
+        self._text = TextEstimate(_DELTA_TEXT)
 
     @property
     def usage(self) -> Usage | None:
         return self._usage
 
     def estimated_output_tokens(self) -> int:
-        return self._estimate
+        return unreported_output(self.usage, self._text)
 
     def feed(self, chunk: bytes) -> bytes:
         run = self._decoder.feed_run(chunk)
         if not run:
             return b"" if self._hide else chunk
-        self._estimate += text_estimate(_DELTA_TEXT, run)
+        self._text.add(run)
         # every "usage" key followed by :null (the chunks before the last): nothing to parse
         if run.count(b'"usage"') == run.count(b'"usage":null'):
             return run if self._hide else chunk
@@ -236,20 +236,20 @@ class ResponsesStreamMeter:
     def __init__(self) -> None:
         self._decoder = SSEDecoder()
         self._usage: Usage | None = None
-        self._estimate = 0
+        self._text = TextEstimate(_RESPONSES_DELTA)
 
     @property
     def usage(self) -> Usage | None:
         return self._usage
 
     def estimated_output_tokens(self) -> int:
-        return self._estimate
+        return unreported_output(self.usage, self._text)
 
     def feed(self, chunk: bytes) -> bytes:
         run = self._decoder.feed_run(chunk)
         if not run:
             return chunk
-        self._estimate += text_estimate(_RESPONSES_DELTA, run)
+        self._text.add(run)
         marks = [m.start() for m in _TERMINAL_NAME.finditer(run)]
         for _start, _end, event in Run(run).events_at(marks) if marks else ():
             if event.event in _TERMINAL:
