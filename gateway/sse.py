@@ -139,6 +139,11 @@ class SSEDecoder:
         self._searched = 0  # no line end (b"" mode) / blank line (else) starts in [_pos, _searched)
         self._eol = b"\n"  # the buffer's one line end, b"" when mixed (read line by line)
 
+    @property
+    def eol(self) -> bytes:
+        """The line end of the run `feed_run` returned last (b"": mixed), for `Run`."""
+        return self._eol
+
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """The events `chunk` completes, decoded."""
         return parse_events(self.feed_run(chunk))
@@ -321,10 +326,10 @@ class Run:
 
     __slots__ = ("_ends", "_eol", "_events", "data")
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, eol: bytes | None = None) -> None:
         self.data = data
-        self._eol: bytes | None = None  # found on the first lookup
-        self._events: list[SSEEvent] = []  # with mixed line ends: all decoded, once
+        self._eol = eol  # the run's one line end (b"": mixed), if known (`SSEDecoder.eol`), else found once
+        self._events: list[SSEEvent] | None = None  # with mixed line ends: all decoded, once
         self._ends: list[int] = []
 
     def event_at(self, at: int) -> tuple[int, int, SSEEvent | None]:
@@ -332,14 +337,14 @@ class Run:
         and the event (None: `at` is in a block of comments only, or after the run's last event)."""
         if self._eol is None:
             self._eol = _eol_of(self.data)
-            if not self._eol:
-                self._events = parse_events(self.data)
-                total = 0
-                for event in self._events:
-                    total += len(event.raw)
-                    self._ends.append(total)
         if self._eol:
             return self._event_at(at, self._eol)
+        if self._events is None:  # mixed line ends: every event decoded, once
+            self._events = parse_events(self.data)
+            total = 0
+            for event in self._events:
+                total += len(event.raw)
+                self._ends.append(total)
         i = bisect_right(self._ends, at)
         if i == len(self._events):
             return (self._ends[-1] if self._ends else 0), len(self.data), None
@@ -372,6 +377,8 @@ class Run:
                 break
             start = prev
         event = found[-1]
+        if start == block:  # nothing before it in the block: its raw bytes are already right
+            return start, end, event
         return start, end, SSEEvent(run[start:end], event.event, event.data)
 
     def events_at(self, marks: list[int]) -> list[tuple[int, int, SSEEvent]]:

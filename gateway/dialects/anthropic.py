@@ -147,7 +147,7 @@ class MessagesStreamMeter:
         if run:
             self._text.add(run)
             marks = [m.start() for m in _USAGE_EVENT.finditer(run)]
-            for _start, _end, event in Run(run).events_at(marks) if marks else ():
+            for _start, _end, event in Run(run, self._decoder.eol).events_at(marks) if marks else ():
                 if event.event in ("message_start", "message_delta"):
                     self._observe(event.event, event.data)
         return chunk

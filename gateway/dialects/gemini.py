@@ -101,7 +101,8 @@ class GenerateStreamMeter:
                     self._snapshot(obj)
                     self._finish(obj)
             return chunk
-        events, parsed = Run(run), dict[int, dict[str, Any] | None]()
+        events = Run(run, self._decoder.eol)
+        parsed: dict[int, dict[str, Any] | None] = {}
         at = run.rfind(_META_KEY)
         while at >= 0:  # the last snapshot wins: read back to the last event that has one
             start, _end, found = events.event_at(at)

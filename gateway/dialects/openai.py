@@ -199,7 +199,7 @@ class ChatStreamMeter:
         # every "usage" key followed by :null (the chunks before the last): nothing to parse
         if run.count(b'"usage"') == run.count(b'"usage":null'):
             return run if self._hide else chunk
-        hidden = [(start, end) for start, end, event in Run(run).events_at(
+        hidden = [(start, end) for start, end, event in Run(run, self._decoder.eol).events_at(
             [m.start() for m in _USAGE_KEY.finditer(run)]) if self._observe(event)]
         if not self._hide:
             return chunk
@@ -251,7 +251,7 @@ class ResponsesStreamMeter:
             return chunk
         self._text.add(run)
         marks = [m.start() for m in _TERMINAL_NAME.finditer(run)]
-        for _start, _end, event in Run(run).events_at(marks) if marks else ():
+        for _start, _end, event in Run(run, self._decoder.eol).events_at(marks) if marks else ():
             if event.event in _TERMINAL:
                 try:
                     obj = json.loads(event.data)

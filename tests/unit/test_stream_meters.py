@@ -242,7 +242,7 @@ def test_an_unterminated_string_without_blank_lines_is_bounded_and_forwarded(
     """No blank line ever, a string never closed: the unfinished event is given up past MAX_PENDING
     (released unparsed, so a hiding meter forwards it) instead of growing without bound."""
     monkeypatch.setattr(sse, "MAX_PENDING", 100_000)
-    data = b'data: {"choices":[{"delta":{"content":"' + (b'\\"b' + eol) * 200_000
+    data = b'data: {"choices":[{"delta":{"content":"' + (b'\\"usage":{' + eol) * 100_000  # a mark on every line
     meter = _meter("chat", True)
     sent = []
     for i in range(0, len(data), 1000):
