@@ -146,7 +146,8 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """The events `chunk` completes, decoded."""
-        return parse_events(self.feed_run(chunk))
+        run = self.feed_run(chunk)
+        return parse_events(run, self._eol) if run else []
 
     def feed_run(self, chunk: bytes) -> bytes:
         """The bytes of the events `chunk` completes (b"" if none): `chunk` itself when it holds
@@ -260,11 +261,13 @@ def _field(line: bytes, fields: list[str], event: str | None) -> str | None:
     return event
 
 
-def parse_events(run: bytes) -> list[SSEEvent]:
-    """The events of a run of complete events (as `feed_run` returns; a CR at its end is a line end)."""
+def parse_events(run: bytes, eol: bytes | None = None) -> list[SSEEvent]:
+    """The events of a run of complete events (as `feed_run` returns; a CR at its end is a line end);
+    `eol`: its one line end if known (`SSEDecoder.eol`; b"": mixed)."""
     if not run:
         return []
-    eol = _eol_of(run)
+    if eol is None:
+        eol = _eol_of(run)
     if eol:
         return _parse_one_eol(run, eol)
     events: list[SSEEvent] = []

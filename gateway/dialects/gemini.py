@@ -94,14 +94,16 @@ class GenerateStreamMeter:
         if not run:
             return chunk
         self._text.add(run)
-        if _ESCAPED_LETTER.search(run):
-            for event in parse_events(run):
+        eol = self._decoder.eol
+        # one event (a chunk per event: every one has a snapshot to read), or a key could be escaped
+        if (eol and run.count(eol + eol) == 1) or _ESCAPED_LETTER.search(run):
+            for event in parse_events(run, eol):
                 obj = _object(event.data)
                 if obj is not None:
                     self._snapshot(obj)
                     self._finish(obj)
             return chunk
-        events = Run(run, self._decoder.eol)
+        events = Run(run, eol)
         parsed: dict[int, dict[str, Any] | None] = {}
         at = run.rfind(_META_KEY)
         while at >= 0:  # the last snapshot wins: read back to the last event that has one
