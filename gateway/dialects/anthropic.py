@@ -20,7 +20,7 @@ from gateway.dialects.base import (
 from gateway.dialects.drivers import NONE, CostDrivers, ToolUse, betas_of, check_betas, tool_kind
 from gateway.errors import BadRequest, GatewayError, InsufficientCredits
 from gateway.money import ceil_div
-from gateway.sse import SSEDecoder
+from gateway.sse import Run, SSEDecoder, TextEstimate, unreported_output
 from gateway.usage import Usage
 
 DEFAULT_VERSION = "2023-06-01"
@@ -31,6 +31,8 @@ _MIN_THINKING_BUDGET = 1024
 _MEDIA = re.compile(rb'"type"\s*:\s*"(?:image|document)"')
 _MEDIA_NAMES = frozenset({"image", "document"})
 _DELTA_TEXT = re.compile(r'"(?:text|thinking|partial_json)"\s*+:\s*+"((?:[^"\\]++|\\.)++)"')
+#: Where the name of an event carrying usage may be (its `event:` line): only those are decoded.
+_USAGE_EVENT = re.compile(rb"message_(?:start|delta)")
 
 _ERROR_TYPES = {
     "invalid_request": "invalid_request_error",
@@ -121,13 +123,14 @@ def _drivers(body: dict[str, Any], headers: Mapping[str, str] | None) -> CostDri
 
 class MessagesStreamMeter:
     """Meters a Messages stream: input from `message_start`, cumulative totals from `message_delta`.
-    The stream is forwarded untouched (event lines included)."""
+    The stream is forwarded untouched (event lines included); per chunk, only those two events
+    are decoded (see gateway.sse)."""
 
     def __init__(self) -> None:
         self._decoder = SSEDecoder()
         self._usage: Usage | None = None
         self._output_seen = False
-        self._estimate = 0
+        self._text = TextEstimate(_DELTA_TEXT)
 
     @property
     def usage(self) -> Usage | None:
@@ -137,16 +140,16 @@ class MessagesStreamMeter:
         return replace(self._usage, output_tokens=None, reasoning_tokens=None)
 
     def estimated_output_tokens(self) -> int:
-        return self._estimate
+        return unreported_output(self.usage, self._text)
 
     def feed(self, chunk: bytes) -> bytes:
-        for event in self._decoder.feed(chunk):
-            if event.event == "content_block_delta":
-                texts = _DELTA_TEXT.findall(event.data)
-                if texts:
-                    self._estimate += max(1, ceil_div(sum(len(t) for t in texts), 4))
-            elif event.event in ("message_start", "message_delta"):
-                self._observe(event.event, event.data)
+        run = self._decoder.feed_run(chunk)
+        if run:
+            self._text.add(run)
+            marks = [m.start() for m in _USAGE_EVENT.finditer(run)]
+            for _start, _end, event in Run(run, self._decoder.eol).events_at(marks) if marks else ():
+                if event.event in ("message_start", "message_delta"):
+                    self._observe(event.event, event.data)
         return chunk
 
     def finish(self) -> bytes:

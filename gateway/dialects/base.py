@@ -56,7 +56,10 @@ class StreamMeter(Protocol):
     @property
     def usage(self) -> Usage | None: ...
 
-    def estimated_output_tokens(self) -> int: ...
+    def estimated_output_tokens(self) -> int:
+        """Output tokens estimated from the text relayed, for a stream whose usage does not report
+        the output (0 when it does: the estimate is then never billed)."""
+        ...
 
 
 class Dialect(Protocol):

@@ -21,7 +21,7 @@ from gateway.dialects.base import (
 from gateway.dialects.drivers import NONE, CostDrivers, ToolUse
 from gateway.errors import BadRequest, GatewayError
 from gateway.money import ceil_div
-from gateway.sse import SSEDecoder
+from gateway.sse import Run, SSEDecoder, TextEstimate, parse_events, unreported_output
 from gateway.usage import Usage
 
 MEDIA_PART_TOKENS = 2_000  # per inline or file part (image, audio, video, document)
@@ -71,43 +71,85 @@ def parse_usage(meta: Mapping[str, Any], final: bool = True) -> Usage:
 
 class GenerateStreamMeter:
     """Meters `streamGenerateContent?alt=sse`: every chunk carries a cumulative usage snapshot; the
-    last one counts. Bytes are forwarded untouched."""
+    last one counts. Bytes are forwarded untouched.
+
+    Per chunk (see gateway.sse), only the last event with a snapshot and the events naming a
+    finishReason are parsed, unless an escape could spell those keys (then every event is)."""
 
     def __init__(self) -> None:
         self._decoder = SSEDecoder()
         self._meta: dict[str, Any] | None = None
         self._finished = False
-        self._estimate = 0
+        self._text = TextEstimate(_TEXT)
 
     @property
     def usage(self) -> Usage | None:
         return None if self._meta is None else parse_usage(self._meta, final=self._finished)
 
     def estimated_output_tokens(self) -> int:
-        return self._estimate
+        return unreported_output(self.usage, self._text)
 
     def feed(self, chunk: bytes) -> bytes:
-        for event in self._decoder.feed(chunk):
-            try:
-                obj = json.loads(event.data)
-            except ValueError:
-                continue
-            if not isinstance(obj, dict):
-                continue
-            if isinstance(obj.get("usageMetadata"), dict):
-                self._meta = obj["usageMetadata"]
-            candidates = obj.get("candidates")
-            if isinstance(candidates, list):
-                if any(isinstance(c, dict) and c.get("finishReason") for c in candidates):
-                    self._finished = True
-                texts = _TEXT.findall(event.data)
-                if texts:
-                    self._estimate += max(1, ceil_div(sum(len(t) for t in texts), 4))
+        run = self._decoder.feed_run(chunk)
+        if not run:
+            return chunk
+        self._text.add(run)
+        eol = self._decoder.eol
+        # one event (a chunk per event: every one has a snapshot to read), or a key could be escaped
+        if (eol and run.count(eol + eol) == 1) or _ESCAPED_LETTER.search(run):
+            for event in parse_events(run, eol):
+                obj = _object(event.data)
+                if obj is not None:
+                    self._snapshot(obj)
+                    self._finish(obj)
+            return chunk
+        events = Run(run, eol)
+        parsed: dict[int, dict[str, Any] | None] = {}
+        at = run.rfind(_META_KEY)
+        while at >= 0:  # the last snapshot wins: read back to the last event that has one
+            start, _end, found = events.event_at(at)
+            obj = parsed[start] = _object(found.data) if found is not None else None
+            if obj is not None and self._snapshot(obj):
+                break
+            at = run.rfind(_META_KEY, 0, start)
+        if not self._finished:
+            for start, _end, event in events.events_at([m.start() for m in _FINISH_KEY.finditer(run)]):
+                obj = parsed[start] if start in parsed else _object(event.data)
+                if obj is not None and self._finish(obj):
+                    break
         return chunk
 
     def finish(self) -> bytes:
         self._decoder.flush()
         return b""
+
+    def _snapshot(self, obj: dict[str, Any]) -> bool:
+        meta = obj.get("usageMetadata")
+        if isinstance(meta, dict):
+            self._meta = meta
+            return True
+        return False
+
+    def _finish(self, obj: dict[str, Any]) -> bool:
+        candidates = obj.get("candidates")
+        if isinstance(candidates, list) and any(isinstance(c, dict) and c.get("finishReason") for c in candidates):
+            self._finished = True
+        return self._finished
+
+
+def _object(data: str) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+_META_KEY = b'"usageMetadata"'
+_FINISH_KEY = re.compile(rb'"finishReason"')
+#: A `\u00XX` escape of an ASCII letter could spell a key the byte searches above would miss (text
+#: escapes such as `\u003c` for `<` do not match).
+_ESCAPED_LETTER = re.compile(rb"\\u00[4-7]")
 
 
 def _check_inner_models(requests: list[Any], path_model: str) -> None:

@@ -23,7 +23,7 @@ from gateway.dialects.base import (
 from gateway.dialects.drivers import NONE, CostDrivers, ToolUse, tool_kind
 from gateway.errors import BadRequest, GatewayError
 from gateway.money import ceil_div
-from gateway.sse import SSEDecoder, SSEEvent
+from gateway.sse import Run, SSEDecoder, SSEEvent, TextEstimate, unreported_output
 from gateway.usage import Usage
 
 #: Tokens reserved per image or audio part: their tokens cannot be bounded from the body's bytes.
@@ -173,39 +173,51 @@ def _int_field(body: dict[str, Any], name: str, minimum: int) -> int | None:
 
 
 class ChatStreamMeter:
-    """Meters a chat-completions SSE stream; can hide the usage-only chunk the gateway asked for."""
+    """Meters a chat-completions SSE stream; can hide the usage-only chunk the gateway asked for.
+
+    Works on whole runs of events (see gateway.sse): one search for a usage object and one for
+    delta text per chunk; only an event that may carry usage is decoded and parsed."""
 
     def __init__(self, hide_usage: bool) -> None:
         self._decoder = SSEDecoder()
         self._hide = hide_usage
         self._usage: Usage | None = None
-        self._estimate = 0
+        self._text = TextEstimate(_DELTA_TEXT)
 
     @property
     def usage(self) -> Usage | None:
         return self._usage
 
     def estimated_output_tokens(self) -> int:
-        return self._estimate
+        return unreported_output(self.usage, self._text)
 
     def feed(self, chunk: bytes) -> bytes:
-        events = self._decoder.feed(chunk)
+        run = self._decoder.feed_run(chunk)
+        if not run:
+            return b"" if self._hide else chunk
+        self._text.add(run)
+        # every "usage" key followed by :null (the chunks before the last): nothing to parse
+        if run.count(b'"usage"') == run.count(b'"usage":null'):
+            return run if self._hide else chunk
+        hidden = [(start, end) for start, end, event in Run(run, self._decoder.eol).events_at(
+            [m.start() for m in _USAGE_KEY.finditer(run)]) if self._observe(event)]
         if not self._hide:
-            for event in events:
-                self._observe(event)
             return chunk
-        return b"".join(event.raw for event in events if not self._observe(event))
+        if not hidden:
+            return run
+        kept, at = [], 0
+        for start, end in hidden:
+            kept.append(run[at:start])
+            at = end
+        kept.append(run[at:])
+        return b"".join(kept)
 
     def finish(self) -> bytes:
         rest = self._decoder.flush()
         return rest if self._hide else b""
 
     def _observe(self, event: SSEEvent) -> bool:
-        """Record usage and output seen in one event; True if it is a usage-only chunk.
-
-        Only a chunk carrying a usage object is parsed as JSON; output is estimated from the text
-        fields with a regular expression (the estimate matters only if usage never arrives).
-        """
+        """Record the usage of an event that may carry it; True if it is a usage-only chunk."""
         data = event.data
         if _USAGE_OBJECT.search(data):
             try:
@@ -214,11 +226,7 @@ class ChatStreamMeter:
                 return False
             if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
                 self._usage = usage_of(obj)
-                if obj.get("choices") == []:
-                    return True
-        texts = _DELTA_TEXT.findall(data)
-        if texts:
-            self._estimate += max(1, ceil_div(sum(len(t) for t in texts), 4))
+                return obj.get("choices") == []
         return False
 
 
@@ -228,23 +236,23 @@ class ResponsesStreamMeter:
     def __init__(self) -> None:
         self._decoder = SSEDecoder()
         self._usage: Usage | None = None
-        self._estimate = 0
+        self._text = TextEstimate(_RESPONSES_DELTA)
 
     @property
     def usage(self) -> Usage | None:
         return self._usage
 
     def estimated_output_tokens(self) -> int:
-        return self._estimate
+        return unreported_output(self.usage, self._text)
 
     def feed(self, chunk: bytes) -> bytes:
-        for event in self._decoder.feed(chunk):
-            name = event.event or ""
-            if name.endswith(".delta"):
-                texts = _RESPONSES_DELTA.findall(event.data)
-                if texts:
-                    self._estimate += max(1, ceil_div(sum(len(t) for t in texts), 4))
-            elif name in _TERMINAL:
+        run = self._decoder.feed_run(chunk)
+        if not run:
+            return chunk
+        self._text.add(run)
+        marks = [m.start() for m in _TERMINAL_NAME.finditer(run)]
+        for _start, _end, event in Run(run, self._decoder.eol).events_at(marks) if marks else ():
+            if event.event in _TERMINAL:
                 try:
                     obj = json.loads(event.data)
                 except ValueError:
@@ -259,9 +267,15 @@ class ResponsesStreamMeter:
         return b""
 
 
-_RESPONSES_DELTA = re.compile(r'"delta"\s*:\s*"((?:[^"\\]|\\.)+)"')
+_RESPONSES_DELTA = re.compile(r'"delta"\s*+:\s*+"((?:[^"\\]++|\\.)++)"')
+#: Where a terminal event's name may be (its `event:` line): only those events are decoded.
+_TERMINAL_NAME = re.compile(rb"response\.(?:completed|incomplete|failed)")
 #: A chunk that carries usage (`"usage":null` in the other chunks does not match).
 _USAGE_OBJECT = re.compile(r'"usage"\s*:\s*\{')
+#: Where _USAGE_OBJECT may match in an event's data, searched in the raw bytes: every "usage" key
+#: except one followed on its line by `: null` (data lines are substrings of the raw lines, and
+#: ASCII text decodes to itself, so no match of _USAGE_OBJECT is missed).
+_USAGE_KEY = re.compile(rb'"usage"(?![ \t]*:[ \t]*null)')
 #: The generated text of a streamed delta: content, reasoning, refusal and tool-call arguments
 #: (possessive: no backtracking over a long or unterminated string).
 _DELTA_TEXT = re.compile(r'"(?:content|reasoning_content|refusal|arguments|text)"\s*+:\s*+"((?:[^"\\]++|\\.)++)"')
