@@ -21,23 +21,20 @@ import glob
 import os
 import subprocess
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import aiohttp
 from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from upstream import start_nginx  # noqa: E402
+from profile_gateway import bench_key, bench_stack  # noqa: E402
 
-from bench import ADMIN, PLANS, PLANS_LIMITED, PROVIDERS, body_of  # noqa: E402
+from bench import body_of  # noqa: E402
 from gateway.app import AccessLogger, create_app  # noqa: E402
-from gateway.embedded import EmbeddedRedis, free_port  # noqa: E402
-from gateway.settings import Settings  # noqa: E402
+from gateway.embedded import free_port  # noqa: E402
 
 
 def wrk(url: str, key: str, body: str, concurrency: int, seconds: int) -> int:
@@ -58,22 +55,13 @@ def callgrind(command: str) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="gw-count-"))
-    redis = EmbeddedRedis(tmp / "redis", port=free_port(), persist=False)
-    redis.start()
-    up_port, gw_port = free_port(), free_port()
-    nginx = start_nginx(tmp / "nginx", up_port)
-    config = tmp / "config"
-    config.mkdir()
-    (config / "plans.yaml").write_text(PLANS_LIMITED if args.limits else PLANS)
-    (config / "providers.yaml").write_text(PROVIDERS)
-    os.environ.update({"BENCH_JSON_BASE": f"http://127.0.0.1:{up_port}/json/v1",
-                       "BENCH_SSE_BASE": f"http://127.0.0.1:{up_port}/sse/v1", "GATEWAY_ADMIN_KEY": ADMIN,
-                       "GATEWAY_REDIS_TIMEOUT_SECONDS": "30"})
-    # the background loops' per-second work (reaper, webhook poll, config watch, ledger shipper) would be
-    # charged to the few requests a process under valgrind serves: they are slowed to a crawl here
-    settings = replace(Settings.from_env(config_dir=str(config), redis_url=redis.url), reap_interval_seconds=3600,
-                       webhook_poll_seconds=3600, config_poll_seconds=3600, ledger_ship_interval_seconds=3600)
+    redis, nginx, settings, up_port = bench_stack("gw-count-", args.limits)
+    gw_port = free_port()
+    # a process under valgrind runs some 50 times slower: Redis replies get time, and the background loops'
+    # per-second work (reaper, webhook poll, config watch, ledger shipper), which would be charged to the
+    # few requests it serves, is slowed to a crawl
+    settings = replace(settings, redis_timeout_seconds=30, reap_interval_seconds=3600, webhook_poll_seconds=3600,
+                       config_poll_seconds=3600, ledger_ship_interval_seconds=3600)
     if args.bare:  # the bare pass-through (bench/passthrough.py) in this process instead
         import passthrough
 
@@ -87,13 +75,7 @@ async def main(args: argparse.Namespace) -> None:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", gw_port).start()
     try:
-        key = "bare"
-        if not args.bare:
-            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN}"}) as admin:
-                base = f"http://127.0.0.1:{gw_port}/admin/accounts"
-                account = await (await admin.post(base, json={"name": "bench", "plan": "bench"})).json()
-                await admin.post(f"{base}/{account['id']}/credits", json={"credits": 100_000_000})
-                key = (await (await admin.post(f"{base}/{account['id']}/keys", json={})).json())["key"]
+        key = "bare" if args.bare else await bench_key(gw_port)
         url = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
         body = body_of(args.stream)
         await asyncio.to_thread(wrk, url, key, body, args.concurrency, 3)  # warm-up

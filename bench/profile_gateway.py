@@ -13,6 +13,7 @@ import cProfile
 import io
 import os
 import pstats
+import subprocess
 import sys
 import tempfile
 import time
@@ -78,28 +79,40 @@ def print_components(stats: pstats.Stats, requests: int, cpu: float) -> None:
 ARGS = argparse.Namespace()
 
 
-async def main(args: argparse.Namespace) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="gw-prof-"))
+def bench_stack(prefix: str, limits: bool) -> tuple[EmbeddedRedis, subprocess.Popen[bytes], Settings, int]:
+    """A private redis-server, nginx answering the canned answers, and the bench's configuration (its
+    upstreams pointing at that nginx): (redis, nginx, settings, nginx's port)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
     redis = EmbeddedRedis(tmp / "redis", port=free_port(), persist=False)
     redis.start()
-    up_port, gw_port = free_port(), free_port()
+    up_port = free_port()
     nginx = start_nginx(tmp / "nginx", up_port)
     config = tmp / "config"
     config.mkdir()
-    (config / "plans.yaml").write_text(PLANS_LIMITED if args.limits else PLANS)
+    (config / "plans.yaml").write_text(PLANS_LIMITED if limits else PLANS)
     (config / "providers.yaml").write_text(PROVIDERS)
     os.environ.update({"BENCH_JSON_BASE": f"http://127.0.0.1:{up_port}/json/v1",
                        "BENCH_SSE_BASE": f"http://127.0.0.1:{up_port}/sse/v1", "GATEWAY_ADMIN_KEY": ADMIN})
-    settings = Settings.from_env(config_dir=str(config), redis_url=redis.url)
+    return redis, nginx, Settings.from_env(config_dir=str(config), redis_url=redis.url), up_port
+
+
+async def bench_key(gw_port: int) -> str:
+    """A key of a new account on the bench plan with plenty of credits, made through the admin API."""
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN}"}) as admin:
+        base = f"http://127.0.0.1:{gw_port}/admin/accounts"
+        account = await (await admin.post(base, json={"name": "bench", "plan": "bench"})).json()
+        await admin.post(f"{base}/{account['id']}/credits", json={"credits": 100_000_000})
+        return str((await (await admin.post(f"{base}/{account['id']}/keys", json={})).json())["key"])
+
+
+async def main(args: argparse.Namespace) -> None:
+    redis, nginx, settings, _up_port = bench_stack("gw-prof-", args.limits)
+    gw_port = free_port()
     runner = web.AppRunner(create_app(settings), access_log_class=AccessLogger)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", gw_port).start()
     try:
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN}"}) as admin:
-            base = f"http://127.0.0.1:{gw_port}/admin/accounts"
-            account = await (await admin.post(base, json={"name": "bench", "plan": "bench"})).json()
-            await admin.post(f"{base}/{account['id']}/credits", json={"credits": 100_000_000})
-            key = (await (await admin.post(f"{base}/{account['id']}/keys", json={})).json())["key"]
+        key = await bench_key(gw_port)
         url = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
         body = body_of(args.stream)
         await asyncio.to_thread(run_wrk, url, key, body, args.concurrency, 1, args.client_cpu)
