@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,18 @@ plans:
     models: ["demo-mini"]
 """
 
+
+@pytest.fixture
+def root_only() -> Iterator[logging.Logger]:
+    """The root logger, given back with its handlers and level as they were."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    yield root
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in saved[0]:
+        root.addHandler(handler)
+    root.setLevel(saved[1])
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:

@@ -292,22 +292,13 @@ def test_traceparent_rules() -> None:
         assert trace_id(bad) is None, bad
 
 
-def test_setup_writes_json_lines_with_exceptions(monkeypatch: pytest.MonkeyPatch) -> None:
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
+def test_setup_writes_json_lines_with_exceptions(root_only: logging.Logger) -> None:
     stream = io.StringIO()
+    logs.setup(fmt="json", stream=stream)
     try:
-        logs.setup(fmt="json", stream=stream)
-        try:
-            raise ValueError("boom")
-        except ValueError:
-            logging.getLogger("gateway.x").exception("failed %d", 3)
-    finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in saved[0]:
-            root.addHandler(handler)
-        root.setLevel(saved[1])
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("gateway.x").exception("failed %d", 3)
     (record,) = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert record["level"] == "ERROR" and record["msg"] == "failed 3" and "ValueError: boom" in record["exc"]
 
@@ -361,19 +352,6 @@ async def test_gateway_serve_with_json_logs_writes_json_lines(tmp_path: Path, co
 
 
 # ---------------------------------------------------------------- the access lines' own path (gateway serve's handler)
-
-
-@pytest.fixture
-def root_only() -> Iterator[logging.Logger]:
-    """The root logger, given back with its handlers and level as they were."""
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    yield root
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in saved[0]:
-        root.addHandler(handler)
-    root.setLevel(saved[1])
 
 
 class _Writes(io.StringIO):

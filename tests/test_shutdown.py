@@ -145,39 +145,31 @@ async def test_the_access_lines_still_buffered_at_sigterm_are_written_once_each(
 
 
 async def test_serve_writes_the_access_lines_still_buffered_when_it_stops(
-        config_dir: Path, redis_url: str, emulator: TestServer, monkeypatch: pytest.MonkeyPatch) -> None:
+        config_dir: Path, redis_url: str, emulator: TestServer, monkeypatch: pytest.MonkeyPatch,
+        root_only: logging.Logger) -> None:
     """`gateway serve`'s serving loop, in this process, with the buffer's timer out of the way: only the
     stop can write the lines."""
     monkeypatch.setattr(logs, "ACCESS_FLUSH_SECONDS", 3600.0)
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
     stream = io.StringIO()
     logs.setup(fmt="text", stream=stream)
-    try:
-        settings = make_settings(config_dir, redis_url)
-        port = free_port()
-        serving = asyncio.create_task(_serve(create_app(settings), settings, "127.0.0.1", port, False))
-        served = Served(None, port, config_dir, config_dir)  # type: ignore[arg-type]  # for its URLs only
+    settings = make_settings(config_dir, redis_url)
+    port = free_port()
+    serving = asyncio.create_task(_serve(create_app(settings), settings, "127.0.0.1", port, False))
+    served = Served(None, port, config_dir, config_dir)  # type: ignore[arg-type]  # for its URLs only
 
-        async def ready() -> bool:
-            assert not serving.done()
-            return (await get_json(served.url("/ready")))[0] == 200
+    async def ready() -> bool:
+        assert not serving.done()
+        return (await get_json(served.url("/ready")))[0] == 200
 
-        await wait_until(ready, "the gateway to be ready")
-        _account, key = await account_with_key(served)
-        request_ids = []
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
-            for _ in range(5):
-                async with session.post(served.url("/v1/chat/completions"), json=CHAT) as resp:
-                    assert resp.status == 200
-                    request_ids.append(resp.headers["x-gateway-request-id"])
-        os.kill(os.getpid(), signal.SIGTERM)  # _serve's handler: stop serving, clean up, write what is buffered
-        await asyncio.wait_for(serving, 60)
-    finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in saved[0]:
-            root.addHandler(handler)
-        root.setLevel(saved[1])
+    await wait_until(ready, "the gateway to be ready")
+    _account, key = await account_with_key(served)
+    request_ids = []
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
+        for _ in range(5):
+            async with session.post(served.url("/v1/chat/completions"), json=CHAT) as resp:
+                assert resp.status == 200
+                request_ids.append(resp.headers["x-gateway-request-id"])
+    os.kill(os.getpid(), signal.SIGTERM)  # _serve's handler: stop serving, clean up, write what is buffered
+    await asyncio.wait_for(serving, 60)
     written = stream.getvalue()
     assert all(written.count(f" {rid} outcome=served") == 1 for rid in request_ids), written
