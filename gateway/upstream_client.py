@@ -178,6 +178,7 @@ class UpstreamResponse:
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._paused = False
+        self._whole = False  # read() wants the whole body: reading is never paused
         self._done = False  # the whole body is in (or failed)
         self._error: Exception | None = None
         self._decoder: Any = None
@@ -211,7 +212,7 @@ class UpstreamResponse:
             if name.lower() not in seen:
                 head.append(f"{name}: {value}\r\n")
         head.append("\r\n")
-        packed = "".join(head).encode("utf-8")
+        packed = "".join(head).encode("utf-8", "surrogateescape")  # bytes aiohttp's server decoded so: as received
         conn = await self._client.connection((scheme, host, port), self._connect_timeout)
         self._conn = conn
         conn.response = self
@@ -239,7 +240,8 @@ class UpstreamResponse:
 
     # -- reading
     async def read(self) -> bytes:
-        """The whole body."""
+        """The whole body (read without pausing: it is all wanted at once)."""
+        self._whole = True
         while not self._done:
             if self._paused:
                 self._resume()
@@ -341,7 +343,7 @@ class UpstreamResponse:
                 return
         self._chunks.append(data)
         self._buffered += len(data)
-        if self._buffered > HIGH_WATER and not self._paused and self._conn is not None:
+        if self._buffered > HIGH_WATER and not self._paused and not self._whole and self._conn is not None:
             conn = self._conn
             if conn.transport is not None and not conn.lost:
                 self._paused = True
@@ -349,6 +351,8 @@ class UpstreamResponse:
         self._wake()
 
     def message_complete(self) -> None:
+        if self._paused:  # the connection goes back to the pool reading, ready for its next answer
+            self._resume()
         if self._decoder is not None:
             tail = self._decoder.flush()
             if tail:

@@ -355,3 +355,32 @@ async def test_an_answer_to_head_has_no_body_whatever_its_length_says(serve, cli
     server.answer = fixed(json_answer(b"{}"))
     assert await fetch(client, server.url, read_timeout=5) == (200, b"{}")  # on a fresh connection
     assert server.connections == 2
+
+
+async def test_a_connection_paused_for_a_slow_consumer_goes_back_to_the_pool_reading(serve, client,
+                                                                                    monkeypatch) -> None:
+    monkeypatch.setattr(upstream_client, "HIGH_WATER", 64 * 1024)
+    payload = b"x" * (1024 * 1024)
+    server = await serve(fixed(b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(payload)).encode() + b"\r\n\r\n",
+                               payload))
+    got = bytearray()
+    async with client.request("POST", server.url + "/big", body=b"{}", headers={}, read_timeout=5) as up:
+        await asyncio.sleep(0.2)  # the consumer is behind: reading pauses
+        while chunk := await up.next_chunk():
+            got += chunk
+            await asyncio.sleep(0)
+    assert bytes(got) == payload
+    pooled = [conn for idle in client._idle.values() for conn in idle]
+    assert pooled and all(conn.transport is not None and conn.transport.is_reading() for conn in pooled)
+    server.answer = fixed(json_answer(b'{"next":1}'))
+    assert await fetch(client, server.url, read_timeout=5) == (200, b'{"next":1}')
+    assert server.connections == 1
+
+
+async def test_read_never_pauses_whatever_the_size(serve, client, monkeypatch) -> None:
+    monkeypatch.setattr(upstream_client, "HIGH_WATER", 16 * 1024)
+    payload = b"y" * (512 * 1024)
+    server = await serve(fixed(json_answer(payload)))
+    assert await fetch(client, server.url, read_timeout=5) == (200, payload)
+    pooled = [conn for idle in client._idle.values() for conn in idle]
+    assert pooled and all(conn.transport is not None and conn.transport.is_reading() for conn in pooled)
