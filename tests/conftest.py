@@ -6,6 +6,7 @@ The only fake is the upstream provider (gateway.emulator), which speaks OpenAI's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -123,6 +124,19 @@ def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plans_yaml: str)
     (folder / "plans.yaml").write_text(plans_yaml)
     monkeypatch.setenv("UPSTREAM_DEMO_API_KEY", PROVIDER_KEY)
     return folder
+
+
+@contextlib.asynccontextmanager
+async def fake_demo_upstream(app: web.Application, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[TestServer]:
+    """`app` served as the demo upstreams' provider (EMULATOR_URL): a test's own hostile or odd upstream."""
+    server = TestServer(app)
+    await server.start_server()
+    monkeypatch.setenv("EMULATOR_URL", str(server.make_url("")).rstrip("/"))
+    monkeypatch.setenv("UPSTREAM_DEMO_API_KEY", PROVIDER_KEY)
+    try:
+        yield server
+    finally:
+        await server.close()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import PROVIDER_KEY, Harness
+from conftest import Harness, fake_demo_upstream
 
 AUTH = "Authorization"
 
@@ -60,12 +60,8 @@ async def emulator(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[TestServer]
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/responses", responses)
-    server = TestServer(app)
-    await server.start_server()
-    monkeypatch.setenv("EMULATOR_URL", str(server.make_url("")).rstrip("/"))
-    monkeypatch.setenv("UPSTREAM_DEMO_API_KEY", PROVIDER_KEY)
-    yield server
-    await server.close()
+    async with fake_demo_upstream(app, monkeypatch) as server:
+        yield server
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import PROVIDER_KEY, Harness
+from conftest import Harness, fake_demo_upstream
 
 AUTH = "Authorization"
 
@@ -32,12 +32,8 @@ async def chat(request: web.Request) -> web.Response:
 async def emulator(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[TestServer]:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
-    server = TestServer(app)
-    await server.start_server()
-    monkeypatch.setenv("EMULATOR_URL", str(server.make_url("")).rstrip("/"))
-    monkeypatch.setenv("UPSTREAM_DEMO_API_KEY", PROVIDER_KEY)
-    yield server
-    await server.close()
+    async with fake_demo_upstream(app, monkeypatch) as server:
+        yield server
 
 
 def _usage_events(harness: Harness, account: str) -> list[dict[str, str]]:
