@@ -82,6 +82,16 @@ async def _access(stream: io.StringIO, request_id: str) -> dict[str, Any]:
     raise AssertionError(f"no access record for {request_id}: {stream.getvalue()}")
 
 
+async def _text_lines(caplog: pytest.LogCaptureFixture, request_id: str) -> list[str]:
+    """The text access lines naming `request_id` (written once the response is done and the call has ended)."""
+    for _ in range(3000):  # up to 30 s: the call ends after the response, on a loaded machine later
+        lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access" and request_id in r.getMessage()]
+        if lines:
+            return lines
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no access line for {request_id}")
+
+
 async def _post(client: TestClient[Any, Any], key: str, body: dict[str, Any] = CHAT, **headers: str
                 ) -> tuple[int, CIMultiDict[str], bytes]:
     async with client.post("/v1/chat/completions", json=body,
@@ -239,23 +249,14 @@ async def test_text_format_carries_the_key_facts_on_one_line(harness: Harness, c
     assert status == 500
     await harness.gw.quiesce()
     rid = headers["x-gateway-request-id"]
-    for _ in range(3000):  # up to 30 s: the call ends after the response, on a loaded machine later
-        lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access" and rid in r.getMessage()]
-        if lines:
-            break
-        await asyncio.sleep(0.01)
+    lines = await _text_lines(caplog, rid)
     assert lines == [f"POST /v1/chat/completions 500 {lines[0].split()[3]} {rid} outcome=upstream_error "
                      f"client_request_id=abc account_id={account} key_id={_key_id(harness, account)} "
                      f"model=demo-mini route=demo-mini upstream=demo cause=status_5xx upstream_status=500 "
                      f"upstream_ms={lines[0].rsplit('upstream_ms=', 1)[1]}"]
     _, ok_headers, _ = await _post(harness.client, key)
     await harness.gw.quiesce()
-    ok_id = ok_headers["x-request-id"]
-    for _ in range(3000):  # up to 30 s: the call ends after the response, on a loaded machine later
-        ok = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access" and ok_id in r.getMessage()]
-        if ok:
-            break
-        await asyncio.sleep(0.01)
+    ok = await _text_lines(caplog, ok_headers["x-request-id"])
     assert f"credits={format_credits(harness.state(account)['charged'])}" in ok[0] and "outcome=served" in ok[0]
 
 
