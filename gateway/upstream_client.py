@@ -42,6 +42,9 @@ MAX_HEADERS = 128
 HIGH_WATER = 256 * 1024  # buffered body bytes at which reading pauses until the consumer catches up
 
 
+_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())  # until the head arrives
+
+
 class ClientConnectorError(aiohttp.ClientConnectionError):
     """The connection to the upstream could not be made (named as aiohttp's, whose place it takes)."""
 
@@ -183,7 +186,7 @@ class UpstreamResponse:
         self._error: Exception | None = None
         self._decoder: Any = None
         self.status = 0
-        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+        self.headers: CIMultiDictProxy[str] = _NO_HEADERS
         self.content_type = "application/octet-stream"
         self.raw_headers: list[tuple[str, str]] = []
         self.head_done = False
